@@ -1,0 +1,52 @@
+"""gpuckpt: restore TensorFlow checkpoints without TensorFlow.
+
+Quick start::
+
+    import gpuckpt
+    with gpuckpt.open("train_dir") as ckpt:          # prefix, .index, checkpoint dir or SavedModel
+        arrays = ckpt.restore()                      # {name: numpy array}, crc32c verified
+"""
+
+from __future__ import annotations
+
+from .checkpoint import Checkpoint, TensorInfo, open
+from .compat import CheckpointReader, list_variables, load_checkpoint
+from .dtypes import DataType, DTypeInfo
+from .errors import (
+    CheckpointError,
+    ChecksumError,
+    ClosedCheckpointError,
+    DeviceUnavailableError,
+    FormatError,
+    TensorNotFoundError,
+    UnsupportedError,
+)
+from .format.object_graph import ObjectAttribute, StateKind
+from .format.state import latest_checkpoint
+from .host.lazy_slice import LazyTensor
+from .host.shards import MissingShardError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointReader",
+    "ChecksumError",
+    "ClosedCheckpointError",
+    "DTypeInfo",
+    "DataType",
+    "DeviceUnavailableError",
+    "FormatError",
+    "LazyTensor",
+    "MissingShardError",
+    "ObjectAttribute",
+    "StateKind",
+    "TensorInfo",
+    "TensorNotFoundError",
+    "UnsupportedError",
+    "latest_checkpoint",
+    "list_variables",
+    "load_checkpoint",
+    "open",
+]

@@ -1,0 +1,294 @@
+"""The ``gpuckpt.open()`` facade: one object per checkpoint, with explicit lifetime."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import io
+import os
+import re
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Union
+
+import numpy as np
+
+from .devices import resolve_device
+from .dtypes import dtype_name
+from .errors import ClosedCheckpointError, FormatError, TensorNotFoundError, describe
+from .format.bundle import BundleIndex, TensorEntry, parse_index
+from .format.object_graph import OBJECT_GRAPH_KEY, ObjectAttribute, StateKind, classify_name, decode_object_graph
+from .format.state import INDEX_SUFFIX, resolve_prefix
+from .host.lazy_slice import LazyTensor, zero_copy_view
+from .host.reader import HostReader, ProgressCallback
+from .host.shards import ShardFiles, data_filename
+
+MAX_INDEX_BYTES = 1 << 34  # 16 GiB: far beyond any real index; refuse to read more into memory
+
+NameSelector = Union[None, str, "re.Pattern[str]", Iterable[str], Callable[[str], bool]]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TensorInfo:
+    """What the index says about one tensor; available without reading any data."""
+
+    name: str
+    dtype: np.dtype | None  #: numpy dtype of the restored array (object for strings; None if unreadable)
+    tf_dtype: str  #: TensorFlow's name for the dtype, e.g. "float32", "bfloat16", "string"
+    shape: tuple[int, ...]
+    nbytes: int  #: bytes stored in the data files (all slices, for a partitioned tensor)
+    shard_id: int | None  #: data file holding it (None when partitioned across slices)
+    partitioned: bool
+
+
+def _default_threads() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+class Checkpoint:
+    """An open TensorFlow checkpoint (a TensorBundle). Create with :func:`gpuckpt.open`.
+
+    Use it as a context manager, or call :meth:`close`. Arrays it returned stay valid after close
+    (they own their memory), except zero-copy views, which keep the file mapped while they live.
+    """
+
+    def __init__(self, prefix: str, index: BundleIndex, shards: ShardFiles, device: str, verify: bool, threads: int):
+        self.prefix = prefix
+        self.device = device  #: the device chosen ("cpu"; "auto" records its choice here)
+        self.verify = verify
+        self.threads = threads
+        self._index = index
+        self._shards = shards
+        self._reader = HostReader(index, shards)
+        self._closed = False
+        self._objects: dict[str, ObjectAttribute] | None = None
+        self._objects_lock = threading.Lock()
+
+    # -- lifetime ---------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the data files. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._shards.close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{len(self._index.tensors)} tensors"
+        return f"<gpuckpt.Checkpoint {self.prefix!r} ({state}, device={self.device!r})>"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedCheckpointError("checkpoint is closed: " + describe(self.prefix + INDEX_SUFFIX))
+
+    # -- metadata ----------------------------------------------------------------------------------
+    @property
+    def num_shards(self) -> int:
+        return self._index.header.num_shards
+
+    @property
+    def big_endian(self) -> bool:
+        return self._index.header.big_endian
+
+    def data_files(self) -> list[str]:
+        return [data_filename(self.prefix, i, self.num_shards) for i in range(self.num_shards)]
+
+    def keys(self) -> list[str]:
+        """Tensor names in key order, as TensorFlow's reader lists them (slice entries excluded)."""
+        return list(self._index.tensors)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index.tensors)
+
+    def __len__(self) -> int:
+        return len(self._index.tensors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index.tensors
+
+    def _entry(self, name: str) -> TensorEntry:
+        entry = self._index.tensors.get(name)
+        if entry is None:
+            close = difflib.get_close_matches(str(name), self._index.tensors, n=3)
+            hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+            raise TensorNotFoundError(f"no tensor named {name!r}{hint}: " + describe(self._index.path))
+        return entry
+
+    def info(self, name: str) -> TensorInfo:
+        """Dtype, shape, size and shard of a tensor, from the index alone (no I/O)."""
+        entry = self._entry(name)
+        info = entry.dtype_info
+        if entry.slices:
+            nbytes = sum(self._index.slice_entry(entry, s).size for s in entry.slices)
+        else:
+            nbytes = entry.size
+        return TensorInfo(
+            name=name,
+            dtype=None if info is None else (np.dtype(object) if info.is_string else info.numpy),
+            tf_dtype=info.name if info is not None else dtype_name(entry.dtype),
+            shape=entry.shape,
+            nbytes=nbytes,
+            shard_id=None if entry.slices else entry.shard_id,
+            partitioned=bool(entry.slices),
+        )
+
+    # -- object-based names -------------------------------------------------------------------------
+    def objects(self) -> dict[str, ObjectAttribute]:
+        """For TF2 object-based checkpoints: each key's object path and kind (empty for TF1 ones)."""
+        with self._objects_lock:
+            if self._objects is None:
+                if OBJECT_GRAPH_KEY in self._index.tensors:
+                    graph = self.get_tensor(OBJECT_GRAPH_KEY)
+                    self._objects = decode_object_graph(bytes(graph[()]), self._index.path)
+                else:
+                    self._objects = {}
+            return self._objects
+
+    def kind(self, name: str) -> StateKind:
+        """What a key holds: model variable, optimizer slot, other optimizer state or a counter."""
+        self._entry(name)
+        if name == OBJECT_GRAPH_KEY:
+            return StateKind.OBJECT_GRAPH
+        attribute = self.objects().get(name)
+        return attribute.kind if attribute is not None else classify_name(name)
+
+    def model_keys(self) -> list[str]:
+        """The keys holding model state: no optimizer slots or state, counters or object graph."""
+        return [k for k in self._index.tensors if self.kind(k) == StateKind.MODEL]
+
+    # -- reading ------------------------------------------------------------------------------------
+    def _select(self, names: NameSelector) -> list[TensorEntry]:
+        if names is None:
+            return list(self._index.tensors.values())
+        if isinstance(names, str) or isinstance(names, re.Pattern):
+            pattern = re.compile(names)
+            return [e for n, e in self._index.tensors.items() if pattern.fullmatch(n)]
+        if callable(names):
+            return [e for n, e in self._index.tensors.items() if names(n)]
+        return [self._entry(n) for n in dict.fromkeys(names)]
+
+    def get_tensor(self, name: str, *, device: str | None = None, verify: bool | None = None, copy: bool = True) -> np.ndarray:
+        """Read one tensor.
+
+        Parameters
+        ----------
+        name : the tensor's key.
+        device : "cpu" (default: the checkpoint's device).
+        verify : check the stored crc32c (default: the checkpoint's setting).
+        copy : False returns a read-only zero-copy view of the mapped file (fixed-size, unpartitioned,
+            native-endian tensors only); the file stays mapped while the view lives.
+        """
+        self._check_open()
+        resolve_device(device or self.device)
+        entry = self._entry(name)
+        if not copy:
+            return zero_copy_view(self._reader, entry)
+        return self._reader.read([entry], verify=self.verify if verify is None else verify)[name]
+
+    def get_slice(self, name: str) -> LazyTensor:
+        """A lazy handle: ``ckpt.get_slice(name)[2:4, :]`` reads only the bytes it needs.
+
+        Notes
+        -----
+        Partial reads are not checked against the crc32c, which covers whole tensors.
+        """
+        self._check_open()
+        return LazyTensor(self._reader, self._entry(name))
+
+    def restore(
+        self,
+        names: NameSelector = None,
+        *,
+        device: str | None = None,
+        verify: bool | None = None,
+        threads: int | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Read many tensors at once; returns ``{name: array}`` in key order.
+
+        Parameters
+        ----------
+        names : None for every tensor; a list of names; a regular expression (str or compiled,
+            matched against the whole name); or a predicate ``name -> bool``.
+        device, verify : as in :meth:`get_tensor`.
+        threads : reader threads (default: the checkpoint's).
+        progress : called as ``progress(bytes_done, bytes_total)`` as reads complete.
+
+        Notes
+        -----
+        Reads are planned together: sorted by file offset, small tensors coalesced into shared
+        reads, large ones read straight into their arrays with the crc32c computed chunk by chunk
+        while the bytes are in cache. Nothing partial is returned when any tensor fails.
+        """
+        self._check_open()
+        resolve_device(device or self.device)
+        entries = self._select(names)
+        return self._reader.read(
+            entries,
+            verify=self.verify if verify is None else verify,
+            threads=self.threads if threads is None else threads,
+            progress=progress,
+        )
+
+
+def _read_index(path: str) -> bytes:
+    with io.open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_INDEX_BYTES:
+            raise FormatError(f"index file of {size} bytes is implausibly large: " + describe(path))
+        return f.read()
+
+
+def open(  # noqa: A001 - the name is the API
+    path: str | os.PathLike[str],
+    *,
+    device: str = "cpu",
+    verify: bool = True,
+    threads: int | None = None,
+) -> Checkpoint:
+    """Open a TensorFlow checkpoint for reading.
+
+    Parameters
+    ----------
+    path : a prefix (``model.ckpt-200``), a path ending in ``.index``, a directory holding a
+        ``checkpoint`` state file (opens the latest), or a SavedModel directory.
+    device : "cpu"; "auto" picks the best available backend and records it in ``.device``;
+        "cuda"/"cuda:N" are the GPU path (not available in this version: DeviceUnavailableError).
+    verify : check crc32c of every tensor read (default True).
+    threads : reader threads for :meth:`Checkpoint.restore` (default ``min(4, cpu_count)``).
+
+    Raises
+    ------
+    FileNotFoundError : nothing found (the message lists what was tried), or a data shard is missing.
+    FormatError, UnsupportedError : the index is corrupt, or of a version or kind not supported.
+    """
+    chosen = resolve_device(device)
+    prefix = resolve_prefix(path)
+    index_path = prefix + INDEX_SUFFIX
+    index = parse_index(_read_index(index_path), index_path)
+    referenced = {e.shard_id for e in index.tensors.values() if not e.slices}
+    referenced |= {e.shard_id for e in index.slice_entries.values()}
+    shards = ShardFiles(prefix, index.header.num_shards, referenced)
+    try:
+        _check_ranges(index, shards)
+    except BaseException:
+        shards.close()
+        raise
+    return Checkpoint(prefix, index, shards, chosen, verify, threads or _default_threads())
+
+
+def _check_ranges(index: BundleIndex, shards: ShardFiles) -> None:
+    """Every byte range must lie inside its data file, checked before anything is allocated."""
+    for entry in list(index.tensors.values()) + list(index.slice_entries.values()):
+        if entry.slices:
+            continue
+        size = shards.size(entry.shard_id)
+        if entry.offset + entry.size > size:
+            raise FormatError(
+                f"tensor bytes [{entry.offset}, {entry.offset + entry.size}) run past the end of its "
+                f"data file ({size} bytes): " + describe(shards.path(entry.shard_id), entry.name, entry.offset)
+            )

@@ -1,0 +1,55 @@
+"""Drop-ins for TensorFlow's checkpoint utilities: ``tf.train.load_checkpoint``,
+``tf.train.list_variables`` and ``tf.train.latest_checkpoint``."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .checkpoint import Checkpoint
+from .checkpoint import open as open_checkpoint
+from .dtypes import DTYPES, DTypeInfo
+
+
+class CheckpointReader:
+    """The reader ``tf.train.load_checkpoint`` returns, without TensorFlow.
+
+    Dtype maps give :class:`~gpuckpt.dtypes.DTypeInfo` values, whose ``name`` matches
+    ``tf.DType.name`` and which have ``as_numpy_dtype`` like it.
+    """
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self._checkpoint = checkpoint
+
+    def get_variable_to_shape_map(self) -> dict[str, list[int]]:
+        return {name: list(self._checkpoint.info(name).shape) for name in self._checkpoint.keys()}
+
+    def get_variable_to_dtype_map(self) -> dict[str, DTypeInfo | int]:
+        return {name: DTYPES.get(e.dtype, e.dtype) for name, e in self._checkpoint._index.tensors.items()}
+
+    def has_tensor(self, name: str) -> bool:
+        return name in self._checkpoint
+
+    def get_tensor(self, name: str) -> np.ndarray:
+        return self._checkpoint.get_tensor(name)
+
+    def close(self) -> None:
+        self._checkpoint.close()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> CheckpointReader:
+    """Like ``tf.train.load_checkpoint``: a directory (latest checkpoint) or a prefix."""
+    return CheckpointReader(open_checkpoint(path))
+
+
+def list_variables(path: str | os.PathLike[str]) -> list[tuple[str, list[int]]]:
+    """Like ``tf.train.list_variables``: sorted ``(name, shape)`` pairs."""
+    with open_checkpoint(path) as checkpoint:
+        return sorted((name, list(checkpoint.info(name).shape)) for name in checkpoint.keys())

@@ -1,0 +1,48 @@
+"""The error hierarchy: one root, each class also the builtin it refines.
+
+Every message names the file and, where one is involved, the tensor and the byte offset, so that a
+log line alone says what was wrong and where. A missing file stays ``FileNotFoundError``.
+"""
+
+from __future__ import annotations
+
+
+class CheckpointError(Exception):
+    """Root of every error gpuckpt raises about a checkpoint's content or use."""
+
+
+class FormatError(CheckpointError, ValueError):
+    """The bytes on disk do not follow the TensorBundle format (corrupt, truncated or lying)."""
+
+
+class ChecksumError(FormatError):
+    """A stored crc32c does not match the bytes it covers."""
+
+
+class TensorNotFoundError(CheckpointError, KeyError):
+    """The checkpoint has no tensor of that name."""
+
+    def __str__(self) -> str:  # KeyError would show the message inside quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class UnsupportedError(CheckpointError, NotImplementedError):
+    """A well-formed feature this reader deliberately does not handle (named in the message)."""
+
+
+class DeviceUnavailableError(CheckpointError, RuntimeError):
+    """The requested device cannot be used (no GPU, no CuPy, or a path not built yet)."""
+
+
+class ClosedCheckpointError(CheckpointError, RuntimeError):
+    """A method was called on a ``Checkpoint`` after it was closed."""
+
+
+def describe(path: object, tensor: str | None = None, offset: int | None = None) -> str:
+    """Return the ``file ..., tensor ..., offset ...`` context that every message ends with."""
+    parts = [f"file {str(path)!r}"]
+    if tensor is not None:
+        parts.append(f"tensor {tensor!r}")
+    if offset is not None:
+        parts.append(f"offset {offset}")
+    return ", ".join(parts)

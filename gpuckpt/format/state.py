@@ -1,0 +1,106 @@
+"""The ``checkpoint`` state file and finding a checkpoint's prefix from a path (FORMAT.md 1.3, 1.5)."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+
+from google.protobuf import text_format
+
+from .._proto import checkpoint_state_pb2
+from ..errors import FormatError, describe
+
+STATE_FILENAME = "checkpoint"
+INDEX_SUFFIX = ".index"
+SAVED_MODEL_VARIABLES = os.path.join("variables", "variables")
+MAX_STATE_BYTES = 64 << 20  # a state file is a few lines; refuse to parse anything absurd
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CheckpointState:
+    """The parsed state file, with every path resolved against its directory as TF does."""
+
+    model_checkpoint_path: str
+    all_model_checkpoint_paths: tuple[str, ...]
+    all_model_checkpoint_timestamps: tuple[float, ...]
+    last_preserved_timestamp: float
+
+
+def _resolve(directory: str, path: str) -> str:
+    return path if os.path.isabs(path) else os.path.join(directory, path)
+
+
+def read_state(directory: str | os.PathLike[str], filename: str = STATE_FILENAME) -> CheckpointState | None:
+    """Parse ``directory/checkpoint``; None when there is no such file (as TF returns)."""
+    directory = os.fspath(directory)
+    path = os.path.join(directory, filename)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_STATE_BYTES + 1)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if len(raw) > MAX_STATE_BYTES:
+        raise FormatError(f"checkpoint state file is larger than {MAX_STATE_BYTES} bytes: " + describe(path))
+    proto = checkpoint_state_pb2.CheckpointState()
+    try:
+        text_format.Parse(raw.decode("utf-8"), proto)
+    except (text_format.ParseError, UnicodeDecodeError) as exc:
+        raise FormatError(f"checkpoint state file is not a valid CheckpointState ({exc}): " + describe(path)) from None
+    if not proto.model_checkpoint_path:
+        raise FormatError("checkpoint state file has no model_checkpoint_path: " + describe(path))
+    return CheckpointState(
+        model_checkpoint_path=_resolve(directory, proto.model_checkpoint_path),
+        all_model_checkpoint_paths=tuple(_resolve(directory, p) for p in proto.all_model_checkpoint_paths),
+        all_model_checkpoint_timestamps=tuple(proto.all_model_checkpoint_timestamps),
+        last_preserved_timestamp=proto.last_preserved_timestamp,
+    )
+
+
+def latest_checkpoint(directory: str | os.PathLike[str], latest_filename: str | None = None) -> str | None:
+    """The prefix ``tf.train.latest_checkpoint(directory)`` returns, or None.
+
+    Like TF: read the state file, resolve ``model_checkpoint_path`` against the directory, and return
+    it only if its ``.index`` exists (or, for old V1 checkpoints, the path itself matches a file).
+    Unlike TF, a state file that cannot be parsed raises :class:`FormatError` instead of logging a
+    warning and returning None.
+    """
+    state = read_state(directory, latest_filename or STATE_FILENAME)
+    if state is None:
+        return None
+    prefix = state.model_checkpoint_path
+    if os.path.exists(prefix + INDEX_SUFFIX) or glob.glob(glob.escape(prefix) + INDEX_SUFFIX):
+        return prefix
+    if glob.glob(prefix):  # a V1 checkpoint (TF globs, so "model.ckpt-?????-of-00002" matches)
+        return prefix
+    return None
+
+
+def resolve_prefix(path: str | os.PathLike[str]) -> str:
+    """The bundle prefix that ``path`` names, as :func:`gpuckpt.open` accepts it.
+
+    Accepted: a prefix (``model.ckpt-200``), a path ending in ``.index``, a directory holding a
+    ``checkpoint`` state file (its latest checkpoint), or a SavedModel directory
+    (``variables/variables``). Raises ``FileNotFoundError`` listing every place tried.
+    """
+    text = os.fspath(path)
+    tried: list[str] = []
+    if text.endswith(INDEX_SUFFIX) and os.path.isfile(text):
+        return text[: -len(INDEX_SUFFIX)]
+    tried.append(text + INDEX_SUFFIX)
+    if os.path.isfile(text + INDEX_SUFFIX):
+        return text
+    if os.path.isdir(text):
+        saved_model = os.path.join(text, SAVED_MODEL_VARIABLES)
+        tried.append(saved_model + INDEX_SUFFIX)
+        if os.path.isfile(saved_model + INDEX_SUFFIX):
+            return saved_model
+        state_path = os.path.join(text, STATE_FILENAME)
+        tried.append(state_path)
+        state = read_state(text)
+        if state is not None:
+            latest = latest_checkpoint(text)
+            if latest is not None and os.path.isfile(latest + INDEX_SUFFIX):
+                return latest
+            tried.append(state.model_checkpoint_path + INDEX_SUFFIX + " (named by the state file)")
+    raise FileNotFoundError(f"no TensorFlow checkpoint found at {text!r}; tried: " + ", ".join(tried))

@@ -1,0 +1,104 @@
+"""A bundle's data shard files, each opened once (FORMAT.md 1.1, 4.1).
+
+Bulk reads use ``os.preadv`` straight into the destination buffer: one kernel copy from the page
+cache, the GIL released, no page faults on a source mapping, and a file that shrinks underneath
+gives a short read (reported as :class:`FormatError`) instead of the SIGBUS a mapping would raise.
+Zero-copy views and lazy slicing use a read-only ``mmap`` of the same descriptor, created on first
+use.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+
+from ..errors import CheckpointError, FormatError, describe
+
+
+class MissingShardError(CheckpointError, FileNotFoundError):
+    """A data shard that the index refers to does not exist."""
+
+
+def data_filename(prefix: str, shard_id: int, num_shards: int) -> str:
+    """``PREFIX.data-%05d-of-%05d`` (FORMAT.md 1.1): joined as strings, never through Path.with_suffix."""
+    return f"{prefix}.data-{shard_id:05d}-of-{num_shards:05d}"
+
+
+class ShardFiles:
+    """The open data files of one bundle, by shard id. Thread-safe; close() is idempotent."""
+
+    def __init__(self, prefix: str, num_shards: int, shard_ids: set[int]) -> None:
+        self._fds: dict[int, int] = {}
+        self._sizes: dict[int, int] = {}
+        self._maps: dict[int, mmap.mmap] = {}
+        self._paths = {i: data_filename(prefix, i, num_shards) for i in sorted(shard_ids)}
+        self._lock = threading.Lock()
+        try:
+            for shard_id, path in self._paths.items():
+                try:
+                    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                except FileNotFoundError:
+                    raise MissingShardError(
+                        f"data shard {shard_id} of {num_shards} is missing: " + describe(path)
+                    ) from None
+                self._fds[shard_id] = fd
+                self._sizes[shard_id] = os.fstat(fd).st_size
+        except BaseException:
+            self.close()
+            raise
+
+    def path(self, shard_id: int) -> str:
+        return self._paths[shard_id]
+
+    def size(self, shard_id: int) -> int:
+        return self._sizes[shard_id]
+
+    def _fd(self, shard_id: int) -> int:
+        fd = self._fds.get(shard_id)
+        if fd is None:
+            raise CheckpointError("checkpoint is closed")
+        return fd
+
+    def read_into(self, shard_id: int, offset: int, dst: memoryview, tensor: str | None = None) -> None:
+        """Fill ``dst`` (a writable byte view) with the bytes at ``offset``; short reads are errors."""
+        fd = self._fd(shard_id)
+        done = 0
+        total = len(dst)
+        while done < total:
+            got = os.preadv(fd, [dst[done:]], offset + done)
+            if got <= 0:
+                raise FormatError(
+                    f"data file ended after {offset + done} bytes, {total - done} bytes short "
+                    "(truncated or replaced while open?): " + describe(self._paths[shard_id], tensor, offset + done)
+                )
+            done += got
+
+    def mapping(self, shard_id: int) -> memoryview:
+        """A read-only view of the whole shard (memory-mapped on first use)."""
+        with self._lock:
+            m = self._maps.get(shard_id)
+            if m is None:
+                if self._sizes[shard_id] == 0:
+                    return memoryview(b"")
+                current = os.fstat(self._fd(shard_id)).st_size
+                if current < self._sizes[shard_id]:
+                    raise FormatError(
+                        f"data file shrank from {self._sizes[shard_id]} to {current} bytes since it was opened: "
+                        + describe(self._paths[shard_id])
+                    )
+                m = mmap.mmap(self._fds[shard_id], self._sizes[shard_id], prot=mmap.PROT_READ)
+                self._maps[shard_id] = m
+        return memoryview(m)
+
+    def close(self) -> None:
+        with self._lock:
+            for m in self._maps.values():
+                try:
+                    m.close()
+                except BufferError:
+                    pass  # zero-copy views handed out still use it; it is unmapped when they are freed
+            self._maps.clear()
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
