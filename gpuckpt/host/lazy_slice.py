@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import UnsupportedError, describe
+from ..errors import FormatError, UnsupportedError, describe
 from ..format.bundle import BundleIndex, TensorEntry
 from .convert import fix_in_place
-from .reader import HostReader, check_readable
+from .reader import HostReader, check_dtype, check_readable
 
 
 def _normalize(key: object, shape: tuple[int, ...]) -> tuple[list[np.ndarray], list[int]]:
@@ -45,7 +45,7 @@ class LazyTensor:
     """A tensor not read yet: ``shape``, ``dtype``, and ``[...]`` to read part of it."""
 
     def __init__(self, reader: HostReader, tensor: TensorEntry) -> None:
-        check_readable(reader.index, tensor)
+        check_dtype(reader.index, tensor)
         self._reader = reader
         self._tensor = tensor
         info = tensor.dtype_info
@@ -78,6 +78,7 @@ class LazyTensor:
         else:
             arrays, int_axes = _normalize(key, tensor.shape)
             out = np.empty(tuple(len(a) for a in arrays), dtype=self._info.numpy)
+            filled = np.zeros(out.shape, dtype=bool)  # TF refuses regions the saved slices leave uncovered
             for tensor_slice in tensor.slices:
                 entry = index.slice_entry(tensor, tensor_slice)
                 positions, within = [], []
@@ -87,7 +88,16 @@ class LazyTensor:
                     positions.append(hit)
                     within.append(wanted[hit] - start)
                 if all(len(p) for p in positions) and out.size:
-                    out[np.ix_(*positions)] = self._view(entry)[np.ix_(*within)]
+                    target = np.ix_(*positions)
+                    if filled[target].any():
+                        raise FormatError("saved slices overlap: " + describe(index.path, tensor.name))
+                    out[target] = self._view(entry)[np.ix_(*within)]
+                    filled[target] = True
+            if not filled.all():
+                raise FormatError(
+                    "does not have sufficient slices for the requested region of partitioned tensor: "
+                    + describe(index.path, tensor.name)
+                )
             out = out.reshape(tuple(len(a) for axis, a in enumerate(arrays) if axis not in int_axes))
         fix_in_place(out, self._info, index.header.big_endian)
         return out

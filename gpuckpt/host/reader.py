@@ -28,11 +28,16 @@ CHUNK_BYTES = 4 << 20  # fits in L2/L3 so the crc pass reads what the copy just 
 ProgressCallback = Callable[[int, int], None]
 
 
-def check_readable(index: BundleIndex, tensor: TensorEntry) -> None:
-    """Raise the typed error for a tensor whose data cannot be returned at all."""
+def check_dtype(index: BundleIndex, tensor: TensorEntry) -> None:
+    """Raise the typed error for a tensor whose dtype cannot be returned at all."""
     reason = refused_reason(tensor)
     if reason is not None:
         raise UnsupportedError(f"cannot read this tensor: {reason}: " + describe(index.path, tensor.name))
+
+
+def check_readable(index: BundleIndex, tensor: TensorEntry) -> None:
+    """Raise the typed error for a tensor that cannot be read whole."""
+    check_dtype(index, tensor)
     if tensor.slices:
         problem = coverage_problem(tensor.slices, tensor.shape)
         if problem:
