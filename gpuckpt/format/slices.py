@@ -55,7 +55,11 @@ def _signed_num_increasing(value: int) -> bytes:
 
 
 def _ordered_string(name: bytes) -> bytes:
-    return name.replace(b"\xff", b"\xff\x00").replace(b"\x00", b"\x00\xff") + b"\x00\x01"
+    """OrderedCode ``WriteString``: 0x00 -> 00 ff, 0xff -> ff 00 (one pass), then the 00 01 terminator."""
+    if b"\x00" not in name and b"\xff" not in name:
+        return name + b"\x00\x01"
+    escaped = b"".join(b"\x00\xff" if b == 0 else b"\xff\x00" if b == 0xFF else bytes([b]) for b in name)
+    return escaped + b"\x00\x01"
 
 
 def slice_key(name: bytes, tensor_slice: TensorSlice) -> bytes:
