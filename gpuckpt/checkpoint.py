@@ -118,6 +118,14 @@ class Checkpoint:
             raise TensorNotFoundError(f"no tensor named {name!r}{hint}: " + describe(self._index.path))
         return entry
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, from the index alone (no I/O)."""
+        return {name: entry.shape for name, entry in self._index.tensors.items()}
+
+    def dtype_values(self) -> dict[str, int]:
+        """Every tensor's TensorFlow ``DataType`` enum value, from the index alone."""
+        return {name: entry.dtype for name, entry in self._index.tensors.items()}
+
     def info(self, name: str) -> TensorInfo:
         """Dtype, shape, size and shard of a tensor, from the index alone (no I/O)."""
         entry = self._entry(name)
@@ -269,26 +277,10 @@ def open(  # noqa: A001 - the name is the API
     chosen = resolve_device(device)
     prefix = resolve_prefix(path)
     index_path = prefix + INDEX_SUFFIX
-    index = parse_index(_read_index(index_path), index_path)
-    referenced = {e.shard_id for e in index.tensors.values() if not e.slices}
-    referenced |= {e.shard_id for e in index.slice_entries.values()}
-    shards = ShardFiles(prefix, index.header.num_shards, referenced)
+    shards = ShardFiles(prefix)
     try:
-        _check_ranges(index, shards)
+        index = parse_index(_read_index(index_path), index_path, shards.open_shard)
     except BaseException:
         shards.close()
         raise
     return Checkpoint(prefix, index, shards, chosen, verify, threads or _default_threads())
-
-
-def _check_ranges(index: BundleIndex, shards: ShardFiles) -> None:
-    """Every byte range must lie inside its data file, checked before anything is allocated."""
-    for entry in list(index.tensors.values()) + list(index.slice_entries.values()):
-        if entry.slices:
-            continue
-        size = shards.size(entry.shard_id)
-        if entry.offset + entry.size > size:
-            raise FormatError(
-                f"tensor bytes [{entry.offset}, {entry.offset + entry.size}) run past the end of its "
-                f"data file ({size} bytes): " + describe(shards.path(entry.shard_id), entry.name, entry.offset)
-            )

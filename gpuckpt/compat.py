@@ -23,10 +23,10 @@ class CheckpointReader:
         self._checkpoint = checkpoint
 
     def get_variable_to_shape_map(self) -> dict[str, list[int]]:
-        return {name: list(self._checkpoint.info(name).shape) for name in self._checkpoint.keys()}
+        return {name: list(shape) for name, shape in self._checkpoint.shapes().items()}
 
     def get_variable_to_dtype_map(self) -> dict[str, DTypeInfo | int]:
-        return {name: DTYPES.get(e.dtype, e.dtype) for name, e in self._checkpoint._index.tensors.items()}
+        return {name: DTYPES.get(value, value) for name, value in self._checkpoint.dtype_values().items()}
 
     def has_tensor(self, name: str) -> bool:
         return name in self._checkpoint

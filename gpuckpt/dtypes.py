@@ -61,6 +61,8 @@ class DTypeInfo:
     numpy: np.dtype | None  # None for strings (object arrays of bytes)
     swap_bytes: int
     narrow_bits: int = 0
+    is_string: bool = False
+    itemsize: int = 0  #: bytes per element in the data file (0 for strings, whose elements vary)
 
     @property
     def name(self) -> str:
@@ -72,18 +74,11 @@ class DTypeInfo:
         """The numpy scalar type arrays of this dtype hold (``object`` for strings), as TF's DType has."""
         return object if self.numpy is None else self.numpy.type
 
-    @property
-    def is_string(self) -> bool:
-        return self.dtype == DataType.DT_STRING
-
-    @property
-    def itemsize(self) -> int:
-        """Bytes per element in the data file (0 for strings, whose elements vary)."""
-        return 0 if self.numpy is None else self.numpy.itemsize
 
 
 def _info(dt: DataType, np_type: object, swap: int, narrow: int = 0) -> DTypeInfo:
-    return DTypeInfo(dt, None if np_type is None else np.dtype(np_type), swap, narrow)
+    np_dtype = None if np_type is None else np.dtype(np_type)
+    return DTypeInfo(dt, np_dtype, swap, narrow, dt == DataType.DT_STRING, 0 if np_dtype is None else np_dtype.itemsize)
 
 
 D = DataType

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
+from typing import NamedTuple
 
 from .format.bundle import BundleIndex, TensorEntry
 
@@ -26,11 +27,11 @@ class ByteRange:
         return self.offset + self.length
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Piece:
+class Piece(NamedTuple):
     """The bytes of ``stored`` (the tensor itself, or one slice of it) destined for ``tensor``.
 
     ``region`` is the ``[start, stop)`` box of the full tensor it fills; None when it is the whole.
+    (A NamedTuple: one is made per tensor read, so construction cost matters.)
     """
 
     tensor: TensorEntry
@@ -74,32 +75,27 @@ def plan_reads(pieces: Iterable[Piece], options: PlanOptions = PlanOptions()) ->
     ordered = sorted(pieces, key=lambda p: (p.stored.shard_id, p.stored.offset, p.stored.size))
     groups: list[ReadGroup] = []
     run: list[Piece] = []
-    run_range: ByteRange | None = None
-
-    def close_run() -> None:
-        nonlocal run, run_range
-        if run_range is not None:
-            groups.append(ReadGroup(run_range, tuple(run)))
-        run, run_range = [], None
+    run_shard = run_start = run_end = -1
 
     for piece in ordered:
         entry = piece.stored
+        end = entry.offset + entry.size
         if entry.size >= options.coalesce_below_bytes:
             groups.append(ReadGroup(ByteRange(entry.shard_id, entry.offset, entry.size), (piece,)))
             continue
-        if run_range is not None:
-            new_end = max(run_range.end, entry.offset + entry.size)
-            if (
-                entry.shard_id == run_range.shard_id
-                and entry.offset - run_range.end <= options.max_gap_bytes
-                and new_end - run_range.offset <= options.max_group_bytes
-            ):
-                run.append(piece)
-                run_range = ByteRange(run_range.shard_id, run_range.offset, new_end - run_range.offset)
-                continue
-            close_run()
-        run = [piece]
-        run_range = ByteRange(entry.shard_id, entry.offset, entry.size)
-    close_run()
+        if (
+            run
+            and entry.shard_id == run_shard
+            and entry.offset - run_end <= options.max_gap_bytes
+            and max(run_end, end) - run_start <= options.max_group_bytes
+        ):
+            run.append(piece)
+            run_end = max(run_end, end)
+            continue
+        if run:
+            groups.append(ReadGroup(ByteRange(run_shard, run_start, run_end - run_start), tuple(run)))
+        run, run_shard, run_start, run_end = [piece], entry.shard_id, entry.offset, end
+    if run:
+        groups.append(ReadGroup(ByteRange(run_shard, run_start, run_end - run_start), tuple(run)))
     groups.sort(key=lambda g: g.byte_range.length, reverse=True)
     return groups

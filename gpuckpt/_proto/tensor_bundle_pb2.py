@@ -28,7 +28,7 @@ from gpuckpt._proto import types_pb2 as gpuckpt_dot___proto_dot_types__pb2
 from gpuckpt._proto import versions_pb2 as gpuckpt_dot___proto_dot_versions__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"gpuckpt/_proto/tensor_bundle.proto\x12\rgpuckpt.proto\x1a!gpuckpt/_proto/tensor_shape.proto\x1a!gpuckpt/_proto/tensor_slice.proto\x1a\x1agpuckpt/_proto/types.proto\x1a\x1dgpuckpt/_proto/versions.proto\"\xb7\x01\n\x11\x42undleHeaderProto\x12\x12\n\nnum_shards\x18\x01 \x01(\x05\x12?\n\nendianness\x18\x02 \x01(\x0e\x32+.gpuckpt.proto.BundleHeaderProto.Endianness\x12*\n\x07version\x18\x03 \x01(\x0b\x32\x19.gpuckpt.proto.VersionDef\"!\n\nEndianness\x12\n\n\x06LITTLE\x10\x00\x12\x07\n\x03\x42IG\x10\x01\"\xdb\x01\n\x10\x42undleEntryProto\x12&\n\x05\x64type\x18\x01 \x01(\x0e\x32\x17.gpuckpt.proto.DataType\x12.\n\x05shape\x18\x02 \x01(\x0b\x32\x1f.gpuckpt.proto.TensorShapeProto\x12\x10\n\x08shard_id\x18\x03 \x01(\x05\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0c\n\x04size\x18\x05 \x01(\x03\x12\x0e\n\x06\x63rc32c\x18\x06 \x01(\x07\x12/\n\x06slices\x18\x07 \x03(\x0b\x32\x1f.gpuckpt.proto.TensorSliceProtob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"gpuckpt/_proto/tensor_bundle.proto\x12\rgpuckpt.proto\x1a!gpuckpt/_proto/tensor_shape.proto\x1a!gpuckpt/_proto/tensor_slice.proto\x1a\x1agpuckpt/_proto/types.proto\x1a\x1dgpuckpt/_proto/versions.proto\"\xb7\x01\n\x11\x42undleHeaderProto\x12\x12\n\nnum_shards\x18\x01 \x01(\x05\x12?\n\nendianness\x18\x02 \x01(\x0e\x32+.gpuckpt.proto.BundleHeaderProto.Endianness\x12*\n\x07version\x18\x03 \x01(\x0b\x32\x19.gpuckpt.proto.VersionDef\"!\n\nEndianness\x12\n\n\x06LITTLE\x10\x00\x12\x07\n\x03\x42IG\x10\x01\"\xdb\x01\n\x10\x42undleEntryProto\x12&\n\x05\x64type\x18\x01 \x01(\x0e\x32\x17.gpuckpt.proto.DataType\x12.\n\x05shape\x18\x02 \x01(\x0b\x32\x1f.gpuckpt.proto.TensorShapeProto\x12\x10\n\x08shard_id\x18\x03 \x01(\x05\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0c\n\x04size\x18\x05 \x01(\x03\x12\x0e\n\x06\x63rc32c\x18\x06 \x01(\x07\x12/\n\x06slices\x18\x07 \x03(\x0b\x32\x1f.gpuckpt.proto.TensorSliceProto\"\xc3\x01\n\x19\x42undleEntryProtoLazyShape\x12&\n\x05\x64type\x18\x01 \x01(\x0e\x32\x17.gpuckpt.proto.DataType\x12\r\n\x05shape\x18\x02 \x01(\x0c\x12\x10\n\x08shard_id\x18\x03 \x01(\x05\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0c\n\x04size\x18\x05 \x01(\x03\x12\x0e\n\x06\x63rc32c\x18\x06 \x01(\x07\x12/\n\x06slices\x18\x07 \x03(\x0b\x32\x1f.gpuckpt.proto.TensorSliceProtob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,4 +41,6 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BUNDLEHEADERPROTO_ENDIANNESS']._serialized_end=366
   _globals['_BUNDLEENTRYPROTO']._serialized_start=369
   _globals['_BUNDLEENTRYPROTO']._serialized_end=588
+  _globals['_BUNDLEENTRYPROTOLAZYSHAPE']._serialized_start=591
+  _globals['_BUNDLEENTRYPROTOLAZYSHAPE']._serialized_end=786
 # @@protoc_insertion_point(module_scope)

@@ -8,16 +8,22 @@ objects never leave this module.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import math
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 from google.protobuf.message import DecodeError
 
-from .._proto import tensor_bundle_pb2
+from .._proto import tensor_bundle_pb2, tensor_shape_pb2
 from ..dtypes import DTYPES, REFUSED, DTypeInfo, dtype_name
 from ..errors import FormatError, UnsupportedError, describe
 from .slices import Extent, TensorSlice, check_extents, slice_key, slice_shape
 from .table import parse_table
+
+ShardSize = Callable[[int, int], int]  # (shard_id, num_shards) -> bytes in that data file
 
 #: The bundle format version this reader implements, as a consumer (FORMAT.md 3.3).
 CONSUMER_VERSION = 1
@@ -35,13 +41,14 @@ class BundleHeader:
     bad_consumers: tuple[int, ...]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class TensorEntry:
+class TensorEntry(NamedTuple):
     """One tensor (or one saved slice) as the index describes it.
 
     For a partitioned tensor ``slices`` is non-empty and the byte-range fields are unused: its data
     lives in the entries found under :func:`~gpuckpt.format.slices.slice_key`.
     ``dtype_info`` is None for dtypes that cannot be read (the reason is raised on read).
+    A NamedTuple rather than a frozen dataclass: as immutable, and built 30x faster, which matters
+    for indexes of 100,000 entries.
     """
 
     name: str
@@ -124,65 +131,102 @@ def _parse_header(key: bytes, value: bytes, path: str) -> BundleHeader:
     return header
 
 
-def _parse_entry(key: bytes, value: bytes, header: BundleHeader, path: str) -> TensorEntry:
-    name = decode_name(key)
-    proto = tensor_bundle_pb2.BundleEntryProto()
+def _parse_shape(serialized: bytes, name: str, path: str) -> tuple[int, ...]:
+    """Decode and check one serialized TensorShapeProto (FORMAT.md 3.5)."""
+    proto = tensor_shape_pb2.TensorShapeProto()
     try:
-        proto.ParseFromString(value)
+        proto.ParseFromString(serialized)
     except DecodeError as exc:
-        raise FormatError(f"index entry is not parseable ({exc}): " + describe(path, name)) from None
-
-    dtype = proto.dtype
-    if dtype == 0 or dtype > 100:
-        raise FormatError(f"index entry has invalid dtype {dtype_name(dtype)}: " + describe(path, name))
-
-    if proto.shape.unknown_rank:
+        raise FormatError(f"index entry has an unparseable shape ({exc}): " + describe(path, name)) from None
+    if proto.unknown_rank:
         raise FormatError("index entry has a shape of unknown rank: " + describe(path, name))
-    shape = tuple(d.size for d in proto.shape.dim)
+    shape = tuple([d.size for d in proto.dim])
     if len(shape) > MAX_RANK:
         raise FormatError(f"index entry has rank {len(shape)}, more than {MAX_RANK}: " + describe(path, name))
     if any(d < 0 for d in shape):
         raise FormatError(f"index entry has a negative dimension in shape {list(shape)}: " + describe(path, name))
     if math.prod(shape) > _INT64_MAX:
         raise FormatError(f"index entry shape {list(shape)} has more than 2**63-1 elements: " + describe(path, name))
+    return shape
 
-    if proto.slices:
+
+class _EntryParser:
+    """Parses and checks entries of one index, decoding each distinct serialized shape once."""
+
+    def __init__(self, header: BundleHeader, path: str, shard_size: ShardSize) -> None:
+        self.shard_size = shard_size
+        self.sizes: dict[int, int] = {}
+        self.num_shards = header.num_shards
+        self.path = path
+        self.shapes: dict[bytes, tuple[tuple[int, ...], int]] = {}  # serialized -> (shape, element count)
+
+    def parse(self, key: bytes, value: bytes) -> TensorEntry:
+        # The hot loop of opening a checkpoint: one call per entry, so lookups are cached per shape.
+        path = self.path
+        proto = tensor_bundle_pb2.BundleEntryProtoLazyShape()
+        try:
+            proto.ParseFromString(value)
+        except DecodeError as exc:
+            raise FormatError(f"index entry is not parseable ({exc}): " + describe(path, decode_name(key))) from None
+
+        dtype = proto.dtype
+        if dtype == 0 or dtype > 100:
+            raise FormatError(
+                f"index entry has invalid dtype {dtype_name(dtype)}: " + describe(path, decode_name(key))
+            )
+        shape_bytes = proto.shape
+        known = self.shapes.get(shape_bytes)
+        if known is None:
+            shape = _parse_shape(shape_bytes, decode_name(key), path)
+            known = self.shapes[shape_bytes] = (shape, math.prod(shape))
+        shape, num_elements = known
+        if proto.slices:
+            return self._partitioned(decode_name(key), dtype, shape, proto)
+
+        name = decode_name(key)
+        shard_id, offset, size = proto.shard_id, proto.offset, proto.size
+        if not 0 <= shard_id < self.num_shards:
+            raise FormatError(
+                f"index entry names data shard {shard_id}, outside [0, {self.num_shards}): " + describe(path, name)
+            )
+        if offset < 0 or size < 0:
+            raise FormatError(
+                f"index entry has a negative byte range (offset {offset}, size {size}): " + describe(path, name)
+            )
+        shard_bytes = self.sizes.get(shard_id)
+        if shard_bytes is None:
+            shard_bytes = self.sizes[shard_id] = self.shard_size(shard_id, self.num_shards)
+        if offset + size > shard_bytes:
+            raise FormatError(
+                f"tensor bytes [{offset}, {offset + size}) run past the end of data shard {shard_id} "
+                f"({shard_bytes} bytes): " + describe(path, name, offset)
+            )
+        info = DTYPES.get(dtype)
+        if info is not None:
+            if not info.is_string:
+                if size != num_elements * info.itemsize:
+                    raise FormatError(
+                        f"index entry size {size} does not match shape {list(shape)} of {info.name} "
+                        f"({num_elements * info.itemsize} bytes): " + describe(path, name, offset)
+                    )
+            elif size < num_elements:
+                # Each string takes at least one length byte (FORMAT.md 4.3): this bounds what a read allocates.
+                raise FormatError(
+                    f"string tensor of {num_elements} elements cannot fit in {size} bytes: "
+                    + describe(path, name, offset)
+                )
+        return TensorEntry(name, dtype, shape, shard_id, offset, size, proto.crc32c)
+
+    def _partitioned(self, name: str, dtype: int, shape: tuple[int, ...], proto: object) -> TensorEntry:
         slices = tuple(
             tuple(Extent(e.start, e.length if e.WhichOneof("has_length") else None) for e in s.extent)
-            for s in proto.slices
+            for s in proto.slices  # type: ignore[attr-defined]
         )
         for tensor_slice in slices:
             problem = check_extents(tensor_slice, shape)
             if problem:
-                raise FormatError(f"partitioned tensor has a bad slice: {problem}: " + describe(path, name))
+                raise FormatError(f"partitioned tensor has a bad slice: {problem}: " + describe(self.path, name))
         return TensorEntry(name, dtype, shape, 0, 0, 0, 0, slices)
-
-    entry = TensorEntry(name, dtype, shape, proto.shard_id, proto.offset, proto.size, proto.crc32c)
-    if not 0 <= entry.shard_id < header.num_shards:
-        raise FormatError(
-            f"index entry names data shard {entry.shard_id}, outside [0, {header.num_shards}): "
-            + describe(path, name)
-        )
-    if entry.offset < 0 or entry.size < 0:
-        raise FormatError(
-            f"index entry has a negative byte range (offset {entry.offset}, size {entry.size}): "
-            + describe(path, name)
-        )
-    info = DTYPES.get(dtype)
-    if info is not None and not info.is_string:
-        expected = entry.num_elements * info.itemsize
-        if entry.size != expected:
-            raise FormatError(
-                f"index entry size {entry.size} does not match shape {list(shape)} of {info.name} "
-                f"({expected} bytes): " + describe(path, name, entry.offset)
-            )
-    elif info is not None and entry.size < entry.num_elements:
-        # Each string takes at least one length byte (FORMAT.md 4.3); this bounds what a read allocates.
-        raise FormatError(
-            f"string tensor of {entry.num_elements} elements cannot fit in {entry.size} bytes: "
-            + describe(path, name, entry.offset)
-        )
-    return entry
 
 
 def _check_partitioned(index: BundleIndex) -> None:
@@ -203,16 +247,39 @@ def _check_partitioned(index: BundleIndex) -> None:
                 )
 
 
-def parse_index(data: bytes, path: str) -> BundleIndex:
-    """Parse and validate the bytes of a whole ``.index`` file."""
+def parse_index(data: bytes, path: str, shard_size: ShardSize) -> BundleIndex:
+    """Parse and validate the bytes of a whole ``.index`` file.
+
+    ``shard_size(shard_id, num_shards)`` gives the size of a data shard (called once per shard an
+    entry uses; it raises if the shard is missing), so every byte range is checked against its file.
+    """
+    with _gc_paused():
+        return _parse_index(data, path, shard_size)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Parsing allocates one tuple per entry and nothing cyclic: the cycle collector would only
+    rescan them over and over (a fifth of the time of opening a 100,000-entry index)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _parse_index(data: bytes, path: str, shard_size: ShardSize) -> BundleIndex:
     items = parse_table(data, path)
     if not items:
         raise FormatError("index is an empty table (no bundle header): " + describe(path))
     header = _parse_header(items[0][0], items[0][1], path)
     tensors: dict[str, TensorEntry] = {}
     slice_entries: dict[bytes, TensorEntry] = {}
+    parse_entry = _EntryParser(header, path, shard_size).parse
     for key, value in items[1:]:
-        entry = _parse_entry(key, value, header, path)
+        entry = parse_entry(key, value)
         if key[:1] == b"\x00":
             if entry.slices:
                 raise FormatError("slice entry is itself partitioned: " + describe(path, entry.name))

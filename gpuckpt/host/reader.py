@@ -101,8 +101,11 @@ class HostReader:
             )
         if verify:
             self._verify(crc32c(raw), entry, tensor)
-        array = np.frombuffer(raw, dtype=info.numpy).reshape(entry.shape).copy()
-        fix_in_place(array, info, self.index.header.big_endian)
+        array = np.empty(entry.shape, dtype=info.numpy)
+        if entry.size:
+            memoryview(array.reshape(-1).view(np.uint8))[:] = raw  # one copy into memory the array owns
+        if info.narrow_bits or (info.swap_bytes and self.index.header.big_endian):
+            fix_in_place(array, info, self.index.header.big_endian)
         return array
 
     def _run_group(self, group: ReadGroup, outputs: dict[str, np.ndarray], verify: bool) -> int:

@@ -28,28 +28,33 @@ def data_filename(prefix: str, shard_id: int, num_shards: int) -> str:
 class ShardFiles:
     """The open data files of one bundle, by shard id. Thread-safe; close() is idempotent."""
 
-    def __init__(self, prefix: str, num_shards: int, shard_ids: set[int]) -> None:
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.num_shards = 0  # known from the index header, given with the first shard opened
         self._fds: dict[int, int] = {}
         self._sizes: dict[int, int] = {}
         self._maps: dict[int, mmap.mmap] = {}
-        self._paths = {i: data_filename(prefix, i, num_shards) for i in sorted(shard_ids)}
         self._lock = threading.Lock()
-        try:
-            for shard_id, path in self._paths.items():
-                try:
-                    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                except FileNotFoundError:
-                    raise MissingShardError(
-                        f"data shard {shard_id} of {num_shards} is missing: " + describe(path)
-                    ) from None
-                self._fds[shard_id] = fd
-                self._sizes[shard_id] = os.fstat(fd).st_size
-        except BaseException:
-            self.close()
-            raise
+
+    def open_shard(self, shard_id: int, num_shards: int) -> int:
+        """Open one shard (once) and return its size; only shards the index uses are opened."""
+        with self._lock:
+            self.num_shards = num_shards
+            if shard_id in self._sizes:
+                return self._sizes[shard_id]
+            path = self.path(shard_id)
+            try:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except FileNotFoundError:
+                raise MissingShardError(
+                    f"data shard {shard_id} of {self.num_shards} is missing: " + describe(path)
+                ) from None
+            self._fds[shard_id] = fd
+            self._sizes[shard_id] = os.fstat(fd).st_size
+            return self._sizes[shard_id]
 
     def path(self, shard_id: int) -> str:
-        return self._paths[shard_id]
+        return data_filename(self.prefix, shard_id, self.num_shards)
 
     def size(self, shard_id: int) -> int:
         return self._sizes[shard_id]
@@ -70,7 +75,7 @@ class ShardFiles:
             if got <= 0:
                 raise FormatError(
                     f"data file ended after {offset + done} bytes, {total - done} bytes short "
-                    "(truncated or replaced while open?): " + describe(self._paths[shard_id], tensor, offset + done)
+                    "(truncated or replaced while open?): " + describe(self.path(shard_id), tensor, offset + done)
                 )
             done += got
 
@@ -85,7 +90,7 @@ class ShardFiles:
                 if current < self._sizes[shard_id]:
                     raise FormatError(
                         f"data file shrank from {self._sizes[shard_id]} to {current} bytes since it was opened: "
-                        + describe(self._paths[shard_id])
+                        + describe(self.path(shard_id))
                     )
                 m = mmap.mmap(self._fds[shard_id], self._sizes[shard_id], prot=mmap.PROT_READ)
                 self._maps[shard_id] = m
