@@ -118,14 +118,6 @@ class Checkpoint:
             raise TensorNotFoundError(f"no tensor named {name!r}{hint}: " + describe(self._index.path))
         return entry
 
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every tensor's shape, from the index alone (no I/O)."""
-        return {name: entry.shape for name, entry in self._index.tensors.items()}
-
-    def dtype_values(self) -> dict[str, int]:
-        """Every tensor's TensorFlow ``DataType`` enum value, from the index alone."""
-        return {name: entry.dtype for name, entry in self._index.tensors.items()}
-
     def info(self, name: str) -> TensorInfo:
         """Dtype, shape, size and shard of a tensor, from the index alone (no I/O)."""
         entry = self._entry(name)

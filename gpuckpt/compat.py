@@ -23,10 +23,10 @@ class CheckpointReader:
         self._checkpoint = checkpoint
 
     def get_variable_to_shape_map(self) -> dict[str, list[int]]:
-        return {name: list(shape) for name, shape in self._checkpoint.shapes().items()}
+        return {name: list(entry.shape) for name, entry in self._checkpoint._index.tensors.items()}
 
     def get_variable_to_dtype_map(self) -> dict[str, DTypeInfo | int]:
-        return {name: DTYPES.get(value, value) for name, value in self._checkpoint.dtype_values().items()}
+        return {name: DTYPES.get(entry.dtype, entry.dtype) for name, entry in self._checkpoint._index.tensors.items()}
 
     def has_tensor(self, name: str) -> bool:
         return name in self._checkpoint

@@ -229,8 +229,8 @@ class _EntryParser:
         return TensorEntry(name, dtype, shape, 0, 0, 0, 0, slices)
 
 
-def _check_partitioned(index: BundleIndex) -> None:
-    for entry in index.tensors.values():
+def _check_partitioned(index: BundleIndex, partitioned: list[TensorEntry]) -> None:
+    for entry in partitioned:
         for tensor_slice in entry.slices:
             key = slice_key(encode_name(entry.name), tensor_slice)
             part = index.slice_entries.get(key)
@@ -277,17 +277,21 @@ def _parse_index(data: bytes, path: str, shard_size: ShardSize) -> BundleIndex:
     header = _parse_header(items[0][0], items[0][1], path)
     tensors: dict[str, TensorEntry] = {}
     slice_entries: dict[bytes, TensorEntry] = {}
+    partitioned: list[TensorEntry] = []
     parse_entry = _EntryParser(header, path, shard_size).parse
-    for key, value in items[1:]:
+    for i in range(1, len(items)):
+        key, value = items[i]
         entry = parse_entry(key, value)
-        if key[:1] == b"\x00":
+        if key[0] == 0:  # slice keys start with a NUL byte; no tensor name does (FORMAT.md 3.1)
             if entry.slices:
                 raise FormatError("slice entry is itself partitioned: " + describe(path, entry.name))
             slice_entries[key] = entry
         else:
             tensors[entry.name] = entry
+        if entry.slices:
+            partitioned.append(entry)
     index = BundleIndex(path, header, tensors, slice_entries)
-    _check_partitioned(index)
+    _check_partitioned(index, partitioned)
     return index
 
 

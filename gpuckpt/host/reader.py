@@ -9,11 +9,13 @@ and ``crc32c`` all release the GIL.
 from __future__ import annotations
 
 import concurrent.futures
+import math
 import threading
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from ..dtypes import DTYPES
 from ..errors import ChecksumError, FormatError, UnsupportedError, describe
 from ..format.bundle import BundleIndex, TensorEntry, refused_reason
 from ..format.crc import crc32c, unmask
@@ -26,6 +28,14 @@ from .strings import decode_strings
 CHUNK_BYTES = 4 << 20  # fits in L2/L3 so the crc pass reads what the copy just wrote
 
 ProgressCallback = Callable[[int, int], None]
+
+
+def _is_bulk(group: ReadGroup) -> bool:
+    """A read of one whole fixed-size tensor, done straight into its array."""
+    if len(group.pieces) != 1:
+        return False
+    piece = group.pieces[0]
+    return piece.region is None and not DTYPES[piece.stored.dtype].is_string
 
 
 def check_dtype(index: BundleIndex, tensor: TensorEntry) -> None:
@@ -90,40 +100,41 @@ class HostReader:
         fix_in_place(array, info, self.index.header.big_endian)
         return array
 
-    def _decode(self, raw: memoryview, entry: TensorEntry, tensor: TensorEntry, verify: bool) -> np.ndarray:
-        """One entry's value from its bytes ``raw`` (already read)."""
-        info = entry.dtype_info
-        assert info is not None
-        if info.is_string:
-            return decode_strings(
-                raw, entry.num_elements, entry.shape, self.index.header.big_endian,
-                entry.masked_crc32c, verify, self._where(entry, tensor),
-            )
-        if verify:
-            self._verify(crc32c(raw), entry, tensor)
-        array = np.empty(entry.shape, dtype=info.numpy)
-        if entry.size:
-            memoryview(array.reshape(-1).view(np.uint8))[:] = raw  # one copy into memory the array owns
-        if info.narrow_bits or (info.swap_bytes and self.index.header.big_endian):
-            fix_in_place(array, info, self.index.header.big_endian)
-        return array
-
-    def _run_group(self, group: ReadGroup, outputs: dict[str, np.ndarray], verify: bool) -> int:
-        pieces = group.pieces
-        if len(pieces) == 1 and pieces[0].region is None and not pieces[0].stored.dtype_info.is_string:  # type: ignore[union-attr]
-            piece = pieces[0]
-            outputs[piece.tensor.name] = self._read_whole(piece.stored, piece.tensor, verify)
-            return group.byte_range.length
+    def _read_shared(self, group: ReadGroup, outputs: dict[str, np.ndarray], verify: bool) -> None:
+        """One read for many small pieces, then each piece copied out of it (the hot loop for
+        checkpoints of many small tensors, hence the inlined fixed-size path)."""
+        base = group.byte_range.offset
         buffer = bytearray(group.byte_range.length)
         view = memoryview(buffer)
-        self.shards.read_into(group.byte_range.shard_id, group.byte_range.offset, view, pieces[0].tensor.name)
-        for piece in pieces:
-            start = piece.stored.offset - group.byte_range.offset
-            value = self._decode(view[start : start + piece.stored.size], piece.stored, piece.tensor, verify)
+        self.shards.read_into(group.byte_range.shard_id, base, view, group.pieces[0].tensor.name)
+        big_endian = self.index.header.big_endian
+        for piece in group.pieces:
+            entry = piece.stored
+            info = DTYPES[entry.dtype]
+            start = entry.offset - base
+            if info.is_string:
+                value = decode_strings(
+                    view[start : start + entry.size], math.prod(entry.shape), entry.shape, big_endian,
+                    entry.masked_crc32c, verify, self._where(entry, piece.tensor),
+                )
+            else:
+                if verify and crc32c(view[start : start + entry.size]) != unmask(entry.masked_crc32c):
+                    self._verify(crc32c(view[start : start + entry.size]), entry, piece.tensor)
+                count = entry.size // info.itemsize
+                value = np.frombuffer(buffer, info.numpy, count, start).reshape(entry.shape).copy()
+                if info.narrow_bits or (big_endian and info.swap_bytes):
+                    fix_in_place(value, info, big_endian)
             if piece.region is None:
                 outputs[piece.tensor.name] = value
             else:
                 outputs[piece.tensor.name][tuple(slice(a, b) for a, b in piece.region)] = value
+
+    def _run_group(self, group: ReadGroup, outputs: dict[str, np.ndarray], verify: bool) -> int:
+        if _is_bulk(group):
+            piece = group.pieces[0]
+            outputs[piece.tensor.name] = self._read_whole(piece.stored, piece.tensor, verify)
+        else:
+            self._read_shared(group, outputs, verify)
         return group.byte_range.length
 
     def read(
@@ -152,13 +163,19 @@ class HostReader:
                     done += n
                     progress(done, total)
 
-        if threads <= 1 or len(groups) <= 1:
+        bulk = [g for g in groups if _is_bulk(g)]
+        shared = [g for g in groups if not _is_bulk(g)]
+        if threads <= 1 or len(bulk) <= 1:
             for group in groups:
                 run(group)
         else:
+            # Bulk reads release the GIL (preadv, crc32c); copying out many small tensors holds it.
+            # So the pool takes the bulk reads and this thread does the small ones meanwhile.
             with concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gpuckpt-read") as pool:
-                futures = [pool.submit(run, g) for g in groups]
+                futures = [pool.submit(run, g) for g in bulk]
                 try:
+                    for group in shared:
+                        run(group)
                     for future in concurrent.futures.as_completed(futures):
                         future.result()
                 except BaseException:
