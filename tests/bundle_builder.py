@@ -73,7 +73,7 @@ def make_bundle(
     for i, (name, value) in enumerate(sorted(tensors.items())):
         entry = tensor_bundle_pb2.BundleEntryProto()
         shard = i % num_shards
-        array = np.asarray(value, dtype=object) if not isinstance(value, np.ndarray) else value
+        array = np.asarray(value) if isinstance(value, (np.ndarray, np.generic)) else np.asarray(value, dtype=object)
         if array.dtype == object:
             entry.dtype = 7
             payload, crc = string_payload([bytes(v) for v in array.reshape(-1)], big_endian)
