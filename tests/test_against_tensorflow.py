@@ -134,3 +134,23 @@ def test_latest_checkpoint_agrees_with_tensorflow(tmp_path):
         manager.save()
     assert gpuckpt.latest_checkpoint(tmp_path / "run") == tf.train.latest_checkpoint(str(tmp_path / "run"))
     assert gpuckpt.latest_checkpoint(tmp_path) == tf.train.latest_checkpoint(str(tmp_path))
+
+
+def test_quantized_types_read_like_tensorflow(tmp_path):
+    """TF's savers rarely hold quantized tensors; a bundle with them, read by both readers."""
+    tf = tf_or_skip()
+    tensors = {
+        "qint8": np.array([-128, 0, 127], np.int8),
+        "quint8": np.array([0, 200, 255], np.uint8),
+        "qint16": np.array([-5, 32767], np.int16),
+        "quint16": np.array([1, 65535], np.uint16),
+        "qint32": np.array([[-(2**31), 7]], np.int32),
+    }
+    dtypes = {"qint8": 11, "quint8": 12, "qint32": 13, "qint16": 15, "quint16": 16}
+    for big_endian in (False, True):
+        prefix = make_bundle(tensors, big_endian=big_endian, dtypes=dtypes).write(str(tmp_path / f"q{big_endian}"))
+        reader = tf.train.load_checkpoint(prefix)
+        with gpuckpt.open(prefix) as ckpt:
+            for name in tensors:
+                assert ckpt.info(name).tf_dtype == reader.get_variable_to_dtype_map()[name].name
+                assert_bit_exact(ckpt.get_tensor(name), reader.get_tensor(name), name)
