@@ -151,40 +151,82 @@ def _parse_shape(serialized: bytes, name: str, path: str) -> tuple[int, ...]:
 
 
 class _EntryParser:
-    """Parses and checks entries of one index, decoding each distinct serialized shape once."""
+    """Parses and checks the entries of one index.
+
+    The checks that depend only on (dtype, serialized shape) are computed once per distinct pair
+    (real indexes repeat a few shapes over and over); :meth:`parse` then tests them all in one
+    expression and only on failure, or on a shard not seen yet, takes the slow path that says
+    which rule broke.
+    """
 
     def __init__(self, header: BundleHeader, path: str, shard_size: ShardSize) -> None:
         self.shard_size = shard_size
-        self.sizes: dict[int, int] = {}
         self.num_shards = header.num_shards
         self.path = path
-        self.shapes: dict[bytes, tuple[tuple[int, ...], int]] = {}  # serialized -> (shape, element count)
+        self.shard_bytes: dict[int, int] = {}
+        # (dtype, serialized shape) -> (shape, exact size or -1, minimum size)
+        self.rules: dict[tuple[int, bytes], tuple[tuple[int, ...], int, int]] = {}
 
-    def parse(self, key: bytes, value: bytes) -> TensorEntry:
-        # The hot loop of opening a checkpoint: one call per entry, so lookups are cached per shape.
-        path = self.path
-        proto = tensor_bundle_pb2.BundleEntryProtoLazyShape()
-        try:
-            proto.ParseFromString(value)
-        except DecodeError as exc:
-            raise FormatError(f"index entry is not parseable ({exc}): " + describe(path, decode_name(key))) from None
+    def parse_all(
+        self, items: list[tuple[bytes, bytes]]
+    ) -> tuple[dict[str, TensorEntry], dict[bytes, TensorEntry], list[TensorEntry]]:
+        """Entries by tensor name, slice entries by key, and the partitioned tensors' entries.
 
-        dtype = proto.dtype
+        The hot loop of opening a checkpoint (one pass per entry), so everything it uses is local.
+        """
+        tensors: dict[str, TensorEntry] = {}
+        slice_entries: dict[bytes, TensorEntry] = {}
+        partitioned: list[TensorEntry] = []
+        rules, shard_bytes, from_string = self.rules, self.shard_bytes, _LazyEntry.FromString
+        for key, value in items:
+            name = key.decode("utf-8", "surrogateescape")
+            try:
+                proto = from_string(value)
+            except DecodeError as exc:
+                raise FormatError(f"index entry is not parseable ({exc}): " + describe(self.path, name)) from None
+            dtype, shape_bytes = proto.dtype, proto.shape
+            rule = rules.get((dtype, shape_bytes))
+            if rule is None:
+                rule = self._rule(dtype, shape_bytes, name)
+            shape, exact, minimum = rule
+            if proto.slices:
+                if key[0] == 0:
+                    raise FormatError("slice entry is itself partitioned: " + describe(self.path, name))
+                entry = self._partitioned(name, dtype, shape, proto)
+                partitioned.append(entry)
+                tensors[name] = entry
+                continue
+            offset, size, shard_id = proto.offset, proto.size, proto.shard_id
+            limit = shard_bytes.get(shard_id)
+            if limit is None or offset < 0 or size < minimum or offset + size > limit or (exact >= 0 and size != exact):
+                self._explain(name, proto, shape, exact, minimum)
+            entry = TensorEntry(name, dtype, shape, shard_id, offset, size, proto.crc32c)
+            if key[0] == 0:  # slice keys start with a NUL byte; no tensor name does (FORMAT.md 3.1)
+                slice_entries[key] = entry
+            else:
+                tensors[name] = entry
+        return tensors, slice_entries, partitioned
+
+    def _rule(self, dtype: int, shape_bytes: bytes, name: str) -> tuple[tuple[int, ...], int, int]:
         if dtype == 0 or dtype > 100:
-            raise FormatError(
-                f"index entry has invalid dtype {dtype_name(dtype)}: " + describe(path, decode_name(key))
-            )
-        shape_bytes = proto.shape
-        known = self.shapes.get(shape_bytes)
-        if known is None:
-            shape = _parse_shape(shape_bytes, decode_name(key), path)
-            known = self.shapes[shape_bytes] = (shape, math.prod(shape))
-        shape, num_elements = known
-        if proto.slices:
-            return self._partitioned(decode_name(key), dtype, shape, proto)
+            raise FormatError(f"index entry has invalid dtype {dtype_name(dtype)}: " + describe(self.path, name))
+        shape = _parse_shape(shape_bytes, name, self.path)
+        num_elements = math.prod(shape)
+        info = DTYPES.get(dtype)
+        if info is None:  # refused or unknown: checked (and refused) when read
+            rule = (shape, -1, 0)
+        elif info.is_string:
+            # Each string takes at least one length byte (FORMAT.md 4.3): this bounds what a read allocates.
+            rule = (shape, -1, num_elements)
+        else:
+            rule = (shape, num_elements * info.itemsize, 0)
+        self.rules[(dtype, shape_bytes)] = rule
+        return rule
 
-        name = decode_name(key)
-        shard_id, offset, size = proto.shard_id, proto.offset, proto.size
+    def _explain(self, name: str, proto: object, shape: tuple[int, ...], exact: int, minimum: int) -> None:
+        """The slow path: open a shard seen for the first time, or raise for the rule that failed."""
+        path = self.path
+        shard_id, offset, size = proto.shard_id, proto.offset, proto.size  # type: ignore[attr-defined]
         if not 0 <= shard_id < self.num_shards:
             raise FormatError(
                 f"index entry names data shard {shard_id}, outside [0, {self.num_shards}): " + describe(path, name)
@@ -193,29 +235,23 @@ class _EntryParser:
             raise FormatError(
                 f"index entry has a negative byte range (offset {offset}, size {size}): " + describe(path, name)
             )
-        shard_bytes = self.sizes.get(shard_id)
-        if shard_bytes is None:
-            shard_bytes = self.sizes[shard_id] = self.shard_size(shard_id, self.num_shards)
-        if offset + size > shard_bytes:
+        if exact >= 0 and size != exact:
+            raise FormatError(
+                f"index entry size {size} does not match shape {list(shape)} of "
+                f"{DTYPES[proto.dtype].name} ({exact} bytes): " + describe(path, name, offset)  # type: ignore[attr-defined]
+            )
+        if size < minimum:
+            raise FormatError(
+                f"string tensor of {minimum} elements cannot fit in {size} bytes: " + describe(path, name, offset)
+            )
+        limit = self.shard_bytes.get(shard_id)
+        if limit is None:
+            limit = self.shard_bytes[shard_id] = self.shard_size(shard_id, self.num_shards)
+        if offset + size > limit:
             raise FormatError(
                 f"tensor bytes [{offset}, {offset + size}) run past the end of data shard {shard_id} "
-                f"({shard_bytes} bytes): " + describe(path, name, offset)
+                f"({limit} bytes): " + describe(path, name, offset)
             )
-        info = DTYPES.get(dtype)
-        if info is not None:
-            if not info.is_string:
-                if size != num_elements * info.itemsize:
-                    raise FormatError(
-                        f"index entry size {size} does not match shape {list(shape)} of {info.name} "
-                        f"({num_elements * info.itemsize} bytes): " + describe(path, name, offset)
-                    )
-            elif size < num_elements:
-                # Each string takes at least one length byte (FORMAT.md 4.3): this bounds what a read allocates.
-                raise FormatError(
-                    f"string tensor of {num_elements} elements cannot fit in {size} bytes: "
-                    + describe(path, name, offset)
-                )
-        return TensorEntry(name, dtype, shape, shard_id, offset, size, proto.crc32c)
 
     def _partitioned(self, name: str, dtype: int, shape: tuple[int, ...], proto: object) -> TensorEntry:
         slices = tuple(
@@ -227,6 +263,9 @@ class _EntryParser:
             if problem:
                 raise FormatError(f"partitioned tensor has a bad slice: {problem}: " + describe(self.path, name))
         return TensorEntry(name, dtype, shape, 0, 0, 0, 0, slices)
+
+
+_LazyEntry = tensor_bundle_pb2.BundleEntryProtoLazyShape
 
 
 def _check_partitioned(index: BundleIndex, partitioned: list[TensorEntry]) -> None:
@@ -275,21 +314,8 @@ def _parse_index(data: bytes, path: str, shard_size: ShardSize) -> BundleIndex:
     if not items:
         raise FormatError("index is an empty table (no bundle header): " + describe(path))
     header = _parse_header(items[0][0], items[0][1], path)
-    tensors: dict[str, TensorEntry] = {}
-    slice_entries: dict[bytes, TensorEntry] = {}
-    partitioned: list[TensorEntry] = []
-    parse_entry = _EntryParser(header, path, shard_size).parse
-    for i in range(1, len(items)):
-        key, value = items[i]
-        entry = parse_entry(key, value)
-        if key[0] == 0:  # slice keys start with a NUL byte; no tensor name does (FORMAT.md 3.1)
-            if entry.slices:
-                raise FormatError("slice entry is itself partitioned: " + describe(path, entry.name))
-            slice_entries[key] = entry
-        else:
-            tensors[entry.name] = entry
-        if entry.slices:
-            partitioned.append(entry)
+    # Keys after the header are non-empty: the table reader checked they strictly increase from "".
+    tensors, slice_entries, partitioned = _EntryParser(header, path, shard_size).parse_all(items[1:])
     index = BundleIndex(path, header, tensors, slice_entries)
     _check_partitioned(index, partitioned)
     return index
