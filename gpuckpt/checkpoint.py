@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import difflib
-import io
 import os
 import re
 import threading
@@ -171,7 +171,9 @@ class Checkpoint:
             return [e for n, e in self._index.tensors.items() if names(n)]
         return [self._entry(n) for n in dict.fromkeys(names)]
 
-    def get_tensor(self, name: str, *, device: str | None = None, verify: bool | None = None, copy: bool = True) -> np.ndarray:
+    def get_tensor(
+        self, name: str, *, device: str | None = None, verify: bool | None = None, copy: bool = True
+    ) -> np.ndarray:
         """Read one tensor.
 
         Parameters
@@ -236,7 +238,7 @@ class Checkpoint:
 
 
 def _read_index(path: str) -> bytes:
-    with io.open(path, "rb") as f:
+    with builtins.open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size > MAX_INDEX_BYTES:
             raise FormatError(f"index file of {size} bytes is implausibly large: " + describe(path))

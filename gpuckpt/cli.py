@@ -25,10 +25,15 @@ def _human(nbytes: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gpuckpt", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("path", nargs="?", default=SAMPLE,
-                        help="prefix, .index file, checkpoint directory or SavedModel (default: bundled sample)")
+    parser = argparse.ArgumentParser(
+        prog="python -m gpuckpt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "path",
+        nargs="?",
+        default=SAMPLE,
+        help="prefix, .index file, checkpoint directory or SavedModel (default: bundled sample)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="reader threads (default: min(4, cores))")
     parser.add_argument("--no-verify", action="store_true", help="skip crc32c verification")
     parser.add_argument("--quiet", action="store_true", help="do not list the tensors")
@@ -45,8 +50,10 @@ def main(argv: list[str] | None = None) -> int:
                 width = max((len(i.name) for i in infos), default=0)
                 for i in infos:
                     where = "partitioned" if i.partitioned else f"shard {i.shard_id}"
-                    print(f"  {i.name:<{width}}  {i.tf_dtype:<10} {str(list(i.shape)):<16} {_human(i.nbytes):>10}  "
-                          f"{ckpt.kind(i.name).value:<14} {where}")
+                    print(
+                        f"  {i.name:<{width}}  {i.tf_dtype:<10} {str(list(i.shape)):<16} {_human(i.nbytes):>10}  "
+                        f"{ckpt.kind(i.name).value:<14} {where}"
+                    )
             start = time.perf_counter()
             arrays = ckpt.restore()
             elapsed = time.perf_counter() - start
@@ -56,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     restored = sum(a.nbytes for a in arrays.values() if a.dtype != object)
     rate = total / elapsed / 1e9 if elapsed > 0 else float("inf")
     verified = "not verified" if args.no_verify else "crc32c verified"
-    print(f"opened in {opened * 1e3:.1f} ms; restored {len(arrays)} tensors ({_human(restored)} numeric) to the host "
-          f"in {elapsed * 1e3:.1f} ms = {rate:.2f} GB/s, {verified}")
+    print(
+        f"opened in {opened * 1e3:.1f} ms; restored {len(arrays)} tensors ({_human(restored)} numeric) to the host "
+        f"in {elapsed * 1e3:.1f} ms = {rate:.2f} GB/s, {verified}"
+    )
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -75,15 +76,17 @@ class DTypeInfo:
         return object if self.numpy is None else self.numpy.type
 
 
-
-def _info(dt: DataType, np_type: object, swap: int, narrow: int = 0) -> DTypeInfo:
+def _info(dt: DataType, np_type: Any, swap: int, narrow: int = 0) -> DTypeInfo:
     np_dtype = None if np_type is None else np.dtype(np_type)
     return DTypeInfo(dt, np_dtype, swap, narrow, dt == DataType.DT_STRING, 0 if np_dtype is None else np_dtype.itemsize)
 
 
 D = DataType
 _TF_NAMES = {
-    D.DT_FLOAT: "float32", D.DT_DOUBLE: "float64", D.DT_HALF: "float16", D.DT_COMPLEX64: "complex64",
+    D.DT_FLOAT: "float32",
+    D.DT_DOUBLE: "float64",
+    D.DT_HALF: "float16",
+    D.DT_COMPLEX64: "complex64",
     D.DT_COMPLEX128: "complex128",
 }
 _INFOS = [

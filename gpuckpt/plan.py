@@ -57,17 +57,20 @@ class PlanOptions:
     max_group_bytes: int = 8 << 20
 
 
+DEFAULT_PLAN = PlanOptions()
+
+
 def pieces_of(index: BundleIndex, tensor: TensorEntry) -> list[Piece]:
     """The pieces that hold ``tensor``'s data: itself, or each of its saved slices."""
     if not tensor.slices:
         return [Piece(tensor, tensor)]
     return [
-        Piece(tensor, index.slice_entry(tensor, s), tuple(e.bounds(d) for e, d in zip(s, tensor.shape)))
+        Piece(tensor, index.slice_entry(tensor, s), tuple(e.bounds(d) for e, d in zip(s, tensor.shape, strict=True)))
         for s in tensor.slices
     ]
 
 
-def plan_reads(pieces: Iterable[Piece], options: PlanOptions = PlanOptions()) -> list[ReadGroup]:
+def plan_reads(pieces: Iterable[Piece], options: PlanOptions = DEFAULT_PLAN) -> list[ReadGroup]:
     """Group pieces into reads: sorted by (shard, offset), small neighbours coalesced.
 
     Returned largest read first, so a pool of reader threads finishes close together.

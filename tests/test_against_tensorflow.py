@@ -13,10 +13,33 @@ import gpuckpt
 
 pytestmark = pytest.mark.tf
 
-NUMERIC = ["float32", "float64", "float16", "bfloat16", "int8", "int16", "int32", "int64", "uint8", "uint16",
-           "uint32", "uint64", "bool", "complex64", "complex128", "float8_e5m2", "float8_e4m3fn",
-           "float8_e4m3fnuz", "float8_e4m3b11fnuz", "float8_e5m2fnuz", "int4", "uint4", "int2", "uint2",
-           "float4_e2m1fn"]
+NUMERIC = [
+    "float32",
+    "float64",
+    "float16",
+    "bfloat16",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "bool",
+    "complex64",
+    "complex128",
+    "float8_e5m2",
+    "float8_e4m3fn",
+    "float8_e4m3fnuz",
+    "float8_e4m3b11fnuz",
+    "float8_e5m2fnuz",
+    "int4",
+    "uint4",
+    "int2",
+    "uint2",
+    "float4_e2m1fn",
+]
 
 
 def random_value(rng, dtype_name, shape):
@@ -34,7 +57,9 @@ def random_value(rng, dtype_name, shape):
         return values.astype(np_type)
     info = ml_dtypes.iinfo(dtype_name) if hasattr(ml_dtypes, dtype_name) else np.iinfo(dtype_name)
     np_type = getattr(ml_dtypes, dtype_name, None) or getattr(np, dtype_name)
-    return rng.integers(int(info.min), int(info.max), shape, endpoint=True, dtype=np.int64 if info.min < 0 else np.uint64).astype(np_type)
+    return rng.integers(
+        int(info.min), int(info.max), shape, endpoint=True, dtype=np.int64 if info.min < 0 else np.uint64
+    ).astype(np_type)
 
 
 def random_strings(rng, shape):
@@ -115,8 +140,9 @@ def test_sharded_and_partitioned_checkpoint_via_tf2_sharding(tmp_path):
     variables = {f"v{i}": tf.Variable(np.arange(1000, dtype=np.float32) + i) for i in range(3)}
     checkpoint = tf.train.Checkpoint(**variables)
     policy = tf.train.experimental.MaxShardSizePolicy(max_shard_size=1500)
-    prefix = checkpoint.write(str(tmp_path / "shards"), options=tf.train.CheckpointOptions(
-        experimental_sharding_callback=policy))
+    prefix = checkpoint.write(
+        str(tmp_path / "shards"), options=tf.train.CheckpointOptions(experimental_sharding_callback=policy)
+    )
     reader = tf.train.load_checkpoint(prefix)
     with gpuckpt.open(prefix) as ckpt:
         assert ckpt.num_shards > 1

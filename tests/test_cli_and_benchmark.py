@@ -22,8 +22,9 @@ def test_cli_lists_and_restores_the_bundled_sample():
 
 
 def test_cli_reports_errors_without_a_traceback(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "gpuckpt", str(tmp_path / "nothing")],
-                            capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "gpuckpt", str(tmp_path / "nothing")], capture_output=True, text=True, cwd=ROOT
+    )
     assert result.returncode == 1
     assert result.stderr.startswith("error: no TensorFlow checkpoint found")
 
@@ -35,8 +36,25 @@ def test_benchmark_smoke(tmp_path):
     import restore_host
 
     out = tmp_path / "result.json"
-    assert restore_host.main(["--size-mb", "2", "--tensors", "6", "--many", "300", "--repeat", "1",
-                              "--work-dir", str(tmp_path / "work"), "--out", str(out)]) == 0
+    assert (
+        restore_host.main(
+            [
+                "--size-mb",
+                "2",
+                "--tensors",
+                "6",
+                "--many",
+                "300",
+                "--repeat",
+                "1",
+                "--work-dir",
+                str(tmp_path / "work"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert result["large"]["ratios"]["tf_over_gpuckpt_verified"] > 0
     assert result["many"]["tensors"] == 300

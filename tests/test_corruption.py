@@ -121,6 +121,7 @@ def test_string_length_varint_lie_is_caught_even_without_verify(tmp_path):
     def edit(bundle):
         entry = bundle.entries[b"s"]
         bundle.shards[0][entry.offset + 2] = 0x7F  # third length claims 127 bytes
+
     prefix = build(tmp_path, edit)
     with gpuckpt.open(prefix) as ckpt, pytest.raises(FormatError, match="string lengths"):
         ckpt.get_tensor("s", verify=False)
@@ -241,7 +242,13 @@ def test_partitioned_lies(tmp_path):
 
 @pytest.mark.parametrize(
     "content",
-    ["model_checkpoint_path: ", 'model_checkpoint_path: "a" bogus_field: 1', "", '\xff\xfe"', 'all_model_checkpoint_paths: "x"'],
+    [
+        "model_checkpoint_path: ",
+        'model_checkpoint_path: "a" bogus_field: 1',
+        "",
+        '\xff\xfe"',
+        'all_model_checkpoint_paths: "x"',
+    ],
     ids=["no_value", "unknown_field", "empty", "not_utf8", "no_model_path"],
 )
 def test_broken_state_files(tmp_path, content):

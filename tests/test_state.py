@@ -54,7 +54,9 @@ def test_any_state_file_content_gives_a_state_or_format_error(tmp_path, content)
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    name=st.text(st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="/\\\x00"), min_size=1, max_size=12),
+    name=st.text(
+        st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="/\\\x00"), min_size=1, max_size=12
+    ),
     absolute=st.booleans(),
 )
 def test_state_paths_resolve_like_tensorflow(tmp_path, name, absolute):

@@ -77,7 +77,7 @@ def test_damaged_tables_raise_only_checkpoint_errors(keys, flips, cut):
     except CheckpointError:
         return
     # A damage that still parses must keep the keys strictly increasing.
-    assert all(a[0] < b[0] for a, b in zip(items, items[1:]))
+    assert all(a[0] < b[0] for a, b in zip(items, items[1:], strict=False))
 
 
 def test_specific_damages():
@@ -101,7 +101,7 @@ def test_duplicate_and_unsorted_keys_are_refused():
         # Two blocks each holding "k": the writer cannot make this, so splice two tables' blocks by hand.
         one = build_table([(b"k", b"1")], block_size=1)
         block = one[: one.index(b"\x00\x00\x00\x00\x01\x00\x00\x00") + 8 + 5]
-        from gpuckpt.format.table import BlockHandle, _BlockBuilder, _LE64, HANDLES_SIZE, MAGIC
+        from gpuckpt.format.table import _LE64, HANDLES_SIZE, MAGIC, BlockHandle, _BlockBuilder
 
         body = bytearray(block + block)
         index = _BlockBuilder(1)

@@ -22,7 +22,7 @@ def generate(out_dir: Path) -> None:
     from grpc_tools import protoc  # only needed by developers and CI, not by users
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    args = ["protoc", f"-I{PROTO_ROOT}", f"--python_out={out_dir}"]
+    args = ["protoc", f"-I{PROTO_ROOT}", f"--python_out={out_dir}", f"--pyi_out={out_dir}"]
     args += [str(p.relative_to(PROTO_ROOT)) for p in proto_files()]
     status = protoc.main(args)
     if status != 0:

@@ -125,9 +125,7 @@ def _parse_header(key: bytes, value: bytes, path: str) -> BundleHeader:
             f"{CONSUMER_VERSION}: " + describe(path)
         )
     if CONSUMER_VERSION in header.bad_consumers:
-        raise UnsupportedError(
-            f"checkpoint disallows reader version {CONSUMER_VERSION}: " + describe(path)
-        )
+        raise UnsupportedError(f"checkpoint disallows reader version {CONSUMER_VERSION}: " + describe(path))
     return header
 
 

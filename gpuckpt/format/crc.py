@@ -7,13 +7,15 @@ slices, memoryviews of numpy arrays), so no copy is made to checksum.
 
 from __future__ import annotations
 
+from typing import Any
+
 import crc32c as _crc32c
 
 _MASK_DELTA = 0xA282EAD8
 _U32 = 0xFFFFFFFF
 
 
-def crc32c(data: object, crc: int = 0) -> int:
+def crc32c(data: Any, crc: int = 0) -> int:
     """CRC-32C of ``data``, continuing from ``crc`` (0 is the CRC of the empty string)."""
     return _crc32c.crc32c(data, crc)
 

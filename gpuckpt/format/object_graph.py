@@ -124,8 +124,20 @@ def decode_object_graph(serialized: bytes, path: str) -> dict[str, ObjectAttribu
 
 
 # TF1 name-based checkpoints have no object graph: their optimizers name slots by convention.
-_TF1_SLOT_SUFFIXES = ("/Adam", "/Adam_1", "/Momentum", "/RMSProp", "/RMSProp_1", "/Adagrad", "/Ftrl",
-                      "/Ftrl_1", "/Adadelta", "/Adadelta_1", "/AdamW", "/AdamW_1")
+_TF1_SLOT_SUFFIXES = (
+    "/Adam",
+    "/Adam_1",
+    "/Momentum",
+    "/RMSProp",
+    "/RMSProp_1",
+    "/Adagrad",
+    "/Ftrl",
+    "/Ftrl_1",
+    "/Adadelta",
+    "/Adadelta_1",
+    "/AdamW",
+    "/AdamW_1",
+)
 _TF1_OPTIMIZER_NAMES = ("beta1_power", "beta2_power")
 _TF1_COUNTER_NAMES = ("global_step",)
 

@@ -10,7 +10,6 @@ import dataclasses
 import itertools
 
 
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class Extent:
     """One dimension of a slice: ``length is None`` means the whole dimension (TF's "full" extent).
@@ -37,8 +36,17 @@ def _num_increasing(value: int) -> bytes:
     return bytes([len(body)]) + body
 
 
-_SIGNED_HEADERS = {2: (0xC0, 0x00), 3: (0xE0, 0x00), 4: (0xF0, 0x00), 5: (0xF8, 0x00), 6: (0xFC, 0x00),
-                   7: (0xFE, 0x00), 8: (0xFF, 0x00), 9: (0xFF, 0x80), 10: (0xFF, 0xC0)}
+_SIGNED_HEADERS = {
+    2: (0xC0, 0x00),
+    3: (0xE0, 0x00),
+    4: (0xF0, 0x00),
+    5: (0xF8, 0x00),
+    6: (0xFC, 0x00),
+    7: (0xFE, 0x00),
+    8: (0xFF, 0x00),
+    9: (0xFF, 0x80),
+    10: (0xFF, 0xC0),
+}
 
 
 def _signed_num_increasing(value: int) -> bytes:
@@ -73,14 +81,14 @@ def slice_key(name: bytes, tensor_slice: TensorSlice) -> bytes:
 
 def slice_shape(tensor_slice: TensorSlice, shape: tuple[int, ...]) -> tuple[int, ...]:
     """Shape of the data stored for one slice of a tensor of ``shape``."""
-    return tuple(stop - start for start, stop in (e.bounds(d) for e, d in zip(tensor_slice, shape)))
+    return tuple(stop - start for start, stop in (e.bounds(d) for e, d in zip(tensor_slice, shape, strict=True)))
 
 
 def check_extents(tensor_slice: TensorSlice, shape: tuple[int, ...]) -> str | None:
     """Why a slice does not fit ``shape`` (None when it does)."""
     if len(tensor_slice) != len(shape):
         return f"slice has rank {len(tensor_slice)} but the tensor has rank {len(shape)}"
-    for axis, (extent, dim) in enumerate(zip(tensor_slice, shape)):
+    for axis, (extent, dim) in enumerate(zip(tensor_slice, shape, strict=True)):
         if extent.length is None:
             continue
         if extent.start < 0 or extent.length <= 0 or extent.start + extent.length > dim:
@@ -92,7 +100,7 @@ def check_extents(tensor_slice: TensorSlice, shape: tuple[int, ...]) -> str | No
 
 
 def _box(tensor_slice: TensorSlice, shape: tuple[int, ...]) -> list[tuple[int, int]]:
-    return [e.bounds(d) for e, d in zip(tensor_slice, shape)]
+    return [e.bounds(d) for e, d in zip(tensor_slice, shape, strict=True)]
 
 
 def _volume(box: list[tuple[int, int]]) -> int:
@@ -119,7 +127,7 @@ def coverage_problem(slices: tuple[TensorSlice, ...], shape: tuple[int, ...]) ->
         return f"saved slices cover at most {covered} of the tensor's {total} elements"
     if len(boxes) <= _PAIRWISE_LIMIT:
         for (i, a), (j, b) in itertools.combinations(enumerate(boxes), 2):
-            if all(max(a0, b0) < min(a1, b1) for (a0, a1), (b0, b1) in zip(a, b)):
+            if all(max(a0, b0) < min(a1, b1) for (a0, a1), (b0, b1) in zip(a, b, strict=True)):
                 return f"saved slices {i} and {j} overlap"
         return None
     if covered != total:

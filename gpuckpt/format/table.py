@@ -52,15 +52,13 @@ def parse_footer(data: bytes, path: object) -> Footer:
     """Check the magic number and decode the two handles of the last 48 bytes."""
     if len(data) < FOOTER_SIZE:
         raise FormatError(
-            f"index is too short to be a sorted table ({len(data)} bytes, at least {FOOTER_SIZE}): "
-            + describe(path)
+            f"index is too short to be a sorted table ({len(data)} bytes, at least {FOOTER_SIZE}): " + describe(path)
         )
     start = len(data) - FOOTER_SIZE
     (magic,) = _LE64.unpack_from(data, start + HANDLES_SIZE)
     if magic != MAGIC:
         raise FormatError(
-            f"not a sorted table (bad magic number {magic:#018x}): "
-            + describe(path, offset=start + HANDLES_SIZE)
+            f"not a sorted table (bad magic number {magic:#018x}): " + describe(path, offset=start + HANDLES_SIZE)
         )
     try:
         metaindex, pos = _decode_handle(data, start, start + HANDLES_SIZE)

@@ -8,6 +8,8 @@ the whole tensor); ``get_tensor`` verifies.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from ..errors import FormatError, UnsupportedError, describe
@@ -28,7 +30,7 @@ def _normalize(key: object, shape: tuple[int, ...]) -> tuple[list[np.ndarray], l
         raise IndexError(f"too many indices: tensor has rank {len(shape)}, {len(items)} were given")
     items = items + (slice(None),) * (len(shape) - len(items))
     arrays, int_axes = [], []
-    for axis, (item, dim) in enumerate(zip(items, shape)):
+    for axis, (item, dim) in enumerate(zip(items, shape, strict=True)):
         if isinstance(item, slice):
             arrays.append(np.arange(dim, dtype=np.int64)[item])
         elif isinstance(item, (int, np.integer)) and not isinstance(item, bool):
@@ -67,7 +69,7 @@ class LazyTensor:
         raw = mapping[entry.offset : entry.offset + entry.size]
         return np.frombuffer(raw, dtype=self._info.numpy).reshape(entry.shape)
 
-    def __getitem__(self, key: object) -> np.ndarray:
+    def __getitem__(self, key: Any) -> np.ndarray:
         index: BundleIndex = self._reader.index
         tensor = self._tensor
         if self._info.is_string:
@@ -82,7 +84,7 @@ class LazyTensor:
             for tensor_slice in tensor.slices:
                 entry = index.slice_entry(tensor, tensor_slice)
                 positions, within = [], []
-                for extent, dim, wanted in zip(tensor_slice, tensor.shape, arrays):
+                for extent, dim, wanted in zip(tensor_slice, tensor.shape, arrays, strict=True):
                     start, stop = extent.bounds(dim)
                     hit = np.nonzero((wanted >= start) & (wanted < stop))[0]
                     positions.append(hit)

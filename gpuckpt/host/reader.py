@@ -20,7 +20,7 @@ from ..errors import ChecksumError, FormatError, UnsupportedError, describe
 from ..format.bundle import BundleIndex, TensorEntry, refused_reason
 from ..format.crc import crc32c, unmask
 from ..format.slices import coverage_problem
-from ..plan import PlanOptions, ReadGroup, pieces_of, plan_reads
+from ..plan import DEFAULT_PLAN, PlanOptions, ReadGroup, pieces_of, plan_reads
 from .convert import fix_in_place
 from .shards import ShardFiles
 from .strings import decode_strings
@@ -66,7 +66,7 @@ def allocate(tensor: TensorEntry) -> np.ndarray:
 class HostReader:
     """Reads tensors of one bundle into numpy arrays."""
 
-    def __init__(self, index: BundleIndex, shards: ShardFiles, plan_options: PlanOptions = PlanOptions()) -> None:
+    def __init__(self, index: BundleIndex, shards: ShardFiles, plan_options: PlanOptions = DEFAULT_PLAN) -> None:
         self.index = index
         self.shards = shards
         self.plan_options = plan_options
@@ -88,7 +88,7 @@ class HostReader:
         info = entry.dtype_info
         assert info is not None and not info.is_string
         array = np.empty(entry.shape, dtype=info.numpy)
-        flat = memoryview(array.reshape(-1).view(np.uint8))
+        flat = memoryview(array.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
         crc = 0
         for start in range(0, entry.size, CHUNK_BYTES):
             chunk = flat[start : start + CHUNK_BYTES]
@@ -114,8 +114,13 @@ class HostReader:
             start = entry.offset - base
             if info.is_string:
                 value = decode_strings(
-                    view[start : start + entry.size], math.prod(entry.shape), entry.shape, big_endian,
-                    entry.masked_crc32c, verify, self._where(entry, piece.tensor),
+                    view[start : start + entry.size],
+                    math.prod(entry.shape),
+                    entry.shape,
+                    big_endian,
+                    entry.masked_crc32c,
+                    verify,
+                    self._where(entry, piece.tensor),
                 )
             else:
                 if verify and crc32c(view[start : start + entry.size]) != unmask(entry.masked_crc32c):

@@ -76,5 +76,3 @@ def decode_strings(
         out[i] = raw[pos : pos + length]
         pos += length
     return out.reshape(shape)
-
-
