@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import os
-
-import numpy as np
+from typing import Any
 
 from .checkpoint import Checkpoint
 from .checkpoint import open as open_checkpoint
 from .dtypes import DTYPES, DTypeInfo
+from .gcpause import gc_paused
 
 
 class CheckpointReader:
@@ -23,7 +23,8 @@ class CheckpointReader:
         self._checkpoint = checkpoint
 
     def get_variable_to_shape_map(self) -> dict[str, list[int]]:
-        return {name: list(entry.shape) for name, entry in self._checkpoint._index.tensors.items()}
+        with gc_paused():
+            return {name: list(entry.shape) for name, entry in self._checkpoint._index.tensors.items()}
 
     def get_variable_to_dtype_map(self) -> dict[str, DTypeInfo | int]:
         return {name: DTYPES.get(entry.dtype, entry.dtype) for name, entry in self._checkpoint._index.tensors.items()}
@@ -31,8 +32,11 @@ class CheckpointReader:
     def has_tensor(self, name: str) -> bool:
         return name in self._checkpoint
 
-    def get_tensor(self, name: str) -> np.ndarray:
-        return self._checkpoint.get_tensor(name)
+    def get_tensor(self, name: str) -> Any:
+        """The tensor as TensorFlow's reader returns it: an array, or for a scalar a numpy scalar
+        (``bytes`` for a string scalar)."""
+        value = self._checkpoint.get_tensor(name)
+        return value[()] if value.ndim == 0 else value
 
     def close(self) -> None:
         self._checkpoint.close()

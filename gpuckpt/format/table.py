@@ -109,6 +109,7 @@ def iter_block(block: bytes, path: object, block_offset: int) -> list[tuple[byte
         )
     limit = size - 4 * (num_restarts + 1)
     entries = []
+    whole_keys = set()  # offsets of entries storing their key whole: where restarts may point
     key = b""
     pos = 0
     try:
@@ -120,6 +121,8 @@ def iter_block(block: bytes, path: object, block_offset: int) -> list[tuple[byte
                 pos += 1
             else:
                 shared, pos = decode_varint(block, pos, limit, 5)
+            if shared == 0:
+                whole_keys.add(entry_start)
             non_shared = block[pos] if pos < limit else 0x80
             if non_shared < 0x80:
                 pos += 1
@@ -141,6 +144,13 @@ def iter_block(block: bytes, path: object, block_offset: int) -> list[tuple[byte
             pos += value_len
     except VarintError as exc:
         raise FormatError(f"bad entry in block ({exc}): " + describe(path, offset=block_offset + pos)) from None
+    # TF's lookups binary-search the restart array, so a restart that does not point at an entry
+    # holding its whole key would make TF and this reader disagree: refuse it.
+    restarts = struct.unpack_from(f"<{num_restarts}I", block, limit)
+    if entries and not all(r in whole_keys for r in restarts):
+        raise FormatError(
+            "block restart array does not point at entry boundaries: " + describe(path, offset=block_offset + limit)
+        )
     return entries
 
 

@@ -79,7 +79,8 @@ class LazyTensor:
             out = np.array(self._view(tensor)[key], copy=True)
         else:
             arrays, int_axes = _normalize(key, tensor.shape)
-            out = np.empty(tuple(len(a) for a in arrays), dtype=self._info.numpy)
+            result = np.empty(tuple(len(a) for i, a in enumerate(arrays) if i not in int_axes), self._info.numpy)
+            out = result.reshape(tuple(len(a) for a in arrays))  # a view with the integer axes kept
             filled = np.zeros(out.shape, dtype=bool)  # TF refuses regions the saved slices leave uncovered
             for tensor_slice in tensor.slices:
                 entry = index.slice_entry(tensor, tensor_slice)
@@ -100,7 +101,7 @@ class LazyTensor:
                     "does not have sufficient slices for the requested region of partitioned tensor: "
                     + describe(index.path, tensor.name)
                 )
-            out = out.reshape(tuple(len(a) for axis, a in enumerate(arrays) if axis not in int_axes))
+            out = result
         fix_in_place(out, self._info, index.header.big_endian)
         return out
 

@@ -20,6 +20,7 @@ from ..errors import ChecksumError, FormatError, UnsupportedError, describe
 from ..format.bundle import BundleIndex, TensorEntry, refused_reason
 from ..format.crc import crc32c, unmask
 from ..format.slices import coverage_problem
+from ..gcpause import gc_paused
 from ..plan import DEFAULT_PLAN, PlanOptions, ReadGroup, pieces_of, plan_reads
 from .convert import fix_in_place
 from .shards import ShardFiles
@@ -151,11 +152,12 @@ class HostReader:
         progress: ProgressCallback | None = None,
     ) -> dict[str, np.ndarray]:
         """Read ``tensors`` into new arrays (keyed by name). On any error nothing is returned."""
-        for tensor in tensors:
-            check_readable(self.index, tensor)
-        outputs: dict[str, np.ndarray] = {t.name: allocate(t) for t in tensors if t.slices}
-        pieces = [p for t in tensors for p in pieces_of(self.index, t)]
-        groups = plan_reads(pieces, self.plan_options)
+        with gc_paused():  # one plan record per tensor, none in a cycle
+            for tensor in tensors:
+                check_readable(self.index, tensor)
+            outputs: dict[str, np.ndarray] = {t.name: allocate(t) for t in tensors if t.slices}
+            pieces = [p for t in tensors for p in pieces_of(self.index, t)]
+            groups = plan_reads(pieces, self.plan_options)
         total = sum(g.byte_range.length for g in groups)
         done = 0
         lock = threading.Lock()

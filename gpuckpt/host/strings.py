@@ -71,8 +71,9 @@ def decode_strings(
                 f"checksum does not match (stored {unmask(masked_crc):#010x}, computed {crc:#010x}): "
                 + describe(path, tensor, offset)
             )
-    out = np.empty(count, dtype=object)
+    out = np.empty(shape, dtype=object)
+    flat = out.reshape(-1)  # a view: filling it fills ``out``, which owns its memory
     for i, length in enumerate(lengths):
-        out[i] = raw[pos : pos + length]
+        flat[i] = raw[pos : pos + length]
         pos += length
-    return out.reshape(shape)
+    return out
