@@ -25,6 +25,7 @@ from .format.object_graph import ObjectAttribute, StateKind
 from .format.state import latest_checkpoint
 from .host.lazy_slice import LazyTensor
 from .host.shards import MissingShardError
+from .writer import Partitioned, save
 
 __version__ = "0.1.0"
 
@@ -49,4 +50,6 @@ __all__ = [
     "list_variables",
     "load_checkpoint",
     "open",
+    "Partitioned",
+    "save",
 ]

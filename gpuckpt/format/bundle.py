@@ -312,3 +312,39 @@ def refused_reason(entry: TensorEntry) -> str | None:
     if entry.dtype not in DTYPES:
         return f"{dtype_name(entry.dtype)} is not a type this version of gpuckpt knows"
     return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing (FORMAT.md 3.2, 3.4, 7 "Writer MUST"): the same bytes TF's BundleWriter emits.
+
+WRITER_VERSION = 1  # version.producer written by TF's BundleWriter
+
+
+def encode_header(num_shards: int, big_endian: bool = False) -> bytes:
+    proto = tensor_bundle_pb2.BundleHeaderProto(num_shards=num_shards)
+    if big_endian:
+        proto.endianness = tensor_bundle_pb2.BundleHeaderProto.BIG
+    proto.version.producer = WRITER_VERSION
+    return proto.SerializeToString()
+
+
+def encode_entry(entry: TensorEntry) -> bytes:
+    """Serialize an entry as TF does: zero fields omitted, shape always present, fixed32 crc."""
+    proto = tensor_bundle_pb2.BundleEntryProto(dtype=entry.dtype)  # type: ignore[arg-type]
+    proto.shape.SetInParent()
+    for d in entry.shape:
+        proto.shape.dim.add(size=d)
+    if entry.slices:
+        for tensor_slice in entry.slices:
+            message = proto.slices.add()
+            for extent in tensor_slice:
+                if extent.length is None:
+                    message.extent.add()
+                else:
+                    message.extent.add(start=extent.start, length=extent.length)
+        return proto.SerializeToString()
+    proto.shard_id = entry.shard_id
+    proto.offset = entry.offset
+    proto.size = entry.size
+    proto.crc32c = entry.masked_crc32c
+    return proto.SerializeToString()

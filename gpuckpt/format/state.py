@@ -57,6 +57,29 @@ def read_state(directory: str | os.PathLike[str], filename: str = STATE_FILENAME
     )
 
 
+def encode_state(
+    directory: str,
+    latest: str,
+    all_paths: list[str],
+    timestamps: list[float] | None,
+    last_preserved_timestamp: float = 0.0,
+) -> bytes:
+    """The text of a ``checkpoint`` state file, as TF writes it: paths inside ``directory`` are
+    stored relative to it, others absolute; non-ASCII bytes as octal escapes."""
+
+    def stored(path: str) -> str:
+        relative = os.path.relpath(path, directory)
+        return path if relative.startswith(os.pardir) else relative
+
+    proto = checkpoint_state_pb2.CheckpointState(
+        model_checkpoint_path=stored(latest),
+        all_model_checkpoint_paths=[stored(p) for p in all_paths],
+        all_model_checkpoint_timestamps=timestamps or [],
+        last_preserved_timestamp=last_preserved_timestamp,
+    )
+    return text_format.MessageToString(proto).encode("ascii")
+
+
 def latest_checkpoint(directory: str | os.PathLike[str], latest_filename: str | None = None) -> str | None:
     """The prefix ``tf.train.latest_checkpoint(directory)`` returns, or None.
 

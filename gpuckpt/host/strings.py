@@ -6,12 +6,16 @@ Returned as a numpy object array of ``bytes``, exactly what TensorFlow's reader 
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 
 import numpy as np
 
 from ..errors import ChecksumError, FormatError, describe
-from ..format.crc import crc32c, unmask
-from ..format.varint import VarintError, decode_varint
+from ..format.crc import crc32c, mask, unmask
+from ..format.varint import VarintError, decode_varint, encode_varint
+
+_U32LE = struct.Struct("<I")
+_U64LE = struct.Struct("<Q")
 
 
 def decode_strings(
@@ -77,3 +81,17 @@ def decode_strings(
         flat[i] = raw[pos : pos + length]
         pos += length
     return out
+
+
+def encode_strings(values: Iterable[bytes]) -> tuple[bytes, int]:
+    """The little-endian DT_STRING payload of ``values`` and its crc32c (unmasked), as TF writes it."""
+    values = list(values)
+    lengths = b"".join(encode_varint(len(v)) for v in values)
+    crc = 0
+    for v in values:
+        crc = crc32c(_U32LE.pack(len(v)) if len(v) <= 0xFFFFFFFF else _U64LE.pack(len(v)), crc)
+    length_crc = _U32LE.pack(mask(crc))
+    crc = crc32c(length_crc, crc)
+    body = b"".join(values)
+    crc = crc32c(body, crc)
+    return lengths + length_crc + body, crc

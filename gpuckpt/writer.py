@@ -1,0 +1,308 @@
+"""``gpuckpt.save``: write a TensorBundle that TensorFlow reads back bit for bit, crash-safely.
+
+Layout as TF's ``BundleWriter`` (FORMAT.md 2.8, 3, 4): tensors in the caller's order, densely
+packed, little-endian; each data file, then the index, is written under a temporary name, flushed
+to disk and renamed into place, so a checkpoint "exists" (its ``.index`` exists) only once all its
+data is durable; then the ``checkpoint`` state file is replaced the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import secrets
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .dtypes import DTYPES
+from .errors import UnsupportedError
+from .format.bundle import TensorEntry, encode_entry, encode_header, encode_name
+from .format.crc import crc32c, mask
+from .format.slices import Extent, TensorSlice, check_extents, coverage_problem, slice_key, slice_shape
+from .format.state import STATE_FILENAME, encode_state, read_state
+from .format.table import build_table
+from .host.shards import data_filename
+from .host.strings import encode_strings
+
+# numpy dtype -> TF DataType value: the plain types win where several TF types share a numpy dtype.
+_TF_DTYPE = {info.numpy: value for value, info in sorted(DTYPES.items(), reverse=True) if info.numpy is not None}
+
+
+@dataclasses.dataclass(frozen=True)
+class Partitioned:
+    """A tensor given in parts, saved as TF saves a partitioned variable (FORMAT.md 5).
+
+    ``parts`` pairs a region of the full tensor (a tuple of slices, one per dimension, ``slice(None)``
+    for a whole dimension) with the array holding it. The parts must tile ``shape`` exactly.
+    """
+
+    shape: tuple[int, ...]
+    parts: Sequence[tuple[tuple[slice, ...], Any]]
+
+
+@dataclasses.dataclass
+class _Payload:
+    """The bytes of one entry to write, with the entry they will be described by."""
+
+    key: bytes
+    entry: TensorEntry
+    data: Any  # a buffer (bytes, or a contiguous array)
+
+
+def tf_dtype_of(array: np.ndarray) -> int:
+    """The TF DataType value for a numpy array's dtype (strings: object/bytes/str arrays)."""
+    if array.dtype == object or array.dtype.kind in "SU":
+        return 7
+    native = array.dtype.newbyteorder("=") if array.dtype.byteorder in "<>" else array.dtype
+    value = _TF_DTYPE.get(native)
+    if value is None:
+        raise UnsupportedError(f"cannot save numpy dtype {array.dtype} in a TensorFlow checkpoint")
+    return value
+
+
+def _host_array(value: Any) -> np.ndarray:
+    """numpy view of ``value``; CuPy (device) arrays are copied to the host first."""
+    if hasattr(value, "__cuda_array_interface__"):
+        import cupy  # only ever imported for device arrays
+
+        return cupy.asnumpy(value)
+    if isinstance(value, (bytes, str)):
+        return np.array(value, dtype=object)
+    array = np.asarray(value)
+    if array.dtype.kind in "SU":
+        return array.astype(object)
+    return array
+
+
+def _payload(key: bytes, name: str, array: np.ndarray) -> _Payload:
+    """One array's bytes, under ``key``, with its entry (shard and offset assigned later)."""
+    dtype, data, crc = _encode(name, array)
+    return _Payload(key, TensorEntry(name, dtype, tuple(array.shape), 0, 0, len(memoryview(data)), mask(crc)), data)
+
+
+def _encode(name: str, array: np.ndarray) -> tuple[int, Any, int]:
+    """(TF dtype, payload buffer, crc32c) of one array."""
+    dtype = tf_dtype_of(array)
+    if dtype == 7:
+        values = []
+        for item in array.reshape(-1):
+            if isinstance(item, str):
+                item = item.encode("utf-8")
+            if not isinstance(item, (bytes, bytearray, np.bytes_)):
+                raise UnsupportedError(f"string tensor {name!r} holds a {type(item).__name__}, not bytes or str")
+            values.append(bytes(item))
+        payload, crc = encode_strings(values)
+        return dtype, payload, crc
+    if array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and np.little_endian is False):
+        array = array.astype(array.dtype.newbyteorder("<"))
+    contiguous = np.ascontiguousarray(array)
+    data = contiguous.reshape(-1).view(np.uint8)
+    return dtype, data, crc32c(data)
+
+
+def _slice_of(region: tuple[slice, ...], shape: tuple[int, ...], name: str) -> TensorSlice:
+    if len(region) != len(shape):
+        raise ValueError(f"part of {name!r} has {len(region)} slices for a tensor of rank {len(shape)}")
+    extents = []
+    for item, dim in zip(region, shape, strict=True):
+        if item == slice(None):
+            extents.append(Extent(0, None))
+            continue
+        start, stop, step = item.indices(dim)
+        if step != 1 or stop <= start:
+            raise ValueError(f"part of {name!r} has slice {item}: parts must be non-empty, with step 1")
+        extents.append(Extent(start, stop - start))
+    return tuple(extents)
+
+
+def _payloads(tensors: Mapping[str, Any]) -> tuple[list[_Payload], list[TensorEntry]]:
+    """Data payloads in the caller's order, and the full entries of partitioned tensors."""
+    payloads: list[_Payload] = []
+    partitioned: list[TensorEntry] = []
+    for name, value in tensors.items():
+        if not isinstance(name, str) or not name or name.startswith("\x00"):
+            raise ValueError(f"tensor names must be non-empty strings not starting with NUL, not {name!r}")
+        if not isinstance(value, Partitioned):
+            payloads.append(_payload(encode_name(name), name, _host_array(value)))
+            continue
+        shape = tuple(int(d) for d in value.shape)
+        slices, dtypes = [], set()
+        for region, part in value.parts:
+            tensor_slice = _slice_of(tuple(region), shape, name)
+            problem = check_extents(tensor_slice, shape)
+            array = _host_array(part)
+            if problem is None and tuple(array.shape) != slice_shape(tensor_slice, shape):
+                problem = f"part has shape {array.shape}, its region {slice_shape(tensor_slice, shape)}"
+            if problem:
+                raise ValueError(f"bad part of partitioned tensor {name!r}: {problem}")
+            payloads.append(_payload(slice_key(encode_name(name), tensor_slice), name, array))
+            dtypes.add(payloads[-1].entry.dtype)
+            slices.append(tensor_slice)
+        problem = coverage_problem(tuple(slices), shape) if slices else "no parts given"
+        if problem or len(dtypes) != 1:
+            raise ValueError(f"parts of partitioned tensor {name!r} do not tile it: {problem or 'mixed dtypes'}")
+        partitioned.append(TensorEntry(name, dtypes.pop(), shape, 0, 0, 0, 0, tuple(slices)))
+    return payloads, partitioned
+
+
+def _assign_shards(payloads: list[_Payload], max_shard_bytes: int | None) -> int:
+    """Give each payload its shard and offset, filling data files in order; returns the shard count."""
+    shard, offset = 0, 0
+    for payload in payloads:
+        size = payload.entry.size
+        if max_shard_bytes is not None and offset > 0 and offset + size > max_shard_bytes:
+            shard, offset = shard + 1, 0
+        payload.entry = payload.entry._replace(shard_id=shard, offset=offset)
+        offset += size
+    return shard + 1
+
+
+def _after_step(step: str) -> None:
+    """Called between the durable steps of a save; tests replace it to inject crashes."""
+
+
+def _write_durably(path: str, chunks: Iterable[Any]) -> None:
+    with open(path, "wb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_directory(directory: str) -> None:
+    fd = os.open(directory or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _temporary(final: str) -> str:
+    return f"{final}.tempstate{secrets.randbits(63)}"  # the name TF's own writers use for temporaries
+
+
+def save(
+    prefix: str | os.PathLike[str],
+    tensors: Mapping[str, Any],
+    *,
+    max_shard_bytes: int | None = None,
+    update_state: bool | None = None,
+    max_to_keep: int | None = None,
+    overwrite: bool = False,
+) -> str:
+    """Write ``tensors`` as a TensorFlow checkpoint at ``prefix``; returns the prefix.
+
+    Parameters
+    ----------
+    prefix : the checkpoint prefix (``dir/model.ckpt-100``); files are ``prefix.index`` and
+        ``prefix.data-*``.
+    tensors : name -> numpy array, CuPy array, ``bytes``/``str`` or an object array of them for
+        strings, or :class:`Partitioned` for a tensor given in parts. Written in this order.
+    max_shard_bytes : start a new data file when the current one would grow past this (a tensor
+        larger than it gets a file of its own); None writes one data file.
+    update_state : record the new checkpoint in the directory's ``checkpoint`` file (None: only
+        when the directory already has one).
+    max_to_keep : with the state file, keep at most this many checkpoints listed and delete the
+        files of older ones it drops, as ``tf.train.CheckpointManager`` does.
+    overwrite : replace an existing checkpoint at ``prefix`` (otherwise ``FileExistsError``). Its
+        index is removed first, so a crash leaves no checkpoint there, never a mixed one.
+
+    Notes
+    -----
+    Crash safety: data files, then the index, are each written to a temporary name, fsynced and
+    renamed; a crash at any point leaves either no new checkpoint or a complete one, and other
+    checkpoints untouched. On an error every file this call created is removed.
+    """
+    prefix = os.fspath(prefix)
+    directory = os.path.dirname(os.path.abspath(prefix))
+    index_path = prefix + ".index"
+    if os.path.exists(index_path) and not overwrite:
+        raise FileExistsError(f"a checkpoint already exists at {prefix!r} (pass overwrite=True to replace it)")
+    payloads, partitioned = _payloads(tensors)
+    num_shards = _assign_shards(payloads, max_shard_bytes)
+    entries = [(p.key, p.entry) for p in payloads] + [(encode_name(e.name), e) for e in partitioned]
+    keys = [key for key, _ in entries]
+    if len(set(keys)) != len(keys):
+        raise ValueError("two tensors (or two parts of one tensor) have the same name and region")
+    index_bytes = build_table(
+        [(b"", encode_header(num_shards))] + sorted((key, encode_entry(entry)) for key, entry in entries)
+    )
+
+    os.makedirs(directory, exist_ok=True)
+    created: list[str] = []
+    try:
+        if overwrite and os.path.exists(index_path):
+            _remove_checkpoint_files(prefix)
+            _after_step("old index removed")
+        for shard in range(num_shards):
+            final = data_filename(prefix, shard, num_shards)
+            temporary = _temporary(final)
+            created.append(temporary)
+            _write_durably(temporary, (p.data for p in payloads if p.entry.shard_id == shard))
+            _after_step(f"data shard {shard} written")
+            os.replace(temporary, final)
+            created[-1] = final
+            _after_step(f"data shard {shard} in place")
+        temporary = _temporary(index_path)
+        created.append(temporary)
+        _write_durably(temporary, [index_bytes])
+        _after_step("index written")
+        _fsync_directory(directory)
+        os.replace(temporary, index_path)  # from here on the checkpoint exists, complete
+        created.clear()
+        _fsync_directory(directory)
+        _after_step("index in place")
+    except BaseException:
+        for path in created:
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+        raise
+    if update_state or (update_state is None and os.path.exists(os.path.join(directory, STATE_FILENAME))):
+        _record_in_state(directory, os.path.abspath(prefix), max_to_keep)
+    return prefix
+
+
+def _remove_checkpoint_files(prefix: str) -> None:
+    """Remove a checkpoint's index first (so it stops existing), then its data files."""
+    os.remove(prefix + ".index")
+    pattern = re.compile(re.escape(os.path.basename(prefix)) + r"\.data-\d{5,}-of-\d{5,}$")
+    directory = os.path.dirname(os.path.abspath(prefix))
+    for name in os.listdir(directory):
+        if pattern.match(name):
+            os.remove(os.path.join(directory, name))
+
+
+def _record_in_state(directory: str, prefix: str, max_to_keep: int | None) -> None:
+    """Make ``prefix`` the latest checkpoint in the directory's state file (temp file + rename)."""
+    state = read_state(directory)
+    paths = [p for p in (state.all_model_checkpoint_paths if state else ()) if p != prefix]
+    timestamps = list(state.all_model_checkpoint_timestamps) if state else []
+    if len(timestamps) != len(paths) + (1 if state and prefix in state.all_model_checkpoint_paths else 0):
+        timestamps = []  # older files have no timestamps, or they no longer line up: drop them
+    elif state and prefix in state.all_model_checkpoint_paths:
+        del timestamps[state.all_model_checkpoint_paths.index(prefix)]
+    paths.append(prefix)
+    timestamps = timestamps + [time.time()] if timestamps or not state else []
+    dropped: list[str] = []
+    if max_to_keep is not None and max_to_keep > 0 and len(paths) > max_to_keep:
+        dropped, paths = paths[:-max_to_keep], paths[-max_to_keep:]
+        timestamps = timestamps[-max_to_keep:] if timestamps else []
+    text = encode_state(directory, prefix, paths, timestamps, state.last_preserved_timestamp if state else 0.0)
+    final = os.path.join(directory, STATE_FILENAME)
+    temporary = _temporary(final)
+    try:
+        _write_durably(temporary, [text])
+        os.replace(temporary, final)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+    for old in dropped:  # after the state no longer names them, as CheckpointManager does
+        if os.path.exists(old + ".index"):
+            _remove_checkpoint_files(old)

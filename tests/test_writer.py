@@ -1,0 +1,227 @@
+"""gpuckpt.save: TensorFlow reads back bit for bit what it writes; crashes leave old or new, never broken."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import ml_dtypes
+import numpy as np
+import pytest
+from conftest import assert_bit_exact, tf_or_skip
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import gpuckpt
+from gpuckpt import Partitioned
+from gpuckpt import writer as writer_module
+
+NUMPY_TYPES = [
+    np.float32,
+    np.float64,
+    np.float16,
+    ml_dtypes.bfloat16,
+    np.int8,
+    np.int16,
+    np.int32,
+    np.int64,
+    np.uint8,
+    np.uint16,
+    np.uint32,
+    np.uint64,
+    np.bool_,
+    np.complex64,
+    np.complex128,
+    ml_dtypes.float8_e5m2,
+    ml_dtypes.float8_e4m3fn,
+    ml_dtypes.float8_e4m3fnuz,
+    ml_dtypes.float8_e4m3b11fnuz,
+    ml_dtypes.float8_e5m2fnuz,
+    ml_dtypes.int4,
+    ml_dtypes.uint4,
+    ml_dtypes.int2,
+    ml_dtypes.uint2,
+    ml_dtypes.float4_e2m1fn,
+]
+
+
+def _random_array(rng, np_type, shape):
+    if np_type is np.bool_:
+        return rng.integers(0, 2, shape).astype(bool)
+    dtype = np.dtype(np_type)
+    raw = rng.integers(0, 256, int(np.prod(shape)) * dtype.itemsize, dtype=np.uint8)
+    if np_type in (ml_dtypes.int4, ml_dtypes.uint4, ml_dtypes.int2, ml_dtypes.uint2, ml_dtypes.float4_e2m1fn):
+        return (rng.standard_normal(shape) * 3).astype(np_type)
+    return raw.view(dtype).reshape(shape)  # every bit pattern, NaN payloads included
+
+
+names = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1, max_size=20)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    names=st.lists(names, min_size=1, max_size=12, unique=True),
+    max_shard_bytes=st.one_of(st.none(), st.integers(1, 400)),
+)
+def test_tensorflow_reads_back_what_we_write(tmp_path_factory, seed, names, max_shard_bytes):
+    tf = tf_or_skip()
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name in names:
+        shape = tuple(int(d) for d in rng.integers(0, 5, rng.integers(0, 4)))
+        kind = int(rng.integers(0, len(NUMPY_TYPES) + 1))
+        if kind == len(NUMPY_TYPES):
+            count = int(np.prod(shape))
+            tensors[name] = np.array(
+                [rng.bytes(int(rng.choice([0, 3, 130]))) for _ in range(count)] + [b""], dtype=object
+            )[:count].reshape(shape)
+        else:
+            tensors[name] = _random_array(rng, NUMPY_TYPES[kind], shape)
+    prefix = gpuckpt.save(str(tmp_path_factory.mktemp("w") / "ck"), tensors, max_shard_bytes=max_shard_bytes)
+    reader = tf.train.load_checkpoint(prefix)
+    assert sorted(reader.get_variable_to_shape_map()) == sorted(tensors)
+    with gpuckpt.open(prefix) as ckpt:
+        for name, value in tensors.items():
+            theirs = reader.get_tensor(name)
+            assert_bit_exact(ckpt.get_tensor(name), theirs, name)
+            assert_bit_exact(np.asarray(value), theirs, name)
+
+
+def test_byte_layout_matches_tensorflow_writer(tmp_path):
+    """The worked example of FORMAT.md 2.9: TF's exact 138-byte index and 15-byte data file."""
+    prefix = gpuckpt.save(str(tmp_path / "ex"), {"a": np.array([1.0, 2.0], np.float32), "s": b"hi"})
+    from test_table import WORKED_INDEX
+
+    assert open(prefix + ".index", "rb").read() == WORKED_INDEX
+    assert open(prefix + ".data-00000-of-00001", "rb").read() == bytes.fromhex("0000803f0000004002d8d810736869")
+
+
+def test_partitioned_and_strings_read_by_tensorflow(tmp_path):
+    tf = tf_or_skip()
+    full = np.arange(30, dtype=np.float32).reshape(10, 3)
+    tensors = {
+        "pv": Partitioned((10, 3), [((slice(0, 4), slice(0, 3)), full[:4]), ((slice(4, 10), slice(None)), full[4:])]),
+        "words": np.array(["caf\u00e9", "", "x" * 300]),
+        "scalar": b"one",
+    }
+    prefix = gpuckpt.save(str(tmp_path / "p"), tensors, max_shard_bytes=64)
+    reader = tf.train.load_checkpoint(prefix)
+    np.testing.assert_array_equal(reader.get_tensor("pv"), full)
+    assert list(reader.get_tensor("words")) == ["caf\u00e9".encode(), b"", b"x" * 300]
+    assert reader.get_tensor("scalar") == b"one"
+    with gpuckpt.open(prefix) as ckpt:
+        assert ckpt.info("pv").partitioned and ckpt.num_shards > 1
+
+
+def test_bad_inputs_are_refused_before_writing(tmp_path):
+    with pytest.raises(ValueError, match="tile"):
+        gpuckpt.save(str(tmp_path / "a"), {"p": Partitioned((4,), [((slice(0, 2),), np.ones(2))])})
+    with pytest.raises(ValueError, match="shape"):
+        gpuckpt.save(str(tmp_path / "a"), {"p": Partitioned((4,), [((slice(0, 4),), np.ones(3))])})
+    with pytest.raises(gpuckpt.UnsupportedError):
+        gpuckpt.save(str(tmp_path / "a"), {"x": np.array([object()], dtype=object)})
+    with pytest.raises(ValueError):
+        gpuckpt.save(str(tmp_path / "a"), {"": np.ones(1)})
+    assert os.listdir(tmp_path) == []
+    gpuckpt.save(str(tmp_path / "a"), {"x": np.ones(1)})
+    with pytest.raises(FileExistsError):
+        gpuckpt.save(str(tmp_path / "a"), {"x": np.zeros(1)})
+    gpuckpt.save(str(tmp_path / "a"), {"x": np.zeros(1)}, overwrite=True)
+    with gpuckpt.open(tmp_path / "a") as ckpt:
+        assert ckpt.get_tensor("x")[0] == 0
+
+
+def test_state_file_is_kept_like_checkpoint_manager(tmp_path):
+    tf = tf_or_skip()
+    for step in range(1, 5):
+        gpuckpt.save(str(tmp_path / f"ckpt-{step}"), {"step": np.int64(step)}, update_state=True, max_to_keep=2)
+    assert tf.train.latest_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt-4")
+    state = tf.train.get_checkpoint_state(str(tmp_path))
+    assert [os.path.basename(p) for p in state.all_model_checkpoint_paths] == ["ckpt-3", "ckpt-4"]
+    assert not os.path.exists(tmp_path / "ckpt-1.index") and not os.path.exists(tmp_path / "ckpt-2.data-00000-of-00001")
+    assert gpuckpt.load_checkpoint(str(tmp_path)).get_tensor("step") == 4
+    # A directory with a state file gets it updated by default; one without does not get one.
+    gpuckpt.save(str(tmp_path / "ckpt-5"), {"step": np.int64(5)})
+    assert gpuckpt.latest_checkpoint(tmp_path) == str(tmp_path / "ckpt-5")
+    gpuckpt.save(str(tmp_path / "other" / "x"), {"a": np.ones(1)})
+    assert not os.path.exists(tmp_path / "other" / "checkpoint")
+
+
+def _count_steps(tmp_path):
+    steps = []
+    original = writer_module._after_step
+    writer_module._after_step = steps.append
+    try:
+        gpuckpt.save(
+            str(tmp_path / "probe" / "ck"), {"a": np.ones(3), "b": np.zeros(2)}, max_shard_bytes=8, update_state=True
+        )
+    finally:
+        writer_module._after_step = original
+    return steps
+
+
+def _old_and_new(tmp_path):
+    old = {"a": np.full(3, 1.0), "b": np.full(2, 1.0)}
+    new = {"a": np.full(3, 2.0), "b": np.full(2, 2.0)}
+    gpuckpt.save(str(tmp_path / "ck"), old, max_shard_bytes=8, update_state=True)
+    return old, new
+
+
+def _assert_old_or_new(tmp_path, old, new):
+    with gpuckpt.open(tmp_path) as ckpt:  # the directory's latest checkpoint
+        got = ckpt.restore()
+    assert any(all(np.array_equal(got[k], v[k]) for k in v) for v in (old, new)), got
+
+
+def test_exception_at_every_step_leaves_old_or_new_and_no_litter(tmp_path, monkeypatch):
+    steps = _count_steps(tmp_path)
+    assert len(steps) >= 4
+    for fail_at in range(len(steps)):
+        case = tmp_path / f"case{fail_at}"
+        old, new = _old_and_new(case)
+        calls = []
+
+        def crash(step, calls=calls, fail_at=fail_at):
+            calls.append(step)
+            if len(calls) == fail_at + 1:
+                raise KeyboardInterrupt(step)
+
+        monkeypatch.setattr(writer_module, "_after_step", crash)
+        with pytest.raises(KeyboardInterrupt):
+            gpuckpt.save(str(case / "ck"), new, max_shard_bytes=8, overwrite=True)
+        monkeypatch.setattr(writer_module, "_after_step", lambda step: None)
+        assert not [n for n in os.listdir(case) if "tempstate" in n]
+        try:
+            _assert_old_or_new(case, old, new)
+        except FileNotFoundError:
+            # overwrite=True removes the old index first: no checkpoint at all is allowed, a broken one is not
+            assert not os.path.exists(case / "ck.index")
+
+
+def test_hard_crash_at_every_step_never_breaks_a_second_checkpoint(tmp_path):
+    """A process killed (os._exit) between steps of writing ckpt-2: ckpt-1 and the state file stay usable."""
+    steps = _count_steps(tmp_path)
+    for crash_at in range(len(steps)):
+        case = tmp_path / f"hard{crash_at}"
+        gpuckpt.save(str(case / "ckpt-1"), {"a": np.full(3, 1.0)}, update_state=True)
+        code = (
+            "import os, numpy as np, gpuckpt\n"
+            "from gpuckpt import writer\n"
+            "calls = []\n"
+            "def crash(step):\n"
+            "    calls.append(step)\n"
+            f"    if len(calls) == {crash_at + 1}: os._exit(3)\n"
+            "writer._after_step = crash\n"
+            f"gpuckpt.save({str(case / 'ckpt-2')!r}, {{'a': np.full(3, 2.0), 'b': np.ones(2)}}, max_shard_bytes=8)\n"
+        )
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert result.returncode in (0, 3), result.stderr
+        latest = gpuckpt.latest_checkpoint(case)
+        with gpuckpt.open(latest) as ckpt:
+            value = ckpt.get_tensor("a")
+        assert value[0] == (2.0 if latest.endswith("ckpt-2") else 1.0)
+        if os.path.exists(case / "ckpt-2.index"):
+            with gpuckpt.open(case / "ckpt-2") as ckpt:
+                assert ckpt.restore()["b"].tolist() == [1.0, 1.0]
