@@ -25,6 +25,7 @@ from .format.object_graph import ObjectAttribute, StateKind
 from .format.state import latest_checkpoint
 from .host.lazy_slice import LazyTensor
 from .host.shards import MissingShardError
+from .merge import merge, restore_many
 from .writer import Partitioned, save
 
 __version__ = "0.1.0"
@@ -52,4 +53,6 @@ __all__ = [
     "open",
     "Partitioned",
     "save",
+    "merge",
+    "restore_many",
 ]

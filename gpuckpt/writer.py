@@ -45,12 +45,22 @@ class Partitioned:
 
 
 @dataclasses.dataclass
-class _Payload:
-    """The bytes of one entry to write, with the entry they will be described by."""
+class Payload:
+    """The bytes of one entry to write, under ``key``, with the entry that will describe them.
+
+    ``data`` is a buffer, or a function returning one when the data file is written (so a merge
+    holds one source tensor in memory at a time). ``entry.size`` must be its length.
+    """
 
     key: bytes
     entry: TensorEntry
-    data: Any  # a buffer (bytes, or a contiguous array)
+    data: Any
+
+    def bytes(self) -> Any:
+        data = self.data() if callable(self.data) else self.data
+        if len(memoryview(data).cast("B")) != self.entry.size:
+            raise ValueError(f"payload of {self.entry.name!r} changed size while being written")
+        return data
 
 
 def tf_dtype_of(array: np.ndarray) -> int:
@@ -78,10 +88,10 @@ def _host_array(value: Any) -> np.ndarray:
     return array
 
 
-def _payload(key: bytes, name: str, array: np.ndarray) -> _Payload:
+def array_payload(key: bytes, name: str, array: np.ndarray) -> Payload:
     """One array's bytes, under ``key``, with its entry (shard and offset assigned later)."""
     dtype, data, crc = _encode(name, array)
-    return _Payload(key, TensorEntry(name, dtype, tuple(array.shape), 0, 0, len(memoryview(data)), mask(crc)), data)
+    return Payload(key, TensorEntry(name, dtype, tuple(array.shape), 0, 0, len(memoryview(data)), mask(crc)), data)
 
 
 def _encode(name: str, array: np.ndarray) -> tuple[int, Any, int]:
@@ -119,15 +129,15 @@ def _slice_of(region: tuple[slice, ...], shape: tuple[int, ...], name: str) -> T
     return tuple(extents)
 
 
-def _payloads(tensors: Mapping[str, Any]) -> tuple[list[_Payload], list[TensorEntry]]:
+def _payloads(tensors: Mapping[str, Any]) -> tuple[list[Payload], list[TensorEntry]]:
     """Data payloads in the caller's order, and the full entries of partitioned tensors."""
-    payloads: list[_Payload] = []
+    payloads: list[Payload] = []
     partitioned: list[TensorEntry] = []
     for name, value in tensors.items():
         if not isinstance(name, str) or not name or name.startswith("\x00"):
             raise ValueError(f"tensor names must be non-empty strings not starting with NUL, not {name!r}")
         if not isinstance(value, Partitioned):
-            payloads.append(_payload(encode_name(name), name, _host_array(value)))
+            payloads.append(array_payload(encode_name(name), name, _host_array(value)))
             continue
         shape = tuple(int(d) for d in value.shape)
         slices, dtypes = [], set()
@@ -139,7 +149,7 @@ def _payloads(tensors: Mapping[str, Any]) -> tuple[list[_Payload], list[TensorEn
                 problem = f"part has shape {array.shape}, its region {slice_shape(tensor_slice, shape)}"
             if problem:
                 raise ValueError(f"bad part of partitioned tensor {name!r}: {problem}")
-            payloads.append(_payload(slice_key(encode_name(name), tensor_slice), name, array))
+            payloads.append(array_payload(slice_key(encode_name(name), tensor_slice), name, array))
             dtypes.add(payloads[-1].entry.dtype)
             slices.append(tensor_slice)
         problem = coverage_problem(tuple(slices), shape) if slices else "no parts given"
@@ -149,7 +159,7 @@ def _payloads(tensors: Mapping[str, Any]) -> tuple[list[_Payload], list[TensorEn
     return payloads, partitioned
 
 
-def _assign_shards(payloads: list[_Payload], max_shard_bytes: int | None) -> int:
+def _assign_shards(payloads: list[Payload], max_shard_bytes: int | None) -> int:
     """Give each payload its shard and offset, filling data files in order; returns the shard count."""
     shard, offset = 0, 0
     for payload in payloads:
@@ -217,12 +227,37 @@ def save(
     renamed; a crash at any point leaves either no new checkpoint or a complete one, and other
     checkpoints untouched. On an error every file this call created is removed.
     """
+    payloads, partitioned = _payloads(tensors)
+    return write_bundle(
+        prefix,
+        payloads,
+        partitioned,
+        max_shard_bytes=max_shard_bytes,
+        update_state=update_state,
+        max_to_keep=max_to_keep,
+        overwrite=overwrite,
+    )
+
+
+def write_bundle(
+    prefix: str | os.PathLike[str],
+    payloads: list[Payload],
+    partitioned: list[TensorEntry],
+    *,
+    max_shard_bytes: int | None = None,
+    update_state: bool | None = None,
+    max_to_keep: int | None = None,
+    overwrite: bool = False,
+) -> str:
+    """Write prepared payloads (in order) and partitioned tensors' full entries as a checkpoint.
+
+    The durable part of :func:`save`, shared with :func:`gpuckpt.merge`: see :func:`save`.
+    """
     prefix = os.fspath(prefix)
     directory = os.path.dirname(os.path.abspath(prefix))
     index_path = prefix + ".index"
     if os.path.exists(index_path) and not overwrite:
         raise FileExistsError(f"a checkpoint already exists at {prefix!r} (pass overwrite=True to replace it)")
-    payloads, partitioned = _payloads(tensors)
     num_shards = _assign_shards(payloads, max_shard_bytes)
     entries = [(p.key, p.entry) for p in payloads] + [(encode_name(e.name), e) for e in partitioned]
     keys = [key for key, _ in entries]
@@ -242,7 +277,7 @@ def save(
             final = data_filename(prefix, shard, num_shards)
             temporary = _temporary(final)
             created.append(temporary)
-            _write_durably(temporary, (p.data for p in payloads if p.entry.shard_id == shard))
+            _write_durably(temporary, (p.bytes() for p in payloads if p.entry.shard_id == shard))
             _after_step(f"data shard {shard} written")
             os.replace(temporary, final)
             created[-1] = final

@@ -101,6 +101,26 @@ class HostReader:
         fix_in_place(array, info, self.index.header.big_endian)
         return array
 
+    def read_raw(self, entry: TensorEntry) -> bytes:
+        """The stored bytes of one (unpartitioned) entry, checked against its crc32c."""
+        check_dtype(self.index, entry)
+        raw = bytearray(entry.size)
+        self.shards.read_into(entry.shard_id, entry.offset, memoryview(raw), entry.name)
+        info = DTYPES.get(entry.dtype)
+        if info is not None and info.is_string:  # the string crc is not over the raw bytes: decode to check
+            decode_strings(
+                raw,
+                math.prod(entry.shape),
+                entry.shape,
+                self.index.header.big_endian,
+                entry.masked_crc32c,
+                True,
+                self._where(entry, entry),
+            )
+        else:
+            self._verify(crc32c(raw), entry, entry)
+        return bytes(raw)
+
     def _read_shared(self, group: ReadGroup, outputs: dict[str, np.ndarray], verify: bool) -> None:
         """One read for many small pieces, then each piece copied out of it (the hot loop for
         checkpoints of many small tensors, hence the inlined fixed-size path)."""

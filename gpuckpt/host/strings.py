@@ -19,7 +19,7 @@ _U64LE = struct.Struct("<Q")
 
 
 def decode_strings(
-    raw: bytes | memoryview,
+    raw: bytes | bytearray | memoryview,
     count: int,
     shape: tuple[int, ...],
     big_endian: bool,

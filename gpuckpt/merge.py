@@ -1,0 +1,210 @@
+"""Assembling one model from several checkpoints: ``gpuckpt.merge`` writes the result as a new
+checkpoint, ``gpuckpt.restore_many`` returns it as arrays without writing anything.
+
+Each source is ``(checkpoint_path, assignment_map)``, the map in the syntax of TensorFlow's
+``tf.compat.v1.train.init_from_checkpoint`` (keys: names or scopes in the checkpoint; values: the
+names or scopes they get):
+
+* ``{"old_scope/": "new_scope/"}``: every tensor under ``old_scope/`` moves to ``new_scope/``;
+* ``{"ckpt_var": "scope/var"}``: one tensor, renamed (it must exist);
+* ``{"/": "scope/"}``: every tensor, under ``scope/``; ``{"old/": "/"}`` strips a scope;
+* ``None``: every tensor under its own name.
+
+Only mapped tensors are taken. The object-graph entry is never carried over: its keys would no
+longer match the merged names.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .checkpoint import Checkpoint
+from .checkpoint import open as open_checkpoint
+from .dtypes import DTYPES
+from .errors import TensorNotFoundError, UnsupportedError, describe
+from .format.bundle import TensorEntry, encode_name
+from .format.object_graph import OBJECT_GRAPH_KEY, StateKind
+from .format.slices import slice_key
+from .writer import Payload, array_payload, tf_dtype_of, write_bundle
+
+Source = tuple[str | os.PathLike[str], Mapping[str, str] | None]
+DtypeCasts = Mapping[str, Any]  # regular expression, matched against whole new names -> numpy dtype
+
+
+def map_names(names: Iterable[str], assignment_map: Mapping[str, str] | None, where: str) -> dict[str, list[str]]:
+    """Checkpoint name -> the new names it is given (several when several map entries take it)."""
+    names = list(names)
+    if assignment_map is None:
+        return {n: [n] for n in names}
+    present = set(names)
+    mapped: dict[str, list[str]] = {}
+    for old, new in sorted(assignment_map.items()):
+        if not old.endswith("/"):
+            if old not in present:
+                raise TensorNotFoundError(f"assignment map names {old!r}, which is not in the checkpoint: {where}")
+            mapped.setdefault(old, []).append(new)
+            continue
+        if not new.endswith("/"):
+            raise ValueError(f"assignment map entry {old!r}: {new!r} maps a scope to a name; use 'scope/': 'other/'")
+        source_scope = "" if old == "/" else old
+        target_scope = "" if new == "/" else new
+        hits = [n for n in names if n.startswith(source_scope)]
+        if not hits:
+            raise TensorNotFoundError(f"assignment map scope {old!r} matches no tensor: {where}")
+        for name in hits:
+            mapped.setdefault(name, []).append(target_scope + name[len(source_scope) :])
+    return mapped
+
+
+def _selected(ckpt: Checkpoint, skip_optimizer: bool, skip_counters: bool) -> list[str]:
+    skipped = {StateKind.OBJECT_GRAPH}
+    if skip_optimizer:
+        skipped |= {StateKind.OPTIMIZER, StateKind.OPTIMIZER_SLOT}
+    if skip_counters:
+        skipped.add(StateKind.COUNTER)
+    return [n for n in ckpt.keys() if n != OBJECT_GRAPH_KEY and ckpt.kind(n) not in skipped]
+
+
+def _cast_for(casts: DtypeCasts | None) -> Callable[[str], np.dtype | None]:
+    rules = [(re.compile(pattern), np.dtype(dtype)) for pattern, dtype in (casts or {}).items()]
+
+    def cast(name: str) -> np.dtype | None:
+        for pattern, dtype in rules:
+            if pattern.fullmatch(name):
+                return dtype
+        return None
+
+    return cast
+
+
+class _Plan:
+    """What every source contributes: (checkpoint, old name, new name), collisions refused."""
+
+    def __init__(self, sources: Sequence[Source], skip_optimizer: bool, skip_counters: bool) -> None:
+        self.checkpoints: list[Checkpoint] = []
+        self.items: list[tuple[Checkpoint, str, str]] = []
+        taken: dict[str, str] = {}
+        try:
+            for path, assignment_map in sources:
+                ckpt = open_checkpoint(path)
+                self.checkpoints.append(ckpt)
+                names = _selected(ckpt, skip_optimizer, skip_counters)
+                for old, news in map_names(names, assignment_map, describe(ckpt.prefix)).items():
+                    for new in news:
+                        here = f"{ckpt.prefix}:{old}"
+                        if new in taken:
+                            raise ValueError(f"merged name {new!r} comes from both {taken[new]} and {here}")
+                        taken[new] = here
+                        self.items.append((ckpt, old, new))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for ckpt in self.checkpoints:
+            ckpt.close()
+
+
+def restore_many(
+    sources: Sequence[Source],
+    *,
+    device: str = "cpu",
+    skip_optimizer: bool = False,
+    skip_counters: bool = False,
+    dtypes: DtypeCasts | None = None,
+    verify: bool = True,
+) -> dict[str, np.ndarray]:
+    """Restore tensors from several checkpoints into one ``{new name: array}``, writing nothing.
+
+    ``dtypes`` casts floating tensors by name or regular expression (e.g. ``{".*": "bfloat16"}``).
+    """
+    plan = _Plan(sources, skip_optimizer, skip_counters)
+    cast = _cast_for(dtypes)
+    try:
+        result: dict[str, np.ndarray] = {}
+        for ckpt in plan.checkpoints:
+            wanted = [(old, new) for c, old, new in plan.items if c is ckpt]
+            arrays = ckpt.restore(list(dict.fromkeys(old for old, _ in wanted)), device=device, verify=verify)
+            for old, new in wanted:
+                target = cast(new)
+                result[new] = arrays[old] if target is None else _cast(arrays[old], target, new, ckpt)
+        return result
+    finally:
+        plan.close()
+
+
+def _cast(array: np.ndarray, dtype: np.dtype, name: str, ckpt: Checkpoint) -> np.ndarray:
+    if array.dtype == dtype:
+        return array
+    if array.dtype == object or array.dtype.kind not in "fV" or dtype.kind not in "fV":
+        raise UnsupportedError(
+            f"cannot cast {array.dtype} to {dtype}: only floating tensors are cast: " + describe(ckpt.prefix, name)
+        )
+    return array.astype(dtype)
+
+
+def merge(
+    out_prefix: str | os.PathLike[str],
+    sources: Sequence[Source],
+    *,
+    skip_optimizer: bool = False,
+    skip_counters: bool = False,
+    dtypes: DtypeCasts | None = None,
+    max_shard_bytes: int | None = None,
+    update_state: bool | None = None,
+    overwrite: bool = False,
+) -> str:
+    """Write the tensors mapped from ``sources`` as one new checkpoint at ``out_prefix``.
+
+    Tensors that are not cast are copied as their stored bytes (checksum checked, never decoded);
+    partitioned tensors keep their slices. Name collisions raise ``ValueError`` naming both sources.
+    Writing is crash-safe as in :func:`gpuckpt.save`.
+    """
+    plan = _Plan(sources, skip_optimizer, skip_counters)
+    cast = _cast_for(dtypes)
+    try:
+        payloads: list[Payload] = []
+        partitioned: list[TensorEntry] = []
+        for ckpt, old, new in plan.items:
+            entry = ckpt._index.tensors[old]
+            target = cast(new)
+            if target is not None or ckpt.big_endian:
+                payloads.append(_decoded_payload(ckpt, old, new, target))
+                continue
+            if entry.slices:
+                for tensor_slice in entry.slices:
+                    part = ckpt._index.slice_entry(entry, tensor_slice)
+                    payloads.append(_raw_payload(ckpt, part, slice_key(encode_name(new), tensor_slice), new))
+                partitioned.append(entry._replace(name=new))
+            else:
+                payloads.append(_raw_payload(ckpt, entry, encode_name(new), new))
+        return write_bundle(
+            out_prefix,
+            payloads,
+            partitioned,
+            max_shard_bytes=max_shard_bytes,
+            update_state=update_state,
+            overwrite=overwrite,
+        )
+    finally:
+        plan.close()
+
+
+def _raw_payload(ckpt: Checkpoint, entry: TensorEntry, key: bytes, new_name: str) -> Payload:
+    """The stored bytes of one entry, read (and checked) when the data file is written."""
+    return Payload(key, entry._replace(name=new_name), lambda: ckpt._reader.read_raw(entry))
+
+
+def _decoded_payload(ckpt: Checkpoint, old: str, new: str, target: np.dtype | None) -> Payload:
+    """A tensor decoded (byte-swapped, cast) and encoded again: only when bytes cannot be copied."""
+    array = ckpt.get_tensor(old)
+    if target is not None:
+        array = _cast(array, target, old, ckpt)
+    if array.dtype != object and DTYPES.get(tf_dtype_of(array)) is None:
+        raise UnsupportedError(f"cannot write dtype {array.dtype}: " + describe(ckpt.prefix, old))
+    return array_payload(encode_name(new), new, array)
