@@ -7,6 +7,7 @@ import collections
 import dataclasses
 import os
 import re
+from collections.abc import Sequence
 
 from google.protobuf.message import DecodeError
 
@@ -43,8 +44,28 @@ class MetaGraphSummary:
     signatures: dict[str, dict[str, object]]
     function_count: int
     part_bytes: dict[str, int]
-    repeated_imports: dict[str, list[str]]  #: a scope -> the scopes repeating it (import_1/, name_1, ...)
-    duplicate_names: int  #: nodes whose name an earlier node already has (a graph imported again unscoped)
+    #: what recurs when a graph is imported again: "import" -> the import scopes; a scope -> its
+    #: numbered copies; a variable -> its numbered copies of the same dtype and shape
+    repeated_imports: dict[str, list[str]]
+
+
+def _copied_variables(variables: Sequence[GraphVariable]) -> dict[str, list[str]]:
+    """Importing a graph again without a scope makes TF rename each clashing variable ``name_N``:
+    copies ``X_N`` of a variable ``X`` (same dtype and shape), reported when one suffix ``N`` copies
+    at least half the variables (a single ``Adam_1`` beside ``Adam`` is TF1's own naming)."""
+    by_name = {v.name: v for v in variables}
+    copies: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)  # N -> (X, X_N)
+    for v in variables:
+        match = _NUMBERED_SCOPE.match(v.name)
+        base = by_name.get(match.group(1)) if match else None
+        if match and base is not None and (base.dtype, base.shape) == (v.dtype, v.shape):
+            copies[match.group(2)].append((base.name, v.name))
+    found: dict[str, list[str]] = {}
+    for pairs in copies.values():
+        if len(pairs) >= 0.5 * (len(variables) - sum(len(p) for p in copies.values())):
+            for base_name, copy in pairs:
+                found.setdefault(base_name, []).append(copy)
+    return {k: sorted(v) for k, v in found.items()}
 
 
 def _dtype_label(value: int) -> str:
@@ -137,8 +158,7 @@ def summarize_meta_graph(meta: meta_graph_pb2.MetaGraphDef) -> MetaGraphSummary:
         signatures=signatures,
         function_count=len(library.function),
         part_bytes=part_bytes,
-        repeated_imports=_repeated_imports(members),
-        duplicate_names=len(nodes) - len({n.name for n in nodes}),
+        repeated_imports={**_repeated_imports(members), **_copied_variables(variables)},
     )
 
 
