@@ -1,32 +1,15 @@
-"""The command line on the bundled sample, and the benchmark program at its smallest size."""
+"""The benchmark program at its smallest size."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 from conftest import tf_or_skip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def test_cli_lists_and_restores_the_bundled_sample():
-    result = subprocess.run([sys.executable, "-m", "gpuckpt"], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
-    assert "16 tensors" in result.stdout
-    assert "save_counter/.ATTRIBUTES/VARIABLE_VALUE" in result.stdout
-    assert "GB/s, crc32c verified" in result.stdout
-
-
-def test_cli_reports_errors_without_a_traceback(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "gpuckpt", str(tmp_path / "nothing")], capture_output=True, text=True, cwd=ROOT
-    )
-    assert result.returncode == 1
-    assert result.stderr.startswith("error: no TensorFlow checkpoint found")
 
 
 @pytest.mark.tf
