@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .dtypes import DTYPES
-from .errors import UnsupportedError
+from .errors import DeviceUnavailableError, UnsupportedError
 from .format.bundle import TensorEntry, encode_entry, encode_header, encode_name
 from .format.crc import crc32c, mask
 from .format.slices import Extent, TensorSlice, check_extents, coverage_problem, slice_key, slice_shape
@@ -77,8 +77,10 @@ def tf_dtype_of(array: np.ndarray) -> int:
 def _host_array(value: Any) -> np.ndarray:
     """numpy view of ``value``; CuPy (device) arrays are copied to the host first."""
     if hasattr(value, "__cuda_array_interface__"):
-        import cupy  # only ever imported for device arrays
-
+        try:
+            import cupy  # only ever imported for device arrays
+        except ImportError:
+            raise DeviceUnavailableError("saving a device (CUDA) array needs CuPy, which is not installed") from None
         return cupy.asnumpy(value)
     if isinstance(value, (bytes, str)):
         return np.array(value, dtype=object)

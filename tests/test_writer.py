@@ -225,3 +225,26 @@ def test_hard_crash_at_every_step_never_breaks_a_second_checkpoint(tmp_path):
         if os.path.exists(case / "ckpt-2.index"):
             with gpuckpt.open(case / "ckpt-2") as ckpt:
                 assert ckpt.restore()["b"].tolist() == [1.0, 1.0]
+
+
+def test_device_arrays_without_cupy_are_refused_clearly(tmp_path, monkeypatch):
+    class FakeDeviceArray:
+        __cuda_array_interface__ = {"shape": (2,), "typestr": "<f4", "data": (0, False), "version": 3}
+
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    with pytest.raises(gpuckpt.DeviceUnavailableError, match="CuPy"):
+        gpuckpt.save(str(tmp_path / "d"), {"x": FakeDeviceArray()})
+    assert os.listdir(tmp_path) == []
+
+
+def test_python_scalars_and_strings(tmp_path):
+    prefix = gpuckpt.save(str(tmp_path / "s"), {"f": 1.5, "i": 7, "b": True, "text": "h\u00e9", "raw": b"\x00"})
+    with gpuckpt.open(prefix) as ckpt:
+        assert [ckpt.info(n).tf_dtype for n in ["f", "i", "b", "text", "raw"]] == [
+            "float64",
+            "int64",
+            "bool",
+            "string",
+            "string",
+        ]
+        assert ckpt.get_tensor("text")[()] == "h\u00e9".encode()
