@@ -87,6 +87,16 @@ class Checkpoint:
 
     # -- metadata ----------------------------------------------------------------------------------
     @property
+    def index(self) -> BundleIndex:
+        """The parsed index: header, entries by name, slice entries (the low-level view)."""
+        return self._index
+
+    def read_raw(self, entry: TensorEntry) -> bytes:
+        """The stored bytes of one unpartitioned entry, checked against its crc32c, not decoded."""
+        self._check_open()
+        return self._reader.read_raw(entry)
+
+    @property
     def num_shards(self) -> int:
         return self._index.header.num_shards
 
@@ -143,7 +153,12 @@ class Checkpoint:
             if self._objects is None:
                 if OBJECT_GRAPH_KEY in self._index.tensors:
                     graph = self.get_tensor(OBJECT_GRAPH_KEY)
-                    self._objects = decode_object_graph(bytes(graph[()]), self._index.path)
+                    if graph.dtype != object or graph.shape != ():
+                        raise FormatError(
+                            f"object graph entry is a {graph.dtype} tensor of shape {graph.shape}, not a string "
+                            "scalar: " + describe(self._index.path, OBJECT_GRAPH_KEY)
+                        )
+                    self._objects = decode_object_graph(graph[()], self._index.path)
                 else:
                     self._objects = {}
             return self._objects

@@ -24,10 +24,10 @@ class CheckpointReader:
 
     def get_variable_to_shape_map(self) -> dict[str, list[int]]:
         with gc_paused():
-            return {name: list(entry.shape) for name, entry in self._checkpoint._index.tensors.items()}
+            return {name: list(entry.shape) for name, entry in self._checkpoint.index.tensors.items()}
 
     def get_variable_to_dtype_map(self) -> dict[str, DTypeInfo | int]:
-        return {name: DTYPES.get(entry.dtype, entry.dtype) for name, entry in self._checkpoint._index.tensors.items()}
+        return {name: DTYPES.get(entry.dtype, entry.dtype) for name, entry in self._checkpoint.index.tensors.items()}
 
     def has_tensor(self, name: str) -> bool:
         return name in self._checkpoint

@@ -171,14 +171,14 @@ def merge(
         payloads: list[Payload] = []
         partitioned: list[TensorEntry] = []
         for ckpt, old, new in plan.items:
-            entry = ckpt._index.tensors[old]
+            entry = ckpt.index.tensors[old]
             target = cast(new)
             if target is not None or ckpt.big_endian:
                 payloads.append(_decoded_payload(ckpt, old, new, target))
                 continue
             if entry.slices:
                 for tensor_slice in entry.slices:
-                    part = ckpt._index.slice_entry(entry, tensor_slice)
+                    part = ckpt.index.slice_entry(entry, tensor_slice)
                     payloads.append(_raw_payload(ckpt, part, slice_key(encode_name(new), tensor_slice), new))
                 partitioned.append(entry._replace(name=new))
             else:
@@ -197,7 +197,7 @@ def merge(
 
 def _raw_payload(ckpt: Checkpoint, entry: TensorEntry, key: bytes, new_name: str) -> Payload:
     """The stored bytes of one entry, read (and checked) when the data file is written."""
-    return Payload(key, entry._replace(name=new_name), lambda: ckpt._reader.read_raw(entry))
+    return Payload(key, entry._replace(name=new_name), lambda: ckpt.read_raw(entry))
 
 
 def _decoded_payload(ckpt: Checkpoint, old: str, new: str, target: np.dtype | None) -> Payload:

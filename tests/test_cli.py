@@ -56,7 +56,7 @@ def test_verify_names_damaged_tensors(tmp_path):
     before = run("verify", str(tmp_path / "all_dtypes"))  # sl_incomplete is refused, as TF refuses it
     assert before.returncode == 3 and "sl_incomplete" in before.stdout and "int64" not in before.stdout
     with gpuckpt.open(tmp_path / "all_dtypes") as ckpt:
-        offset = ckpt._index.tensors["int64"].offset
+        offset = ckpt.index.tensors["int64"].offset
     data = tmp_path / "all_dtypes.data-00000-of-00001"
     raw = bytearray(data.read_bytes())
     raw[offset] ^= 0xFF

@@ -261,3 +261,14 @@ def test_broken_state_files(tmp_path, content):
     assert "checkpoint" in str(info.value)
     with pytest.raises(FormatError):
         gpuckpt.open(tmp_path)
+
+
+def test_object_graph_entry_of_the_wrong_kind(tmp_path):
+    prefix = build(tmp_path, tensors={"_CHECKPOINTABLE_OBJECT_GRAPH": np.ones(3, np.float32), "w": np.ones(1)})
+    with gpuckpt.open(prefix) as ckpt, pytest.raises(FormatError, match="object graph"):
+        ckpt.objects()
+    prefix = build(
+        tmp_path / "b", tensors={"_CHECKPOINTABLE_OBJECT_GRAPH": np.array(b"\x0a\xff", dtype=object), "w": np.ones(1)}
+    )
+    with gpuckpt.open(prefix) as ckpt, pytest.raises(FormatError, match="object graph"):
+        ckpt.kind("w")

@@ -215,7 +215,7 @@ def test_verify_false_skips_checksums(tmp_path):
         shutil.copy(os.path.join(src, name), tmp_path / name)
     data = tmp_path / "all_dtypes.data-00000-of-00001"
     with gpuckpt.open(tmp_path / "all_dtypes") as ckpt:
-        info = ckpt._index.tensors["float64"]
+        info = ckpt.index.tensors["float64"]
     raw = bytearray(data.read_bytes())
     raw[info.offset] ^= 0x01
     data.write_bytes(raw)
