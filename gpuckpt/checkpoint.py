@@ -158,7 +158,7 @@ class Checkpoint:
                             f"object graph entry is a {graph.dtype} tensor of shape {graph.shape}, not a string "
                             "scalar: " + describe(self._index.path, OBJECT_GRAPH_KEY)
                         )
-                    self._objects = decode_object_graph(graph[()], self._index.path)
+                    self._objects = decode_object_graph(bytes(graph[()]), self._index.path)
                 else:
                     self._objects = {}
             return self._objects
