@@ -14,7 +14,14 @@
 //   anything->bf16, bf16->f16, f8->anything (ml_dtypes): the canonical quiet NaN, sign kept
 //   bf16->f32: the bits shifted; bf16->f64 goes through f32; f64->bf16 through f32 (as ml_dtypes)
 #pragma once
+#ifdef __CUDACC_RTC__  // NVRTC (cupy.RawModule) has no C headers
+typedef unsigned char uint8_t;
+typedef unsigned short uint16_t;
+typedef unsigned int uint32_t;
+typedef unsigned long long uint64_t;
+#else
 #include <stdint.h>
+#endif
 
 #ifdef __CUDACC__
 #define GPUCKPT_HD __host__ __device__ __forceinline__

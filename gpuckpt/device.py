@@ -1,0 +1,184 @@
+"""The small device interface the staged restore pipeline is written against, and a host
+implementation of it that runs the same pipeline without a GPU.
+
+A device provides arrays in its memory, pinned host buffers, streams (ordered queues of
+asynchronous work), events recorded on streams, and the conversion kernels. ``HostDevice`` stands
+in for a GPU: its "device memory" is numpy, each stream is a worker thread running its queue in
+order, an event fires when its stream reaches it, and its copies read the staging buffer when
+they run, not when they are queued, so a pipeline that reused a buffer too early gets wrong bytes
+and the tests see it. The CUDA implementation is ``gpuckpt.cuda.CudaDevice``.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class Event(Protocol):
+    def synchronize(self) -> None: ...
+
+    def query(self) -> bool: ...
+
+
+class Stream(Protocol):
+    pass
+
+
+class Device(Protocol):
+    """What the pipeline needs of a device (all asynchronous work is ordered per stream)."""
+
+    name: str
+
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> Any: ...
+
+    def byte_view(self, array: Any) -> Any:
+        """A flat uint8 view of a device array (its raw bytes)."""
+        ...
+
+    def pinned(self, nbytes: int) -> np.ndarray:
+        """A host staging buffer (page-locked on a GPU), as a uint8 numpy array."""
+        ...
+
+    def release_pinned(self, buffer: np.ndarray) -> None: ...
+
+    def new_stream(self) -> Stream: ...
+
+    def close_stream(self, stream: Stream) -> None:
+        """Release a stream once the work queued on it is no longer needed to be waited on."""
+        ...
+
+    def copy_to_device(self, dst: Any, dst_offset: int, src: np.ndarray, nbytes: int, stream: Stream) -> None:
+        """Queue a copy of ``src[:nbytes]`` into the byte view ``dst`` at ``dst_offset``."""
+        ...
+
+    def record(self, stream: Stream) -> Event: ...
+
+    def convert(self, kernel: str, src: Any, dst: Any, stream: Stream) -> None:
+        """Queue conversion ``kernel`` (a name from kernels/conversions.def) from ``src`` to ``dst``."""
+        ...
+
+    def byteswap(self, width: int, array: Any, stream: Stream) -> None: ...
+
+    def free_bytes(self) -> int: ...
+
+
+class HostEvent:
+    def __init__(self) -> None:
+        self._fired = threading.Event()
+
+    def fire(self) -> None:
+        self._fired.set()
+
+    def synchronize(self) -> None:
+        self._fired.wait()
+
+    def query(self) -> bool:
+        return self._fired.is_set()
+
+
+class HostStream:
+    """A worker thread running queued callables in order."""
+
+    def __init__(self, name: str, delay_s: float) -> None:
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._delay_s = delay_s
+        self.errors: list[BaseException] = []
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            work = self._queue.get()
+            if work is None:
+                return
+            if self._delay_s:
+                time.sleep(self._delay_s)
+            try:
+                work()
+            except BaseException as exc:  # a device fault: kept, and reported by the pipeline
+                self.errors.append(exc)
+
+    def submit(self, work: Callable[[], None]) -> None:
+        self._queue.put(work)
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+
+class HostDevice:
+    """A stand-in GPU made of numpy arrays and threads (see the module docstring).
+
+    ``copy_delay_s`` slows every queued operation, widening the window in which a pipeline that
+    reused a staging buffer before its copy ran would corrupt data. ``memory_bytes`` bounds what
+    :meth:`free_bytes` reports.
+    """
+
+    def __init__(self, name: str = "host-standin", copy_delay_s: float = 0.0, memory_bytes: int = 1 << 40) -> None:
+        from .host.convert import reference_convert
+
+        self.name = name
+        self._delay_s = copy_delay_s
+        self._memory_bytes = memory_bytes
+        self._convert = reference_convert
+        self.streams: list[HostStream] = []
+        self.pinned_live = 0  # pinned buffers handed out and not released (leak checks)
+        self.allocated_bytes = 0
+
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        array = np.empty(shape, dtype)
+        self.allocated_bytes += array.nbytes
+        return array
+
+    def byte_view(self, array: np.ndarray) -> np.ndarray:
+        return array.reshape(-1).view(np.uint8)
+
+    def pinned(self, nbytes: int) -> np.ndarray:
+        self.pinned_live += 1
+        return np.empty(nbytes, np.uint8)
+
+    def release_pinned(self, buffer: np.ndarray) -> None:
+        self.pinned_live -= 1
+
+    def new_stream(self) -> HostStream:
+        stream = HostStream(f"{self.name}-stream{len(self.streams)}", self._delay_s)
+        self.streams.append(stream)
+        return stream
+
+    def close_stream(self, stream: HostStream) -> None:
+        stream.close()  # its queued work still runs first
+        self.streams.remove(stream)
+
+    def copy_to_device(
+        self, dst: np.ndarray, dst_offset: int, src: np.ndarray, nbytes: int, stream: HostStream
+    ) -> None:
+        def copy() -> None:  # reads ``src`` when it runs, like a DMA engine
+            dst[dst_offset : dst_offset + nbytes] = src[:nbytes]
+
+        stream.submit(copy)
+
+    def record(self, stream: HostStream) -> HostEvent:
+        event = HostEvent()
+        stream.submit(event.fire)
+        return event
+
+    def convert(self, kernel: str, src: np.ndarray, dst: np.ndarray, stream: HostStream) -> None:
+        def run() -> None:
+            dst[...] = self._convert(kernel, src).reshape(dst.shape)
+
+        stream.submit(run)
+
+    def byteswap(self, width: int, array: np.ndarray, stream: HostStream) -> None:
+        stream.submit(lambda: array.view(f"u{width}").byteswap(inplace=True))
+
+    def free_bytes(self) -> int:
+        return self._memory_bytes - self.allocated_bytes
+
+    def close(self) -> None:
+        for stream in self.streams:
+            stream.close()

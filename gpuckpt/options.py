@@ -1,0 +1,63 @@
+"""Restore configuration: one frozen dataclass, units in the names, overridable from documented
+``GPUCKPT_*`` environment variables. An unknown variable or a bad value raises."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+
+ENV_PREFIX = "GPUCKPT_"
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoreOptions:
+    """How a device restore stages data.
+
+    staging_slots: pinned host buffers in the ring (GPUCKPT_STAGING_SLOTS).
+    staging_slot_bytes: size of each; larger tensors are copied in pieces this big
+        (GPUCKPT_STAGING_SLOT_BYTES). Host memory of a restore stays within slots x slot bytes.
+    io_threads: threads reading files into slots and checksumming (GPUCKPT_IO_THREADS).
+    copy_streams: non-default streams the copies are spread over (GPUCKPT_COPY_STREAMS).
+    check_free_memory: refuse to start when the device has too little free memory
+        (GPUCKPT_CHECK_FREE_MEMORY, 0 or 1).
+    """
+
+    staging_slots: int = 8
+    staging_slot_bytes: int = 16 << 20
+    io_threads: int = 4
+    copy_streams: int = 2
+    check_free_memory: bool = True
+
+    def __post_init__(self) -> None:
+        for field in ("staging_slots", "staging_slot_bytes", "io_threads", "copy_streams"):
+            if int(getattr(self, field)) < 1:
+                raise ValueError(f"RestoreOptions.{field} must be at least 1, not {getattr(self, field)}")
+        if self.staging_slots < self.io_threads:
+            raise ValueError("RestoreOptions.staging_slots must be at least io_threads (each reader holds one slot)")
+
+    @property
+    def staging_bytes(self) -> int:
+        return self.staging_slots * self.staging_slot_bytes
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> RestoreOptions:
+        """Defaults, then ``GPUCKPT_*`` variables, then ``overrides``."""
+        environ = os.environ if environ is None else environ
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, object] = {}
+        for key, text in environ.items():
+            if not key.startswith(ENV_PREFIX):
+                continue
+            name = key[len(ENV_PREFIX) :].lower()
+            if name not in fields:
+                raise ValueError(f"unknown setting {key}; known: " + ", ".join(ENV_PREFIX + f.upper() for f in fields))
+            try:
+                values[name] = (text.strip() not in ("0", "false", "")) if fields[name].type == "bool" else int(text)
+            except ValueError:
+                raise ValueError(f"{key}={text!r} is not a whole number") from None
+        unknown = set(overrides) - set(fields)
+        if unknown:
+            raise ValueError(f"unknown RestoreOptions field(s): {', '.join(sorted(unknown))}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]

@@ -1,0 +1,403 @@
+"""The staged restore: checkpoint bytes into device arrays through a ring of pinned host buffers.
+
+Reader threads take read groups from the plan (small tensors coalesced, large ones cut to the slot
+size), ``preadv`` each piece into a free staging slot, checksum it there, and queue an asynchronous
+copy from the slot into the tensor's final device memory on the thread's stream, then record an
+event. A slot goes back to the free ring with that event and is refilled only after the event has
+fired. Once a tensor's last byte is queued, its conversion kernel (dtype cast or byte swap) is
+queued on the same stream, so it runs after the copies, and a per-tensor event marks it ready.
+Reading, checksumming, copying and converting overlap; nothing synchronizes the whole device.
+
+Written against :class:`gpuckpt.device.Device`, so the same code runs on a GPU
+(``gpuckpt.cuda.CudaDevice``) and, in the tests, on the host stand-in ``HostDevice``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import math
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from .device import Device, Event
+from .dtypes import DTYPES
+from .errors import CheckpointError, ChecksumError, UnsupportedError, describe
+from .format.bundle import TensorEntry
+from .format.crc import crc32c, unmask
+from .host.convert import kernel_for
+from .host.reader import HostReader, check_readable
+from .options import RestoreOptions
+from .plan import PlanOptions, ReadGroup, pieces_of, plan_reads
+
+DtypeChooser = Callable[[str, np.dtype], np.dtype]
+
+
+class DeviceMemoryError(CheckpointError, MemoryError):
+    """The device has too little free memory for the restore (raised before anything is copied)."""
+
+
+@dataclasses.dataclass
+class _Target:
+    """Where one tensor goes: ``raw`` receives the stored bytes; ``array`` is what the caller gets
+    (the same memory unless a conversion kernel turns ``raw`` into it)."""
+
+    entry: TensorEntry
+    array: Any
+    raw: Any  # flat uint8 device view the copies write into
+    kernel: str | None  # conversion from the stored type, or None
+    swap_width: int  # byte swap width for big-endian bundles, 0 for none
+    crc: int = 0
+    ready: Event | None = None
+
+
+class _Slot:
+    """One pinned staging buffer and the event of the last copy that read it."""
+
+    def __init__(self, buffer: np.ndarray) -> None:
+        self.buffer = buffer
+        self.view = memoryview(buffer)  # type: ignore[arg-type]
+        self.last_copy: Event | None = None
+
+    def wait_until_free(self) -> None:
+        # LIFETIME: the slot is refilled only after the event of its last copy has fired.
+        if self.last_copy is not None:
+            self.last_copy.synchronize()
+            self.last_copy = None
+
+
+class RestoreFuture:
+    """An asynchronous restore. ``result()`` waits for every tensor; ``ready(name)`` says whether
+    one has arrived, ``wait(name)`` waits for just that one, so a server can start early."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self._names = list(names)
+        self._targets: dict[str, _Target] = {}
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+        self._arrived: dict[str, threading.Event] = {n: threading.Event() for n in names}
+
+    def _arrive(self, name: str) -> None:
+        self._arrived[name].set()
+
+    def _finish(self, error: BaseException | None) -> None:
+        self._error = error
+        for event in self._arrived.values():
+            event.set()  # wake waiters; they re-check the error
+        self._done.set()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def ready(self, name: str) -> bool:
+        """True once ``name`` is fully in device memory (converted)."""
+        target = self._targets.get(name)
+        return self._arrived[name].is_set() and target is not None and target.ready is not None and target.ready.query()
+
+    def wait(self, name: str) -> Any:
+        """The device array of one tensor, as soon as it is complete."""
+        self._arrived[name].wait()
+        if self._error is not None:
+            raise self._error
+        target = self._targets[name]
+        assert target.ready is not None
+        target.ready.synchronize()
+        return target.array
+
+    def result(self) -> dict[str, Any]:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return {name: self.wait(name) for name in self._names}
+
+
+class StagedRestore:
+    """One restore of some tensors of a bundle onto one device (see the module docstring)."""
+
+    def __init__(
+        self,
+        reader: HostReader,
+        device: Device,
+        options: RestoreOptions,
+        *,
+        verify: bool,
+        dtype_for: DtypeChooser | None = None,
+        out: dict[str, Any] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.reader = reader
+        self.device = device
+        self.options = options
+        self.verify = verify
+        self.dtype_for = dtype_for
+        self.out = out or {}
+        self.progress = progress
+        self._abort = threading.Event()
+        self._progress_lock = threading.Lock()
+        self._bytes_done = 0
+        self._bytes_total = 0
+
+    # -- planning, before anything is allocated ---------------------------------------------------
+    def _target_dtype(self, entry: TensorEntry) -> tuple[np.dtype, str | None]:
+        info = DTYPES[entry.dtype]
+        stored = info.numpy
+        assert stored is not None
+        wanted = self.dtype_for(entry.name, stored) if self.dtype_for is not None else stored
+        wanted = np.dtype(wanted)
+        if wanted == stored:
+            return stored, None
+        try:
+            return wanted, kernel_for(stored, wanted)
+        except KeyError:
+            raise UnsupportedError(
+                f"no device conversion from {stored} to {wanted}: " + describe(self.reader.index.path, entry.name)
+            ) from None
+
+    def _check(self, entries: Sequence[TensorEntry]) -> dict[str, tuple[np.dtype, str | None]]:
+        plans = {}
+        path = self.reader.index.path
+        for entry in entries:
+            check_readable(self.reader.index, entry)
+            info = DTYPES[entry.dtype]
+            if info.is_string:
+                raise UnsupportedError(
+                    "string tensors cannot be held in device memory; restore them with device='cpu': "
+                    + describe(path, entry.name)
+                )
+            dtype, kernel = self._target_dtype(entry)
+            existing = self.out.get(entry.name)
+            if existing is not None and (tuple(existing.shape) != entry.shape or np.dtype(existing.dtype) != dtype):
+                raise ValueError(
+                    f"out[{entry.name!r}] is {existing.dtype}{list(existing.shape)}, the tensor restores as "
+                    f"{dtype}{list(entry.shape)}: nothing was written: " + describe(path, entry.name)
+                )
+            plans[entry.name] = (dtype, kernel)
+        needed = sum(
+            (e.num_elements * plans[e.name][0].itemsize if e.name not in self.out else 0)
+            + (_stored_bytes(self.reader, e) if plans[e.name][1] else 0)
+            for e in entries
+        )
+        if self.options.check_free_memory:
+            free = self.device.free_bytes()
+            if needed > free:
+                raise DeviceMemoryError(
+                    f"restore needs {needed} bytes of device memory on {self.device.name}, {free} are free: "
+                    + describe(path)
+                )
+        return plans
+
+    def _allocate(
+        self, entries: Sequence[TensorEntry], plans: dict[str, tuple[np.dtype, str | None]]
+    ) -> dict[str, _Target]:
+        targets = {}
+        swap = self.reader.index.header.big_endian
+        for entry in entries:
+            dtype, kernel = plans[entry.name]
+            info = DTYPES[entry.dtype]
+            array = self.out.get(entry.name)
+            if array is None:
+                array = self.device.empty(entry.shape, dtype)
+            if kernel is None:
+                raw = self.device.byte_view(array)  # the bytes land in their final place
+            else:
+                raw = self.device.empty((_stored_bytes(self.reader, entry),), np.dtype(np.uint8))
+            width = info.swap_bytes if swap else 0
+            targets[entry.name] = _Target(entry, array, raw, kernel, width)
+        return targets
+
+    # -- the copy loop -----------------------------------------------------------------------------
+    def _add_progress(self, nbytes: int) -> None:
+        if self.progress is not None:
+            with self._progress_lock:
+                self._bytes_done += nbytes
+                self.progress(self._bytes_done, self._bytes_total)
+
+    def _stage(self, group: ReadGroup, targets: dict[str, _Target], free: queue.Queue[_Slot], stream: Any) -> None:
+        """Read one group through staging slots and queue its copies (and, for tensors it completes,
+        their conversions) on ``stream``."""
+        slot_bytes = self.options.staging_slot_bytes
+        byte_range = group.byte_range
+        for chunk_start in range(0, max(byte_range.length, 1), slot_bytes):
+            if self._abort.is_set():
+                return
+            chunk_end = min(byte_range.length, chunk_start + slot_bytes)
+            slot = free.get()
+            try:
+                slot.wait_until_free()
+                length = chunk_end - chunk_start
+                self.reader.shards.read_into(
+                    byte_range.shard_id,
+                    byte_range.offset + chunk_start,
+                    slot.view[:length],
+                    group.pieces[0].tensor.name,
+                )
+                try:
+                    for piece in group.pieces:
+                        self._copy_piece_part(
+                            piece.stored,
+                            byte_range.offset + chunk_start,
+                            length,
+                            slot,
+                            targets[piece.tensor.name],
+                            stream,
+                        )
+                finally:
+                    # LIFETIME: this event guards the slot until every copy queued from it has run,
+                    # recorded even when a checksum fails after some copies were queued.
+                    slot.last_copy = self.device.record(stream)
+            finally:
+                free.put(slot)
+            self._add_progress(length)
+
+    def _copy_piece_part(
+        self, stored: TensorEntry, chunk_offset: int, length: int, slot: _Slot, target: _Target, stream: Any
+    ) -> None:
+        """Queue the copy of the part of ``stored`` in this chunk; finish the tensor after its last byte.
+
+        One reader thread handles a whole group in file order, so each tensor's chunks arrive in
+        order: the running crc32c is over its bytes in sequence, and its conversion is queued on
+        the same stream after its last copy.
+        """
+        start = max(stored.offset, chunk_offset)
+        end = min(stored.offset + stored.size, chunk_offset + length)
+        if end > start:
+            in_slot = start - chunk_offset
+            if self.verify:
+                target.crc = crc32c(slot.view[in_slot : in_slot + end - start], target.crc)
+            self.device.copy_to_device(target.raw, start - stored.offset, slot.buffer[in_slot:], end - start, stream)
+        if end >= stored.offset + stored.size and target.ready is None:
+            self._complete(target, stream)
+
+    def _complete(self, target: _Target, stream: Any) -> None:
+        entry = target.entry
+        if self.verify and not entry.slices and target.crc != unmask(entry.masked_crc32c):
+            raise ChecksumError(
+                f"checksum does not match: stored {unmask(entry.masked_crc32c):#010x}, computed {target.crc:#010x}: "
+                + describe(self.reader.shards.path(entry.shard_id), entry.name, entry.offset)
+            )
+        if target.swap_width:
+            self.device.byteswap(target.swap_width, target.raw, stream)
+        if target.kernel is not None:
+            self.device.convert(target.kernel, target.raw, target.array, stream)
+        target.ready = self.device.record(stream)
+
+    def run(self, entries: Sequence[TensorEntry], future: RestoreFuture) -> None:
+        """Restore ``entries`` (runs on a coordinating thread for async restores)."""
+        pinned: list[np.ndarray] = []
+        slots: list[_Slot] = []
+        streams: list[Any] = []
+        targets: dict[str, _Target] = {}
+        try:
+            plans = self._check(entries)
+            targets = self._allocate(entries, plans)
+            future._targets = targets
+            partitioned = [e for e in entries if e.slices]
+            plain = [e for e in entries if not e.slices]
+            slot_bytes = self.options.staging_slot_bytes
+            groups = plan_reads(
+                [p for e in plain for p in pieces_of(self.reader.index, e)],
+                PlanOptions(coalesce_below_bytes=slot_bytes // 4, max_gap_bytes=64 << 10, max_group_bytes=slot_bytes),
+            )
+            self._bytes_total = sum(g.byte_range.length for g in groups)
+            for _ in range(self.options.staging_slots):
+                pinned.append(self.device.pinned(slot_bytes))
+                slots.append(_Slot(pinned[-1]))
+            free: queue.Queue[_Slot] = queue.Queue()
+            for slot in slots:
+                free.put(slot)
+            streams.extend(self.device.new_stream() for _ in range(self.options.copy_streams))
+            work: queue.Queue[ReadGroup] = queue.Queue()
+            for group in groups:
+                work.put(group)
+
+            def reader_thread(index: int) -> None:
+                stream = streams[index % len(streams)]
+                while not self._abort.is_set():
+                    try:
+                        group = work.get_nowait()
+                    except queue.Empty:
+                        return
+                    self._stage(group, targets, free, stream)
+                    for piece in group.pieces:
+                        if targets[piece.tensor.name].ready is not None:
+                            future._arrive(piece.tensor.name)
+
+            with concurrent.futures.ThreadPoolExecutor(
+                self.options.io_threads, thread_name_prefix="gpuckpt-stage"
+            ) as pool:
+                running = [pool.submit(reader_thread, i) for i in range(self.options.io_threads)]
+                try:
+                    for f in concurrent.futures.as_completed(running):
+                        f.result()
+                except BaseException:
+                    self._abort.set()
+                    raise
+            # Partitioned tensors: assembled on the host (their slices are strided regions), then
+            # copied whole through the same staging path.
+            for entry in partitioned:
+                self._restore_partitioned(entry, targets[entry.name], slots[0], streams[0])
+                future._arrive(entry.name)
+            future._finish(None)
+        except BaseException as exc:  # noqa: B036 - reported through the future, re-raised by result()
+            self._abort.set()
+            for stream in streams:  # let queued work finish before its memory is let go
+                self.device.record(stream).synchronize()
+            future._targets = {}
+            targets.clear()  # device memory of a failed restore goes back to the allocator
+            future._finish(exc)
+        finally:
+            for slot in slots:
+                slot.wait_until_free()  # no copy may still be reading a buffer about to be released
+            for buffer in pinned:
+                self.device.release_pinned(buffer)
+            for stream in streams:
+                self.device.close_stream(stream)
+
+    def _restore_partitioned(self, entry: TensorEntry, target: _Target, slot: _Slot, stream: Any) -> None:
+        value = self.reader.read([entry], verify=self.verify)[entry.name]
+        raw = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
+        size = self.options.staging_slot_bytes
+        for start in range(0, raw.size, size):
+            slot.wait_until_free()
+            length = min(size, raw.size - start)
+            slot.buffer[:length] = raw[start : start + length]
+            self.device.copy_to_device(target.raw, start, slot.buffer, length, stream)
+            slot.last_copy = self.device.record(stream)
+        # Assembled on the host already in native byte order: only a dtype conversion remains.
+        target.swap_width = 0
+        if target.kernel is not None:
+            self.device.convert(target.kernel, target.raw, target.array, stream)
+        target.ready = self.device.record(stream)
+
+
+def _stored_bytes(reader: HostReader, entry: TensorEntry) -> int:
+    if entry.slices:
+        info = DTYPES[entry.dtype]
+        return math.prod(entry.shape) * info.itemsize
+    return entry.size
+
+
+def restore_to_device(
+    reader: HostReader,
+    device: Device,
+    entries: Sequence[TensorEntry],
+    options: RestoreOptions,
+    *,
+    verify: bool = True,
+    dtype_for: DtypeChooser | None = None,
+    out: dict[str, Any] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    wait: bool = True,
+) -> RestoreFuture:
+    """Start (and by default finish) restoring ``entries`` onto ``device``; returns the future."""
+    future = RestoreFuture([e.name for e in entries])
+    restore = StagedRestore(reader, device, options, verify=verify, dtype_for=dtype_for, out=out, progress=progress)
+    if wait:
+        restore.run(entries, future)
+    else:
+        threading.Thread(target=restore.run, args=(entries, future), name="gpuckpt-restore", daemon=True).start()
+    return future

@@ -1,0 +1,170 @@
+"""The staged device restore, run on the host stand-in device: ordering, slot reuse only after
+its copy event, coalescing and splitting, checksums across chunks, conversion dispatch, out=,
+async readiness, memory checks and cleanup on every error path."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+from bundle_builder import make_bundle
+from conftest import fixture_path
+
+import gpuckpt
+from gpuckpt import pipeline
+from gpuckpt.device import HostDevice
+from gpuckpt.options import RestoreOptions
+
+
+def _restore(prefix, device, names=None, options=None, **kwargs):
+    with gpuckpt.open(prefix) as ckpt:
+        entries = [ckpt.index.tensors[n] for n in (names or ckpt.keys())]
+        future = pipeline.restore_to_device(ckpt._reader, device, entries, options or RestoreOptions(), **kwargs)
+        return future.result()
+
+
+def _host(prefix, names=None):
+    with gpuckpt.open(prefix) as ckpt:
+        return ckpt.restore(names)
+
+
+def _random_tensors(seed=0, count=40):
+    rng = np.random.default_rng(seed)
+    types = [np.float32, np.float16, ml_dtypes.bfloat16, np.int64, np.uint8, np.complex64, np.float64]
+    tensors = {}
+    for i in range(count):
+        size = int(rng.choice([0, 1, 7, 100, 5000, 40000]))
+        tensors[f"t{i:02d}"] = rng.standard_normal(size).astype(types[i % len(types)])
+    return tensors
+
+
+SMALL = RestoreOptions(staging_slots=3, staging_slot_bytes=4096, io_threads=2, copy_streams=2)
+
+
+@pytest.mark.parametrize("big_endian", [False, True])
+def test_random_bundle_through_tiny_slots_matches_host(tmp_path, big_endian):
+    prefix = make_bundle(_random_tensors(), big_endian=big_endian, num_shards=2).write(str(tmp_path / "r"))
+    device = HostDevice(copy_delay_s=0.0005)
+    ours = _restore(prefix, device, options=SMALL)
+    host = _host(prefix)
+    for name, value in host.items():
+        assert ours[name].dtype == value.dtype and ours[name].tobytes() == value.tobytes(), name
+    assert device.pinned_live == 0 and device.streams == []
+
+
+def test_reusing_a_slot_before_its_event_would_corrupt_data(tmp_path, monkeypatch):
+    """The test above can fail: skip the wait on a slot's event and data comes out wrong."""
+    prefix = make_bundle(_random_tensors(seed=3), num_shards=1).write(str(tmp_path / "r"))
+    monkeypatch.setattr(pipeline._Slot, "wait_until_free", lambda self: None)
+    ours = _restore(prefix, HostDevice(copy_delay_s=0.002), options=SMALL, verify=False)
+    host = _host(prefix)
+    assert any(ours[n].tobytes() != host[n].tobytes() for n in host)
+
+
+@pytest.mark.parametrize("fixture", ["tf1_partitioned", "sharded", "keras_adam"])
+def test_tf_written_fixtures_match_host(fixture):
+    with gpuckpt.open(fixture_path(fixture)) as ckpt:  # strings (the object graph) stay on the host
+        names = [n for n in ckpt.keys() if ckpt.info(n).tf_dtype != "string"]
+    ours = _restore(fixture_path(fixture), HostDevice(), names=names, options=SMALL)
+    host = _host(fixture_path(fixture), names)
+    for name, value in host.items():
+        assert ours[name].tobytes() == value.tobytes(), name
+
+
+def test_conversion_dispatch_matches_ml_dtypes(tmp_path):
+    tensors = {
+        "a": np.linspace(-3, 3, 999, dtype=np.float32),
+        "b": np.arange(10, dtype=np.float64) / 3,
+        "c": np.array([1.5, -2], ml_dtypes.bfloat16),
+        "i": np.arange(5, dtype=np.int32),
+    }
+    prefix = make_bundle(tensors).write(str(tmp_path / "c"))
+
+    def choose(name, stored):
+        return {"a": ml_dtypes.bfloat16, "b": np.float16, "c": np.float32}.get(name, stored)
+
+    ours = _restore(prefix, HostDevice(), options=SMALL, dtype_for=choose)
+    assert (
+        ours["a"].dtype == ml_dtypes.bfloat16
+        and ours["a"].tobytes() == tensors["a"].astype(ml_dtypes.bfloat16).tobytes()
+    )
+    assert ours["b"].tobytes() == tensors["b"].astype(np.float16).tobytes()
+    assert ours["c"].tobytes() == tensors["c"].astype(np.float32).tobytes()
+    assert ours["i"].dtype == np.int32
+    with pytest.raises(gpuckpt.UnsupportedError, match="no device conversion"):
+        _restore(prefix, HostDevice(), names=["i"], options=SMALL, dtype_for=lambda n, s: np.float32)
+
+
+def test_checksum_error_releases_everything(tmp_path):
+    bundle = make_bundle(_random_tensors(seed=5))
+    entry = bundle.entries[b"t10"]
+    bundle.shards[0][entry.offset + entry.size - 1] ^= 1  # last byte: found after earlier chunks were copied
+    prefix = bundle.write(str(tmp_path / "bad"))
+    device = HostDevice(copy_delay_s=0.0002)
+    with pytest.raises(gpuckpt.ChecksumError, match="t10"):
+        _restore(prefix, device, options=SMALL)
+    assert device.pinned_live == 0 and device.streams == []
+
+
+def test_truncated_file_in_a_reader_thread(tmp_path):
+    prefix = make_bundle(_random_tensors(seed=6)).write(str(tmp_path / "t"))
+    device = HostDevice()
+    with gpuckpt.open(prefix) as ckpt:
+        with open(prefix + ".data-00000-of-00001", "r+b") as f:
+            f.truncate(1000)
+        entries = list(ckpt.index.tensors.values())
+        future = pipeline.restore_to_device(ckpt._reader, device, entries, SMALL)
+        with pytest.raises(gpuckpt.FormatError, match="short"):
+            future.result()
+    assert device.pinned_live == 0
+
+
+def test_out_arrays_are_filled_or_left_untouched(tmp_path):
+    tensors = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, np.float16)}
+    prefix = make_bundle(tensors).write(str(tmp_path / "o"))
+    out = {"a": np.full((2, 3), -1, np.float32), "b": np.zeros(4, np.float32)}
+    ours = _restore(prefix, HostDevice(), options=SMALL, out=out, dtype_for=lambda n, s: np.float32)
+    assert ours["a"] is out["a"] and ours["b"] is out["b"]
+    np.testing.assert_array_equal(out["a"], tensors["a"])
+    np.testing.assert_array_equal(out["b"], np.ones(4, np.float32))
+    wrong = {"a": np.full((3, 2), -1, np.float32), "b": np.full(4, 7, np.float16)}
+    with pytest.raises(ValueError, match="nothing was written"):
+        _restore(prefix, HostDevice(), options=SMALL, out=wrong)
+    assert (wrong["a"] == -1).all() and (wrong["b"] == 7).all()
+
+
+def test_async_restore_reports_each_tensor(tmp_path):
+    prefix = make_bundle(_random_tensors(seed=7)).write(str(tmp_path / "a"))
+    with gpuckpt.open(prefix) as ckpt:
+        entries = list(ckpt.index.tensors.values())
+        future = pipeline.restore_to_device(ckpt._reader, HostDevice(copy_delay_s=0.0005), entries, SMALL, wait=False)
+        first = future.wait("t00")
+        assert future.ready("t00")
+        result = future.result()
+        assert future.done() and all(future.ready(n) for n in result)
+        assert first is result["t00"]
+
+
+def test_device_memory_is_checked_before_anything_is_allocated(tmp_path):
+    prefix = make_bundle(_random_tensors(seed=8)).write(str(tmp_path / "m"))
+    device = HostDevice(memory_bytes=10_000)
+    with pytest.raises(pipeline.DeviceMemoryError, match=r"needs \d+ bytes .* 10000 are free"):
+        _restore(prefix, device, options=SMALL)
+    assert device.allocated_bytes == 0 and device.pinned_live == 0
+
+
+def test_strings_are_refused_on_a_device():
+    with pytest.raises(gpuckpt.UnsupportedError, match="device='cpu'"):
+        _restore(fixture_path("raw", "all_dtypes"), HostDevice(), names=["strings"])
+
+
+def test_options_from_environment():
+    options = RestoreOptions.from_env({"GPUCKPT_STAGING_SLOTS": "4", "GPUCKPT_IO_THREADS": "2"}, copy_streams=3)
+    assert (options.staging_slots, options.io_threads, options.copy_streams) == (4, 2, 3)
+    assert options.staging_bytes == 4 * options.staging_slot_bytes
+    with pytest.raises(ValueError, match="unknown setting"):
+        RestoreOptions.from_env({"GPUCKPT_STAGING_SLOTZ": "4"})
+    with pytest.raises(ValueError, match="whole number"):
+        RestoreOptions.from_env({"GPUCKPT_IO_THREADS": "many"})
+    with pytest.raises(ValueError):
+        RestoreOptions(staging_slots=1, io_threads=2)
