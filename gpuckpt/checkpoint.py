@@ -8,12 +8,13 @@ import difflib
 import os
 import re
 import threading
-from collections.abc import Callable, Iterable, Iterator
-from typing import Union
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Union
 
 import numpy as np
 
-from .devices import resolve_device
+from .casting import DtypeChooser, dtype_chooser
+from .devices import CPU, device_name, resolve_device
 from .dtypes import dtype_name
 from .errors import ClosedCheckpointError, FormatError, TensorNotFoundError, describe
 from .format.bundle import BundleIndex, TensorEntry, parse_index
@@ -22,6 +23,8 @@ from .format.state import INDEX_SUFFIX, resolve_prefix
 from .host.lazy_slice import LazyTensor, zero_copy_view
 from .host.reader import HostReader, ProgressCallback
 from .host.shards import ShardFiles, data_filename
+from .options import RestoreOptions
+from .pipeline import RestoreFuture, restore_to_device
 
 MAX_INDEX_BYTES = 1 << 34  # 16 GiB: far beyond any real index; refuse to read more into memory
 
@@ -52,9 +55,20 @@ class Checkpoint:
     (they own their memory), except zero-copy views, which keep the file mapped while they live.
     """
 
-    def __init__(self, prefix: str, index: BundleIndex, shards: ShardFiles, device: str, verify: bool, threads: int):
+    def __init__(
+        self,
+        prefix: str,
+        index: BundleIndex,
+        shards: ShardFiles,
+        device: Any,
+        verify: bool,
+        threads: int,
+        options: RestoreOptions,
+    ):
         self.prefix = prefix
-        self.device = device  #: the device chosen ("cpu"; "auto" records its choice here)
+        self._device = device
+        self.device = device_name(device)  #: the device chosen: "cpu", "cuda:N" ("auto" records its choice)
+        self.options = options
         self.verify = verify
         self.threads = threads
         self._index = index
@@ -186,28 +200,40 @@ class Checkpoint:
             return [e for n, e in self._index.tensors.items() if names(n)]
         return [self._entry(n) for n in dict.fromkeys(names)]
 
+    def _resolve(self, device: Any) -> Any:
+        return self._device if device is None else resolve_device(device)
+
     def get_tensor(
-        self, name: str, *, device: str | None = None, verify: bool | None = None, copy: bool = True
-    ) -> np.ndarray:
+        self,
+        name: str,
+        *,
+        device: Any = None,
+        verify: bool | None = None,
+        copy: bool = True,
+        dtype: Any = None,
+    ) -> Any:
         """Read one tensor.
 
         Parameters
         ----------
         name : the tensor's key.
-        device : "cpu" (default: the checkpoint's device).
+        device : "cpu", "cuda", "cuda:N", "auto" (default: the checkpoint's device).
         verify : check the stored crc32c (default: the checkpoint's setting).
-        copy : False returns a read-only zero-copy view of the mapped file (fixed-size, unpartitioned,
-            native-endian tensors only); the file stays mapped while the view lives.
+        copy : False returns a read-only zero-copy view of the mapped file (host, fixed-size,
+            unpartitioned, native-endian tensors only); the file stays mapped while it lives.
+        dtype : restore a floating tensor as this dtype (converted on the device on a GPU).
         """
         self._check_open()
-        resolve_device(device or self.device)
+        target = self._resolve(device)
         entry = self._entry(name)
         if not copy:
+            if target != CPU:
+                raise ValueError("copy=False gives views of the mapped file: host only")
             return zero_copy_view(self._reader, entry)
-        return self._reader.read([entry], verify=self.verify if verify is None else verify)[name]
+        return self.restore([name], device=target, verify=verify, dtype=dtype)[name]
 
     def get_slice(self, name: str) -> LazyTensor:
-        """A lazy handle: ``ckpt.get_slice(name)[2:4, :]`` reads only the bytes it needs.
+        """A lazy handle: ``ckpt.get_slice(name)[2:4, :]`` reads only the bytes it needs (host arrays).
 
         Notes
         -----
@@ -220,36 +246,179 @@ class Checkpoint:
         self,
         names: NameSelector = None,
         *,
-        device: str | None = None,
+        device: Any = None,
         verify: bool | None = None,
         threads: int | None = None,
         progress: ProgressCallback | None = None,
-    ) -> dict[str, np.ndarray]:
+        dtype: Any = None,
+        out: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """Read many tensors at once; returns ``{name: array}`` in key order.
 
         Parameters
         ----------
         names : None for every tensor; a list of names; a regular expression (str or compiled,
             matched against the whole name); or a predicate ``name -> bool``.
-        device, verify : as in :meth:`get_tensor`.
-        threads : reader threads (default: the checkpoint's).
+        device : "cpu" (numpy arrays), "cuda"/"cuda:N" (CuPy arrays), "auto", or a mapping from
+            name prefixes to devices (longest prefix wins; "" for the rest) to spread tensors
+            over several GPUs.
+        verify : check crc32c (default: the checkpoint's setting).
+        threads : host reader threads (default: the checkpoint's).
         progress : called as ``progress(bytes_done, bytes_total)`` as reads complete.
+        dtype : restore floating tensors as this dtype, or a mapping ``{name regex: dtype}``.
+        out : existing arrays to fill, by name (shape and dtype checked first; nothing is touched
+            when a check fails).
 
         Notes
         -----
-        Reads are planned together: sorted by file offset, small tensors coalesced into shared
-        reads, large ones read straight into their arrays with the crc32c computed chunk by chunk
-        while the bytes are in cache. Nothing partial is returned when any tensor fails.
+        Host: reads are planned together (sorted, small tensors coalesced, large ones read straight
+        into their arrays with the crc32c computed chunk by chunk in cache). GPU: bytes stream
+        through a ring of pinned buffers with overlapped asynchronous copies, and conversions run
+        on the device (see :mod:`gpuckpt.pipeline`). Nothing partial is returned on an error.
         """
-        self._check_open()
-        resolve_device(device or self.device)
-        entries = self._select(names)
-        return self._reader.read(
-            entries,
-            verify=self.verify if verify is None else verify,
-            threads=self.threads if threads is None else threads,
-            progress=progress,
+        future = self.restore_async(
+            names, device=device, verify=verify, threads=threads, progress=progress, dtype=dtype, out=out, wait=True
         )
+        return future.result()
+
+    def restore_async(
+        self,
+        names: NameSelector = None,
+        *,
+        device: Any = None,
+        verify: bool | None = None,
+        threads: int | None = None,
+        progress: ProgressCallback | None = None,
+        dtype: Any = None,
+        out: dict[str, Any] | None = None,
+        wait: bool = False,
+    ) -> RestoreFuture:
+        """Start a restore and return at once: ``future.result()`` for everything,
+        ``future.ready(name)`` / ``future.wait(name)`` per tensor as it arrives."""
+        self._check_open()
+        entries = self._select(names)
+        verify = self.verify if verify is None else verify
+        chooser = dtype_chooser(dtype)
+        if isinstance(device, Mapping):
+            return self._restore_spread(entries, device, verify, chooser, out, wait)
+        target = self._resolve(device)
+        if target == CPU:
+            return self._restore_host(entries, verify, threads, progress, chooser, out, wait)
+        return restore_to_device(
+            self._reader,
+            target,
+            entries,
+            self.options,
+            verify=verify,
+            dtype_for=chooser,
+            out=out,
+            progress=progress,
+            wait=wait,
+        )
+
+    def _check_out(self, entries: list[TensorEntry], chooser: DtypeChooser | None, out: dict[str, Any]) -> None:
+        for entry in entries:  # every out= array is checked before anything is read
+            if entry.name not in out:
+                continue
+            stored = self.info(entry.name).dtype
+            wanted = chooser(entry.name, stored) if chooser is not None and stored is not None else stored
+            given = out[entry.name]
+            if tuple(given.shape) != entry.shape or np.dtype(given.dtype) != wanted:
+                raise ValueError(
+                    f"out[{entry.name!r}] is {given.dtype}{list(given.shape)}, the tensor restores as "
+                    f"{wanted}{list(entry.shape)}: nothing was written: " + describe(self._index.path, entry.name)
+                )
+
+    def _restore_host(
+        self,
+        entries: list[TensorEntry],
+        verify: bool,
+        threads: int | None,
+        progress: ProgressCallback | None,
+        chooser: DtypeChooser | None,
+        out: dict[str, Any] | None,
+        wait: bool,
+    ) -> RestoreFuture:
+        future = RestoreFuture([e.name for e in entries])
+        out = out or {}
+        self._check_out(entries, chooser, out)
+
+        def run() -> None:
+            try:
+                arrays = self._reader.read(
+                    entries, verify=verify, threads=self.threads if threads is None else threads, progress=progress
+                )
+                for name, array in arrays.items():
+                    if chooser is not None and array.dtype != object:
+                        wanted = chooser(name, array.dtype)
+                        if wanted != array.dtype:
+                            with np.errstate(invalid="ignore", over="ignore"):
+                                array = array.astype(wanted)
+                    if name in out:
+                        out[name][...] = array
+                        array = out[name]
+                    future._arrive(name, array, None)
+                future._finish(None)
+            except BaseException as exc:  # noqa: B036 - reported through the future
+                future._finish(exc)
+
+        if wait:
+            run()
+        else:
+            threading.Thread(target=run, name="gpuckpt-restore", daemon=True).start()
+        return future
+
+    def _restore_spread(
+        self,
+        entries: list[TensorEntry],
+        placement: Mapping[str, Any],
+        verify: bool,
+        chooser: DtypeChooser | None,
+        out: dict[str, Any] | None,
+        wait: bool,
+    ) -> RestoreFuture:
+        """Tensors placed on several devices by name prefix (longest wins), restored concurrently."""
+        prefixes = sorted(placement, key=len, reverse=True)
+        groups: dict[str, list[TensorEntry]] = {}
+        for entry in entries:
+            prefix = next((p for p in prefixes if entry.name.startswith(p)), None)
+            if prefix is None:
+                raise ValueError(f"no device is given for {entry.name!r} (add a '' prefix for the rest)")
+            groups.setdefault(prefix, []).append(entry)
+        parts = []
+        for prefix, group in groups.items():
+            target = resolve_device(placement[prefix])
+            if target == CPU:
+                parts.append(self._restore_host(group, verify, None, None, chooser, out, wait=False))
+            else:
+                parts.append(
+                    restore_to_device(
+                        self._reader,
+                        target,
+                        group,
+                        self.options,
+                        verify=verify,
+                        dtype_for=chooser,
+                        out=out,
+                        wait=False,
+                    )
+                )
+        future = RestoreFuture([e.name for e in entries])
+
+        def collect() -> None:
+            try:
+                for part in parts:
+                    for name, array in part.result().items():
+                        future._arrive(name, array, None)
+                future._finish(None)
+            except BaseException as exc:  # noqa: B036 - reported through the future
+                future._finish(exc)
+
+        if wait:
+            collect()
+        else:
+            threading.Thread(target=collect, name="gpuckpt-spread", daemon=True).start()
+        return future
 
 
 def _read_index(path: str) -> bytes:
@@ -266,6 +435,7 @@ def open(  # noqa: A001 - the name is the API
     device: str = "cpu",
     verify: bool = True,
     threads: int | None = None,
+    options: RestoreOptions | None = None,
 ) -> Checkpoint:
     """Open a TensorFlow checkpoint for reading.
 
@@ -277,6 +447,7 @@ def open(  # noqa: A001 - the name is the API
         "cuda"/"cuda:N" are the GPU path (not available in this version: DeviceUnavailableError).
     verify : check crc32c of every tensor read (default True).
     threads : reader threads for :meth:`Checkpoint.restore` (default ``min(4, cpu_count)``).
+    options : staging for device restores (default: :meth:`RestoreOptions.from_env`).
 
     Raises
     ------
@@ -292,4 +463,6 @@ def open(  # noqa: A001 - the name is the API
     except BaseException:
         shards.close()
         raise
-    return Checkpoint(prefix, index, shards, chosen, verify, threads or _default_threads())
+    return Checkpoint(
+        prefix, index, shards, chosen, verify, threads or _default_threads(), options or RestoreOptions.from_env()
+    )

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from .casting import DtypeChooser
 from .device import Device, Event
 from .dtypes import DTYPES
 from .errors import CheckpointError, ChecksumError, UnsupportedError, describe
@@ -33,8 +34,6 @@ from .host.convert import kernel_for
 from .host.reader import HostReader, check_readable
 from .options import RestoreOptions
 from .plan import PlanOptions, ReadGroup, pieces_of, plan_reads
-
-DtypeChooser = Callable[[str, np.dtype], np.dtype]
 
 
 class DeviceMemoryError(CheckpointError, MemoryError):
@@ -72,20 +71,29 @@ class _Slot:
 
 class RestoreFuture:
     """An asynchronous restore. ``result()`` waits for every tensor; ``ready(name)`` says whether
-    one has arrived, ``wait(name)`` waits for just that one, so a server can start early."""
+    one has arrived and ``wait(name)`` waits for just that one, so a server can start early.
+
+    A tensor arrives when its last copy and conversion are queued; it is ready when the event
+    recorded after them has fired (on the host path, when it is read).
+    """
 
     def __init__(self, names: Sequence[str]) -> None:
-        self._names = list(names)
-        self._targets: dict[str, _Target] = {}
+        self._names = list(dict.fromkeys(names))
+        self._arrays: dict[str, Any] = {}
+        self._events: dict[str, Event | None] = {}
         self._done = threading.Event()
         self._error: BaseException | None = None
-        self._arrived: dict[str, threading.Event] = {n: threading.Event() for n in names}
+        self._arrived: dict[str, threading.Event] = {n: threading.Event() for n in self._names}
 
-    def _arrive(self, name: str) -> None:
+    def _arrive(self, name: str, array: Any, event: Event | None) -> None:
+        self._arrays[name], self._events[name] = array, event
         self._arrived[name].set()
 
     def _finish(self, error: BaseException | None) -> None:
         self._error = error
+        if error is not None:
+            self._arrays.clear()  # a failed restore hands nothing out (and frees its memory)
+            self._events.clear()
         for event in self._arrived.values():
             event.set()  # wake waiters; they re-check the error
         self._done.set()
@@ -94,19 +102,21 @@ class RestoreFuture:
         return self._done.is_set()
 
     def ready(self, name: str) -> bool:
-        """True once ``name`` is fully in device memory (converted)."""
-        target = self._targets.get(name)
-        return self._arrived[name].is_set() and target is not None and target.ready is not None and target.ready.query()
+        """True once ``name`` is fully in memory (converted)."""
+        if not self._arrived[name].is_set() or name not in self._arrays:
+            return False
+        event = self._events[name]
+        return event is None or event.query()
 
     def wait(self, name: str) -> Any:
-        """The device array of one tensor, as soon as it is complete."""
+        """The array of one tensor, as soon as it is complete."""
         self._arrived[name].wait()
         if self._error is not None:
             raise self._error
-        target = self._targets[name]
-        assert target.ready is not None
-        target.ready.synchronize()
-        return target.array
+        event = self._events[name]
+        if event is not None:
+            event.synchronize()
+        return self._arrays[name]
 
     def result(self) -> dict[str, Any]:
         self._done.wait()
@@ -294,7 +304,6 @@ class StagedRestore:
         try:
             plans = self._check(entries)
             targets = self._allocate(entries, plans)
-            future._targets = targets
             partitioned = [e for e in entries if e.slices]
             plain = [e for e in entries if not e.slices]
             slot_bytes = self.options.staging_slot_bytes
@@ -323,8 +332,9 @@ class StagedRestore:
                         return
                     self._stage(group, targets, free, stream)
                     for piece in group.pieces:
-                        if targets[piece.tensor.name].ready is not None:
-                            future._arrive(piece.tensor.name)
+                        target = targets[piece.tensor.name]
+                        if target.ready is not None:
+                            future._arrive(piece.tensor.name, target.array, target.ready)
 
             with concurrent.futures.ThreadPoolExecutor(
                 self.options.io_threads, thread_name_prefix="gpuckpt-stage"
@@ -339,14 +349,14 @@ class StagedRestore:
             # Partitioned tensors: assembled on the host (their slices are strided regions), then
             # copied whole through the same staging path.
             for entry in partitioned:
-                self._restore_partitioned(entry, targets[entry.name], slots[0], streams[0])
-                future._arrive(entry.name)
+                target = targets[entry.name]
+                self._restore_partitioned(entry, target, slots[0], streams[0])
+                future._arrive(entry.name, target.array, target.ready)
             future._finish(None)
         except BaseException as exc:  # noqa: B036 - reported through the future, re-raised by result()
             self._abort.set()
             for stream in streams:  # let queued work finish before its memory is let go
                 self.device.record(stream).synchronize()
-            future._targets = {}
             targets.clear()  # device memory of a failed restore goes back to the allocator
             future._finish(exc)
         finally:

@@ -187,6 +187,8 @@ GPUCKPT_HD uint16_t f8e5m2_to_f16(uint8_t v) {
 
 GPUCKPT_HD uint16_t f8e4m3fn_to_bf16(uint8_t v) { return f32_to_bf16(f8e4m3fn_to_f32(v)); }
 GPUCKPT_HD uint16_t f8e5m2_to_bf16(uint8_t v) { return f32_to_bf16(f8e5m2_to_f32(v)); }
+GPUCKPT_HD uint64_t f8e4m3fn_to_f64(uint8_t v) { return f32_to_f64(f8e4m3fn_to_f32(v)); }
+GPUCKPT_HD uint64_t f8e5m2_to_f64(uint8_t v) { return f32_to_f64(f8e5m2_to_f32(v)); }
 
 // ---- byte order ----
 GPUCKPT_HD uint16_t swap2(uint16_t v) { return (uint16_t)((v << 8) | (v >> 8)); }

@@ -97,7 +97,7 @@ def test_merge_command(tmp_path):
     "args, needle",
     [
         (("ls", "/nonexistent/ckpt"), "no TensorFlow checkpoint found"),
-        (("restore", fixture_path("keras_adam"), "--device", "cuda"), "CUDA restore path is not available"),
+        (("restore", fixture_path("keras_adam"), "--device", "cuda"), "CuPy is not installed"),
     ],
 )
 def test_errors_are_one_line_without_traceback(args, needle):

@@ -1,0 +1,114 @@
+"""A CUDA GPU behind the :class:`gpuckpt.device.Device` interface, with CuPy.
+
+Pinned host memory from ``cupy.cuda.alloc_pinned_memory``; copies with ``cudaMemcpyAsync`` on
+non-blocking streams; events from ``Stream.record``; the conversion kernels of kernels/convert.cu
+compiled once per device with ``cupy.RawModule``.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, ClassVar
+
+import cupy
+import numpy as np
+
+from ..errors import DeviceUnavailableError, UnsupportedError
+from ..kernel_sources import kernel_dir, read_source
+
+_BLOCK = 256
+_MAX_GRID = 65535 * 4
+
+
+class CudaDevice:
+    """One GPU. Use :meth:`get`: one instance, and one compiled kernel module, per device."""
+
+    _instances: ClassVar[dict[int, CudaDevice]] = {}
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, index: int) -> None:
+        count = cupy.cuda.runtime.getDeviceCount()
+        if not 0 <= index < count:
+            raise DeviceUnavailableError(f"device 'cuda:{index}': this machine has {count} CUDA device(s)")
+        self.index = index
+        self.name = f"cuda:{index}"
+        self._module: Any = None
+        self._pinned: dict[int, Any] = {}  # id(buffer) -> the PinnedMemoryPointer keeping it alive
+
+    @classmethod
+    def get(cls, index: int) -> CudaDevice:
+        with cls._lock:
+            if index not in cls._instances:
+                cls._instances[index] = cls(index)
+            return cls._instances[index]
+
+    def _device(self) -> Any:
+        return cupy.cuda.Device(self.index)
+
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> Any:
+        with self._device():
+            try:
+                return cupy.empty(shape, dtype=dtype)
+            except (TypeError, ValueError) as exc:
+                raise UnsupportedError(
+                    f"CuPy cannot hold {dtype} arrays ({exc}); restore with dtype= a type it can hold "
+                    "(float16 or float32), or on the host"
+                ) from None
+
+    def byte_view(self, array: Any) -> Any:
+        return array.reshape(-1).view(cupy.uint8)
+
+    def pinned(self, nbytes: int) -> np.ndarray:
+        memory = cupy.cuda.alloc_pinned_memory(nbytes)
+        buffer = np.frombuffer(memory, np.uint8, nbytes)
+        self._pinned[id(buffer)] = memory  # LIFETIME: the pinned block lives until release_pinned
+        return buffer
+
+    def release_pinned(self, buffer: np.ndarray) -> None:
+        self._pinned.pop(id(buffer), None)
+
+    def new_stream(self) -> Any:
+        with self._device():
+            return cupy.cuda.Stream(non_blocking=True)
+
+    def close_stream(self, stream: Any) -> None:
+        pass  # CuPy destroys a stream when its last reference goes
+
+    def copy_to_device(self, dst: Any, dst_offset: int, src: np.ndarray, nbytes: int, stream: Any) -> None:
+        if nbytes:
+            cupy.cuda.runtime.memcpyAsync(
+                dst.data.ptr + dst_offset, src.ctypes.data, nbytes, cupy.cuda.runtime.memcpyHostToDevice, stream.ptr
+            )
+
+    def record(self, stream: Any) -> Any:
+        return stream.record()
+
+    def _kernels(self) -> Any:
+        with self._lock:
+            if self._module is None:
+                source = '#line 1 "convert.cu"\n' + read_source("convert.cu")
+                with self._device():
+                    self._module = cupy.RawModule(code=source, options=(f"-I{kernel_dir()}", "--std=c++14"))
+            return self._module
+
+    def _launch(self, name: str, args: tuple[Any, ...], n: int, stream: Any) -> None:
+        if n == 0:
+            return
+        grid = min(_MAX_GRID, (n + _BLOCK - 1) // _BLOCK)
+        with self._device():
+            self._kernels().get_function(f"gpuckpt_{name}")((grid,), (_BLOCK,), args + (np.uint64(n),), stream=stream)
+
+    def convert(self, kernel: str, src: Any, dst: Any, stream: Any) -> None:
+        source_width = src.size // max(dst.size, 1) if dst.size else 1
+        typed = src.view(f"u{source_width}") if source_width > 1 else src
+        self._launch(kernel, (typed, self.byte_view(dst)), dst.size, stream)
+
+    def byteswap(self, width: int, array: Any, stream: Any) -> None:
+        typed = array.view(f"u{width}")
+        self._launch(f"swap{width}", (typed,), typed.size, stream)
+
+    def free_bytes(self) -> int:
+        with self._device():
+            free, _total = cupy.cuda.runtime.memGetInfo()
+        pool = cupy.get_default_memory_pool()
+        return int(free) + int(pool.free_bytes())

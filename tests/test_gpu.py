@@ -1,0 +1,143 @@
+"""Real GPU tests: every dtype and conversion against the host path bit for bit, out=, device maps,
+async restore, out-of-memory and leaks. Marked ``gpu``; skipped where no GPU and CuPy are found."""
+
+from __future__ import annotations
+
+import gc
+
+import ml_dtypes
+import numpy as np
+import pytest
+from bundle_builder import make_bundle
+from conftest import fixture_path
+
+import gpuckpt
+from gpuckpt.cuda import cuda_available
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU and CuPy")]
+
+FLOATS = [np.float32, np.float64, np.float16, ml_dtypes.bfloat16]
+
+
+def _all_bit_patterns(np_type):
+    dtype = np.dtype(np_type)
+    if dtype.itemsize <= 2:
+        return np.arange(2 ** (8 * dtype.itemsize), dtype=f"u{dtype.itemsize}").view(dtype)
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 2 ** (8 * dtype.itemsize) - 1, 1 << 20, dtype=f"u{dtype.itemsize}").view(dtype)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    tensors = {
+        f"{np.dtype(t).name}": _all_bit_patterns(t) for t in FLOATS + [ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2]
+    }
+    tensors.update(
+        {
+            "i64": np.arange(-5, 5, dtype=np.int64),
+            "u8": np.arange(256, dtype=np.uint8),
+            "c64": (np.arange(10) + 1j).astype(np.complex64),
+            "bool": np.array([True, False]),
+        }
+    )
+    return make_bundle(tensors, num_shards=2).write(str(tmp_path_factory.mktemp("gpu") / "ck"))
+
+
+def _same(device_array, host_array, name):
+    import cupy
+
+    got = cupy.asnumpy(device_array)
+    assert got.dtype == host_array.dtype and got.tobytes() == host_array.tobytes(), name
+
+
+def test_every_dtype_matches_host(bundle):
+    with gpuckpt.open(bundle) as ckpt:
+        host = ckpt.restore()
+        for verify in (True, False):
+            device = ckpt.restore(device="cuda", verify=verify)
+            for name, value in host.items():
+                _same(device[name], value, name)
+
+
+@pytest.mark.parametrize("target", FLOATS)
+def test_every_conversion_matches_host(bundle, target):
+    with gpuckpt.open(bundle) as ckpt:
+        host = ckpt.restore(dtype=target)
+        device = ckpt.restore(device="cuda", dtype=target)
+        for name, value in host.items():
+            _same(device[name], value, name)
+
+
+def test_big_endian_and_partitioned_on_gpu(tmp_path):
+    tensors = {"f": np.linspace(-2, 2, 1001, dtype=np.float32), "h": np.arange(9, dtype=np.float16)}
+    prefix = make_bundle(tensors, big_endian=True).write(str(tmp_path / "be"))
+    with gpuckpt.open(prefix) as ckpt:
+        for name, value in ckpt.restore(device="cuda").items():
+            _same(value, tensors[name], name)
+    with gpuckpt.open(fixture_path("tf1_partitioned")) as ckpt:
+        _same(ckpt.get_tensor("pv", device="cuda"), ckpt.get_tensor("pv"), "pv")
+
+
+def test_out_async_and_dlpack(bundle):
+    import cupy
+
+    with gpuckpt.open(bundle) as ckpt:
+        out = {"float32": cupy.zeros(ckpt.info("float32").shape, cupy.float32)}
+        result = ckpt.restore(["float32"], device="cuda", out=out)
+        assert result["float32"] is out["float32"]
+        future = ckpt.restore_async(device="cuda")
+        first = future.wait("float16")
+        assert future.ready("float16")
+        _same(first, ckpt.get_tensor("float16"), "float16")
+        future.result()
+        torch = pytest.importorskip("torch")
+        tensor = torch.from_dlpack(result["float32"])
+        assert tensor.data_ptr() == result["float32"].data.ptr  # no copy
+
+
+def test_device_map_over_available_gpus(bundle):
+    import cupy
+
+    count = cupy.cuda.runtime.getDeviceCount()
+    placement = {"float": "cuda:0", "": f"cuda:{count - 1}"}
+    with gpuckpt.open(bundle) as ckpt:
+        arrays = ckpt.restore(device=placement)
+        assert arrays["float32"].device.id == 0 and arrays["u8"].device.id == count - 1
+
+
+def test_out_of_memory_is_typed_and_leaks_nothing(bundle):
+    import cupy
+
+    pool = cupy.get_default_memory_pool()
+    pinned = cupy.get_default_pinned_memory_pool()
+    gc.collect()
+    before = pool.used_bytes()
+    pool.set_limit(size=64 << 10)
+    try:
+        with gpuckpt.open(bundle) as ckpt:
+            for _ in range(20):
+                with pytest.raises((gpuckpt.CheckpointError, cupy.cuda.memory.OutOfMemoryError)):
+                    ckpt.restore(device="cuda")
+    finally:
+        pool.set_limit(size=0)
+    gc.collect()
+    assert pool.used_bytes() == before
+    assert pinned.n_free_blocks() >= 0  # pinned blocks returned to CuPy's pool, not leaked
+
+
+def test_checksum_failure_frees_device_memory(tmp_path):
+    import cupy
+
+    bundle = make_bundle({"a": np.ones(1 << 20, np.float32), "b": np.ones(1 << 20, np.float32)})
+    entry = bundle.entries[b"b"]
+    bundle.shards[0][entry.offset + 123] ^= 1
+    prefix = bundle.write(str(tmp_path / "bad"))
+    pool = cupy.get_default_memory_pool()
+    gc.collect()
+    before = pool.used_bytes()
+    with gpuckpt.open(prefix) as ckpt:
+        for _ in range(50):
+            with pytest.raises(gpuckpt.ChecksumError, match="'b'"):
+                ckpt.restore(device="cuda")
+    gc.collect()
+    assert pool.used_bytes() == before
