@@ -42,3 +42,22 @@ def test_benchmark_smoke(tmp_path):
     assert result["large"]["ratios"]["tf_over_gpuckpt_verified"] > 0
     assert result["many"]["tensors"] == 300
     assert result["machine"]["cores"] >= 1
+
+
+@pytest.mark.gpu
+def test_gpu_benchmark_smoke(tmp_path):
+    from gpuckpt.cuda import cuda_available
+
+    if not cuda_available():
+        pytest.skip("needs a CUDA GPU and CuPy")
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import restore_gpu
+
+    out = tmp_path / "gpu.json"
+    assert (
+        restore_gpu.main(
+            ["--size-gb", "0.05", "--tensors", "8", "--repeat", "1", "--work-dir", str(tmp_path), "--out", str(out)]
+        )
+        == 0
+    )
+    assert json.loads(out.read_text())["ratios"]["verified_vs_floor"] > 0

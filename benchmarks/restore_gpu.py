@@ -1,0 +1,245 @@
+"""GPU restore benchmark: gpuckpt against the pinned-copy floor and the baselines, in one run.
+
+    python benchmarks/restore_gpu.py [--size-gb 4] [--tensors 300] [--repeat 3] [--out FILE]
+
+Writes (with gpuckpt.save, cached under --work-dir) a checkpoint of mixed fp32/bf16/fp16 tensors,
+checks the device restore against the host restore bit for bit, then times on one GPU:
+
+* floor: one pinned host-to-device copy of the same byte count (CUDA events);
+* gpuckpt ``restore(device="cuda")`` from a warm page cache, verified and not;
+* naive: host ``get_tensor`` then ``cupy.asarray`` per tensor;
+* ``safetensors.torch.load_file(device="cuda")`` of the same tensors, where torch and safetensors
+  are installed;
+* cold cache (files evicted with posix_fadvise) against the raw file read speed.
+
+Reports GB/s and ratios, peak host memory growth against the staging size, the device and its PCIe
+link, and writes a JSON file (default benchmarks/results/gpu-<device>.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import gpuckpt  # noqa: E402
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Samples resident memory every few milliseconds while a block runs."""
+
+    def __enter__(self) -> PeakMemory:
+        self.base = self.peak = rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.003):
+            self.peak = max(self.peak, rss_bytes())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.growth = self.peak - self.base
+
+
+def best_of(repeat, fn):
+    import cupy
+
+    times = []
+    for _ in range(repeat):
+        gc.collect()
+        cupy.get_default_memory_pool().free_all_blocks()
+        start = time.perf_counter()
+        fn()
+        cupy.cuda.runtime.deviceSynchronize()  # timing boundary only; the pipeline itself never does this
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def make_checkpoint(prefix: str, size_gb: float, count: int) -> dict:
+    import ml_dtypes
+
+    if os.path.exists(prefix + ".index"):
+        return {}
+    rng = np.random.default_rng(0)
+    weights = np.exp(rng.uniform(np.log(1e5), np.log(2e8), count))
+    sizes = (weights / weights.sum() * size_gb * 2**30).astype(np.int64)
+    kinds = [np.float32, ml_dtypes.bfloat16, np.float16]
+    tensors = {}
+    for i, nbytes in enumerate(sizes):
+        dtype = np.dtype(kinds[i % 3])
+        n = max(256, int(nbytes) // dtype.itemsize // 256 * 256)
+        tensors[f"layer_{i:04d}/w"] = rng.standard_normal(n, np.float32).astype(dtype).reshape(-1, 256)
+    gpuckpt.save(prefix, tensors)
+    return tensors
+
+
+def evict(paths):
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def device_description() -> dict:
+    query = "name,pcie.link.gen.current,pcie.link.width.current,pcie.link.gen.max,memory.total,driver_version"
+    try:
+        line = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True, text=True, check=True
+        ).stdout.splitlines()[0]
+        return dict(zip(query.split(","), [v.strip() for v in line.split(",")], strict=False))
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        import cupy
+
+        return {"name": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-gb", type=float, default=4.0)
+    parser.add_argument("--tensors", type=int, default=300)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--work-dir", default=os.path.join(os.path.dirname(HERE), ".bench"))
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+
+    import cupy
+
+    prefix = os.path.join(args.work_dir, f"gpu-{args.size_gb:g}gb-{args.tensors}t", "ckpt")
+    make_checkpoint(prefix, args.size_gb, args.tensors)
+    with gpuckpt.open(prefix) as ckpt:
+        files = ckpt.data_files() + [prefix + ".index"]
+        total = sum(ckpt.info(n).nbytes for n in ckpt.keys())
+        names = ckpt.keys()
+        host = ckpt.restore(names[:5])
+        device = ckpt.restore(names[:5], device="cuda")
+        for name in names[:5]:
+            assert cupy.asnumpy(device[name]).tobytes() == host[name].tobytes(), name
+        del host, device
+        options = ckpt.options
+
+    for path in files:  # warm the page cache
+        with open(path, "rb") as f:
+            while f.read(64 << 20):
+                pass
+
+    pinned = cupy.cuda.alloc_pinned_memory(total)
+    staging = np.frombuffer(pinned, np.uint8, total)
+    staging[:] = 1
+    target = cupy.empty(total, cupy.uint8)
+    stream = cupy.cuda.Stream(non_blocking=True)
+
+    def floor():
+        cupy.cuda.runtime.memcpyAsync(
+            target.data.ptr, staging.ctypes.data, total, cupy.cuda.runtime.memcpyHostToDevice, stream.ptr
+        )
+        stream.synchronize()
+
+    def restore(verify):
+        def run():
+            with gpuckpt.open(prefix, verify=verify) as c:
+                return c.restore(device="cuda")
+
+        return run
+
+    def naive():
+        with gpuckpt.open(prefix) as c:
+            return {n: cupy.asarray(c.get_tensor(n)) for n in c.keys()}
+
+    results = {
+        "device": device_description(),
+        "bytes": total,
+        "tensors": len(names),
+        "staging_bytes": options.staging_bytes,
+        "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    results["floor_pinned_h2d_s"] = best_of(args.repeat, floor)
+    target = cupy.empty(0, cupy.uint8)  # give the floor's device buffer back before the restores
+    with PeakMemory() as peak:
+        results["gpuckpt_verified_s"] = best_of(args.repeat, restore(True))
+    results["peak_host_growth_bytes"] = peak.growth
+    results["gpuckpt_unverified_s"] = best_of(args.repeat, restore(False))
+    results["naive_s"] = best_of(1, naive)
+    try:
+        import safetensors.torch
+        import torch
+
+        st_path = prefix + ".safetensors"
+        if not os.path.exists(st_path):
+            with gpuckpt.open(prefix) as c:
+                tensors = {}
+                for n in c.keys():
+                    array = c.get_tensor(n)
+                    raw = torch.from_numpy(
+                        array.view(f"u{array.dtype.itemsize}").view(np.int16 if array.dtype.itemsize == 2 else np.int32)
+                    )
+                    tensors[n] = raw.view(
+                        {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(array.dtype.name, torch.float32)
+                    )
+            safetensors.torch.save_file(tensors, st_path)
+            del tensors
+        with open(st_path, "rb") as f:
+            while f.read(64 << 20):
+                pass
+        results["safetensors_s"] = best_of(args.repeat, lambda: safetensors.torch.load_file(st_path, device="cuda"))
+    except ImportError:
+        results["safetensors_s"] = None
+
+    def cold():
+        evict(files)
+        restore(True)()
+
+    def raw_read():
+        evict(files)
+        for path in files[:-1]:
+            with open(path, "rb", buffering=0) as f:
+                while f.readinto(memoryview(staging)[: 64 << 20]):
+                    pass
+
+    results["cold_gpuckpt_s"] = best_of(1, cold)
+    results["cold_raw_read_s"] = best_of(1, raw_read)
+
+    gbps = {k[:-2] + "_GBps": total / v / 1e9 for k, v in results.items() if k.endswith("_s") and v}
+    results.update(gbps)
+    floor_s = results["floor_pinned_h2d_s"]
+    results["ratios"] = {
+        "unverified_vs_floor": floor_s / results["gpuckpt_unverified_s"],
+        "verified_vs_floor": floor_s / results["gpuckpt_verified_s"],
+        "speedup_vs_naive": results["naive_s"] / results["gpuckpt_verified_s"],
+        "speedup_vs_safetensors": (results["safetensors_s"] / results["gpuckpt_verified_s"])
+        if results["safetensors_s"]
+        else None,
+        "cold_vs_raw_read": results["cold_raw_read_s"] / results["cold_gpuckpt_s"],
+        "host_growth_vs_staging": peak.growth / options.staging_bytes,
+    }
+    print(json.dumps(results, indent=2))
+    name = results["device"].get("name", "gpu").replace(" ", "-")
+    out = args.out or os.path.join(HERE, "results", f"gpu-{name}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
