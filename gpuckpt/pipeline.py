@@ -210,7 +210,10 @@ class StagedRestore:
             info = DTYPES[entry.dtype]
             array = self.out.get(entry.name)
             if array is None:
-                array = self.device.empty(entry.shape, dtype)
+                try:
+                    array = self.device.empty(entry.shape, dtype)
+                except UnsupportedError as exc:  # e.g. a float8 type the device arrays cannot hold
+                    raise UnsupportedError(f"{exc}: " + describe(self.reader.index.path, entry.name)) from None
             if kernel is None:
                 raw = self.device.byte_view(array)  # the bytes land in their final place
             else:

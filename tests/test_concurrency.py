@@ -1,0 +1,54 @@
+"""Several threads restoring from one Checkpoint, and from separate ones, at the same time."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import numpy as np
+import pytest
+from bundle_builder import make_bundle
+
+import gpuckpt
+from gpuckpt.device import HostDevice
+
+
+@pytest.fixture
+def prefix(tmp_path):
+    rng = np.random.default_rng(0)
+    tensors = {f"t{i}": rng.standard_normal(int(rng.integers(1, 50_000))).astype(np.float32) for i in range(30)}
+    return make_bundle(tensors, num_shards=3).write(str(tmp_path / "ck"))
+
+
+def test_eight_threads_share_one_checkpoint_and_use_their_own(prefix):
+    with gpuckpt.open(prefix) as shared:
+        expected = shared.restore()
+
+        def work(i):
+            if i % 3 == 0:
+                return shared.restore(threads=2)
+            if i % 3 == 1:
+                return shared.restore(device=HostDevice())
+            with gpuckpt.open(prefix) as own:
+                return own.restore()
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(work, range(8)))
+    for result in results:
+        assert set(result) == set(expected)
+        for name, value in expected.items():
+            assert np.asarray(result[name]).tobytes() == value.tobytes()
+
+
+def test_one_failing_thread_does_not_block_the_others(prefix):
+    with gpuckpt.open(prefix) as ckpt:
+
+        def work(i):
+            if i == 3:
+                return ckpt.restore(["t1", "missing"])
+            return ckpt.restore()
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(work, i) for i in range(8)]
+            done, not_done = concurrent.futures.wait(futures, timeout=60)
+        assert not not_done
+        assert sum(isinstance(f.exception(), gpuckpt.TensorNotFoundError) for f in futures) == 1
