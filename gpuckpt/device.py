@@ -69,14 +69,19 @@ class Device(Protocol):
 
 
 class HostEvent:
-    def __init__(self) -> None:
+    def __init__(self, stream: HostStream) -> None:
         self._fired = threading.Event()
+        self._stream = stream
 
     def fire(self) -> None:
         self._fired.set()
 
     def synchronize(self) -> None:
+        """Wait for the event; a fault in work queued before it is raised here, as CUDA reports
+        an asynchronous error at the next synchronization."""
         self._fired.wait()
+        if self._stream.errors:
+            raise self._stream.errors[0]
 
     def query(self) -> bool:
         return self._fired.is_set()
@@ -163,7 +168,7 @@ class HostDevice:
         stream.submit(copy)
 
     def record(self, stream: HostStream) -> HostEvent:
-        event = HostEvent()
+        event = HostEvent(stream)
         stream.submit(event.fire)
         return event
 

@@ -359,16 +359,20 @@ class StagedRestore:
         except BaseException as exc:  # noqa: B036 - reported through the future, re-raised by result()
             self._abort.set()
             for stream in streams:  # let queued work finish before its memory is let go
-                self.device.record(stream).synchronize()
+                _quietly(self.device.record(stream).synchronize)
             targets.clear()  # device memory of a failed restore goes back to the allocator
             future._finish(exc)
         finally:
-            for slot in slots:
-                slot.wait_until_free()  # no copy may still be reading a buffer about to be released
+            fault = None
+            for slot in slots:  # no copy may still be reading a buffer about to be released
+                fault = _quietly(slot.wait_until_free) or fault
+                slot.last_copy = None
             for buffer in pinned:
                 self.device.release_pinned(buffer)
             for stream in streams:
                 self.device.close_stream(stream)
+            if fault is not None and future._error is None:
+                future._finish(fault)  # a device fault in queued work: the results cannot be trusted
 
     def _restore_partitioned(self, entry: TensorEntry, target: _Target, slot: _Slot, stream: Any) -> None:
         value = self.reader.read([entry], verify=self.verify)[entry.name]
@@ -385,6 +389,15 @@ class StagedRestore:
         if target.kernel is not None:
             self.device.convert(target.kernel, target.raw, target.array, stream)
         target.ready = self.device.record(stream)
+
+
+def _quietly(step: Callable[[], None]) -> BaseException | None:
+    """Run a cleanup step, returning (not raising) its error, so every later step still runs."""
+    try:
+        step()
+    except BaseException as exc:  # noqa: B036 - collected and reported by the caller
+        return exc
+    return None
 
 
 def _stored_bytes(reader: HostReader, entry: TensorEntry) -> int:

@@ -168,3 +168,16 @@ def test_options_from_environment():
         RestoreOptions.from_env({"GPUCKPT_IO_THREADS": "many"})
     with pytest.raises(ValueError):
         RestoreOptions(staging_slots=1, io_threads=2)
+
+
+def test_a_fault_in_queued_device_work_is_reported(tmp_path, monkeypatch):
+    prefix = make_bundle({"a": np.linspace(0, 1, 5000, dtype=np.float32)}).write(str(tmp_path / "f"))
+    device = HostDevice()
+
+    def broken(kernel, src, dst, stream):
+        stream.submit(lambda: 1 / 0)
+
+    monkeypatch.setattr(device, "convert", broken)
+    with pytest.raises(ZeroDivisionError):
+        _restore(prefix, device, options=SMALL, dtype_for=lambda n, s: np.float16)
+    assert device.pinned_live == 0
