@@ -272,3 +272,13 @@ def test_object_graph_entry_of_the_wrong_kind(tmp_path):
     )
     with gpuckpt.open(prefix) as ckpt, pytest.raises(FormatError, match="object graph"):
         ckpt.kind("w")
+
+
+def test_lazy_slice_after_the_file_shrank_is_an_error_not_sigbus(tmp_path):
+    prefix = build(tmp_path)
+    with gpuckpt.open(prefix) as ckpt:
+        assert ckpt.get_slice("w")[0].tolist() == [0, 1, 2, 3]  # mapped now
+        with open(prefix + ".data-00000-of-00001", "r+b") as f:
+            f.truncate(4)
+        with pytest.raises(FormatError, match="shrank"):
+            ckpt.get_slice("w")[2]

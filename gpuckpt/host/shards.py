@@ -80,18 +80,23 @@ class ShardFiles:
             done += got
 
     def mapping(self, shard_id: int) -> memoryview:
-        """A read-only view of the whole shard (memory-mapped on first use)."""
+        """A read-only view of the whole shard (memory-mapped on first use).
+
+        The file's size is checked on every call: touching a mapped page past the end of a file
+        that shrank would kill the process with SIGBUS. (A file truncated between this check and
+        the access can still do that; bulk reads use ``preadv`` and cannot.)
+        """
         with self._lock:
+            if self._sizes[shard_id] == 0:
+                return memoryview(b"")
+            current = os.fstat(self._fd(shard_id)).st_size
+            if current < self._sizes[shard_id]:
+                raise FormatError(
+                    f"data file shrank from {self._sizes[shard_id]} to {current} bytes since it was opened: "
+                    + describe(self.path(shard_id))
+                )
             m = self._maps.get(shard_id)
             if m is None:
-                if self._sizes[shard_id] == 0:
-                    return memoryview(b"")
-                current = os.fstat(self._fd(shard_id)).st_size
-                if current < self._sizes[shard_id]:
-                    raise FormatError(
-                        f"data file shrank from {self._sizes[shard_id]} to {current} bytes since it was opened: "
-                        + describe(self.path(shard_id))
-                    )
                 m = mmap.mmap(self._fds[shard_id], self._sizes[shard_id], prot=mmap.PROT_READ)
                 self._maps[shard_id] = m
         return memoryview(m)
