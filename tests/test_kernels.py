@@ -131,3 +131,52 @@ def test_cuda_sources_compile(tmp_path, arch):
         symbols = subprocess.run([cuobjdump, "-symbols", str(out)], capture_output=True, text=True, check=True)
         for name in conversions():
             assert f"gpuckpt_{name}" in symbols.stdout
+
+
+def _load_nvrtc():
+    """libnvrtc from the nvidia-cuda-nvrtc wheel (a dev dependency) or the system, else None."""
+    import glob
+    import site
+
+    candidates = []
+    for base in site.getsitepackages() + [site.getusersitepackages()]:
+        candidates += sorted(glob.glob(os.path.join(base, "nvidia", "*", "lib", "libnvrtc.so*")))
+        candidates += sorted(glob.glob(os.path.join(base, "nvidia", "cuda_nvrtc", "lib", "libnvrtc.so*")))
+    candidates += ["libnvrtc.so"]
+    for path in candidates:
+        if "builtins" in path:
+            continue
+        try:
+            return ctypes.CDLL(path)
+        except OSError:
+            continue
+    return None
+
+
+@pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
+def test_kernels_compile_with_nvrtc_as_cupy_rawmodule_does(arch):
+    """The runtime path: NVRTC (what cupy.RawModule uses) compiles the same source text the CUDA
+    backend builds, with its #line prefix and include path, without system headers."""
+    nvrtc = _load_nvrtc()
+    if nvrtc is None:
+        pytest.skip("libnvrtc is not installed (pip install nvidia-cuda-nvrtc)")
+    from gpuckpt.kernel_sources import kernel_dir, read_source
+
+    source = ('#line 1 "convert.cu"\n' + read_source("convert.cu")).encode()
+    program = ctypes.c_void_p()
+    assert nvrtc.nvrtcCreateProgram(ctypes.byref(program), source, b"convert.cu", 0, None, None) == 0
+    options = [f"-I{kernel_dir()}".encode(), b"--std=c++14", f"--gpu-architecture={arch}".encode()]
+    array = (ctypes.c_char_p * len(options))(*options)
+    status = nvrtc.nvrtcCompileProgram(program, len(options), array)
+    size = ctypes.c_size_t()
+    nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    nvrtc.nvrtcGetProgramLog(program, log)
+    ptx_size = ctypes.c_size_t()
+    nvrtc.nvrtcGetPTXSize(program, ctypes.byref(ptx_size))
+    ptx = ctypes.create_string_buffer(ptx_size.value)
+    nvrtc.nvrtcGetPTX(program, ptx)
+    nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
+    assert status == 0, log.value.decode(errors="replace")
+    for name in conversions() + ["swap2", "swap4", "swap8"]:
+        assert f".entry gpuckpt_{name}(".encode() in ptx.value, name
