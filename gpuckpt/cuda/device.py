@@ -95,8 +95,9 @@ class CudaDevice:
         if n == 0:
             return
         grid = min(_MAX_GRID, (n + _BLOCK - 1) // _BLOCK)
-        with self._device():
-            self._kernels().get_function(f"gpuckpt_{name}")((grid,), (_BLOCK,), args + (np.uint64(n),), stream=stream)
+        kernel = self._kernels().get_function(f"gpuckpt_{name}")
+        with self._device(), stream:  # a RawKernel launches on the current stream
+            kernel((grid,), (_BLOCK,), args + (np.uint64(n),))
 
     def convert(self, kernel: str, src: Any, dst: Any, stream: Any) -> None:
         source_width = src.size // max(dst.size, 1) if dst.size else 1
