@@ -20,6 +20,21 @@ _BLOCK = 256
 _MAX_GRID = 65535 * 4
 
 
+class CudaEvent:
+    """A CUDA event with the interface the pipeline uses (``synchronize``, ``query``)."""
+
+    __slots__ = ("event",)
+
+    def __init__(self, event: Any) -> None:
+        self.event = event
+
+    def synchronize(self) -> None:
+        self.event.synchronize()
+
+    def query(self) -> bool:
+        return bool(self.event.done)
+
+
 class CudaDevice:
     """One GPU. Use :meth:`get`: one instance, and one compiled kernel module, per device."""
 
@@ -80,8 +95,8 @@ class CudaDevice:
                 dst.data.ptr + dst_offset, src.ctypes.data, nbytes, cupy.cuda.runtime.memcpyHostToDevice, stream.ptr
             )
 
-    def record(self, stream: Any) -> Any:
-        return stream.record()
+    def record(self, stream: Any) -> CudaEvent:
+        return CudaEvent(stream.record())
 
     def _kernels(self) -> Any:
         with self._lock:
