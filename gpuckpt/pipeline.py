@@ -188,7 +188,7 @@ class StagedRestore:
             plans[entry.name] = (dtype, kernel)
         needed = sum(
             (e.num_elements * plans[e.name][0].itemsize if e.name not in self.out else 0)
-            + (_stored_bytes(self.reader, e) if plans[e.name][1] else 0)
+            + (_stored_bytes(e) if plans[e.name][1] else 0)
             for e in entries
         )
         if self.options.check_free_memory:
@@ -217,7 +217,7 @@ class StagedRestore:
             if kernel is None:
                 raw = self.device.byte_view(array)  # the bytes land in their final place
             else:
-                raw = self.device.empty((_stored_bytes(self.reader, entry),), np.dtype(np.uint8))
+                raw = self.device.empty((_stored_bytes(entry),), np.dtype(np.uint8))
             width = info.swap_bytes if swap else 0
             targets[entry.name] = _Target(entry, array, raw, kernel, width)
         return targets
@@ -400,7 +400,7 @@ def _quietly(step: Callable[[], None]) -> BaseException | None:
     return None
 
 
-def _stored_bytes(reader: HostReader, entry: TensorEntry) -> int:
+def _stored_bytes(entry: TensorEntry) -> int:
     if entry.slices:
         info = DTYPES[entry.dtype]
         return math.prod(entry.shape) * info.itemsize
