@@ -29,3 +29,57 @@ def unmask(masked: int) -> int:
     """Inverse of :func:`mask`."""
     rot = (masked - _MASK_DELTA) & _U32
     return ((rot >> 17) | (rot << 15)) & _U32
+
+
+# ------------------------------------------------------------------------------------------------
+# Combining CRCs of consecutive pieces: crc32c(a + b) from crc32c(a), crc32c(b) and len(b), so the
+# pieces of one large tensor can be checksummed by several threads at once. The CRC register is a
+# vector over GF(2); appending n zero bytes to a message is a linear operator on it (a 32x32 bit
+# matrix, kept as its 32 columns), computed once per length and cached.
+
+_POLY = 0x82F63B78  # CRC-32C, reflected
+_operators: dict[int, tuple[int, ...]] = {}
+
+
+def _apply(matrix: tuple[int, ...], vector: int) -> int:
+    result = 0
+    column = 0
+    while vector:
+        if vector & 1:
+            result ^= matrix[column]
+        vector >>= 1
+        column += 1
+    return result
+
+
+def _compose(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    """The operator "b, then a"."""
+    return tuple(_apply(a, column) for column in b)
+
+
+def _zeros_operator(nbytes: int) -> tuple[int, ...]:
+    cached = _operators.get(nbytes)
+    if cached is not None:
+        return cached
+    one_bit = (_POLY,) + tuple(1 << i for i in range(31))  # shift the register by one zero bit
+    step = _compose(one_bit, one_bit)
+    step = _compose(step, step)
+    step = _compose(step, step)  # one zero byte
+    result = tuple(1 << i for i in range(32))  # identity
+    n = nbytes
+    while n:
+        if n & 1:
+            result = _compose(step, result)
+        n >>= 1
+        if n:
+            step = _compose(step, step)
+    if len(_operators) < 64:
+        _operators[nbytes] = result
+    return result
+
+
+def crc32c_combine(crc_a: int, crc_b: int, length_b: int) -> int:
+    """``crc32c(a + b)`` from ``crc32c(a)``, ``crc32c(b)`` and ``len(b)``."""
+    if length_b == 0:
+        return crc_a
+    return _apply(_zeros_operator(length_b), crc_a) ^ crc_b

@@ -18,7 +18,7 @@ import numpy as np
 from ..dtypes import DTYPES
 from ..errors import ChecksumError, FormatError, UnsupportedError, describe
 from ..format.bundle import BundleIndex, TensorEntry, refused_reason
-from ..format.crc import crc32c, unmask
+from ..format.crc import crc32c, crc32c_combine, unmask
 from ..format.slices import coverage_problem
 from ..gcpause import gc_paused
 from ..plan import DEFAULT_PLAN, PlanOptions, ReadGroup, pieces_of, plan_reads
@@ -27,8 +27,40 @@ from .shards import ShardFiles
 from .strings import decode_strings
 
 CHUNK_BYTES = 4 << 20  # fits in L2/L3 so the crc pass reads what the copy just wrote
+SPLIT_BYTES = 32 << 20  # tensors larger than two of these are read by several threads in parts
 
 ProgressCallback = Callable[[int, int], None]
+
+
+class _BulkRead:
+    """One large fixed-size tensor read straight into its array, possibly in parts by several
+    threads; the parts' CRCs are combined in order once all are in (crc32c_combine)."""
+
+    def __init__(self, entry: TensorEntry, tensor: TensorEntry, split_bytes: int | None) -> None:
+        info = entry.dtype_info
+        assert info is not None and not info.is_string
+        self.entry, self.tensor = entry, tensor
+        self.array = np.empty(entry.shape, dtype=info.numpy)
+        self.flat = memoryview(self.array.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+        size = entry.size
+        step = split_bytes if split_bytes and size > 2 * split_bytes else max(size, 1)
+        self.bounds = [(start, min(size, start + step)) for start in range(0, max(size, 1), step)]
+        self.crcs = [0] * len(self.bounds)
+        self._remaining = len(self.bounds)
+        self._lock = threading.Lock()
+
+    def part_done(self, part: int, crc: int) -> bool:
+        """Record a part's CRC; True for the caller that finished the last part."""
+        with self._lock:
+            self.crcs[part] = crc
+            self._remaining -= 1
+            return self._remaining == 0
+
+    def combined_crc(self) -> int:
+        crc = self.crcs[0]
+        for (start, end), part_crc in zip(self.bounds[1:], self.crcs[1:], strict=True):
+            crc = crc32c_combine(crc, part_crc, end - start)
+        return crc
 
 
 def _is_bulk(group: ReadGroup) -> bool:
@@ -85,22 +117,26 @@ class HostReader:
                 f"computed {crc:#010x}: " + describe(path, name, offset)
             )
 
-    def _read_whole(self, entry: TensorEntry, tensor: TensorEntry, verify: bool) -> np.ndarray:
-        """Read one fixed-size entry straight into a new array, checksumming chunk by chunk."""
-        info = entry.dtype_info
-        assert info is not None and not info.is_string
-        array = np.empty(entry.shape, dtype=info.numpy)
-        flat = memoryview(array.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+    def _read_part(self, bulk: _BulkRead, part: int, verify: bool, outputs: dict[str, np.ndarray]) -> int:
+        """Read one part of a large fixed-size tensor straight into its array, checksumming it 4 MiB
+        at a time while the bytes are in cache; the last part to finish combines the parts' CRCs,
+        verifies the tensor and publishes it."""
+        entry = bulk.entry
+        start, end = bulk.bounds[part]
         crc = 0
-        for start in range(0, entry.size, CHUNK_BYTES):
-            chunk = flat[start : start + CHUNK_BYTES]
-            self.shards.read_into(entry.shard_id, entry.offset + start, chunk, tensor.name)
+        for offset in range(start, end, CHUNK_BYTES):
+            chunk = bulk.flat[offset : min(end, offset + CHUNK_BYTES)]
+            self.shards.read_into(entry.shard_id, entry.offset + offset, chunk, bulk.tensor.name)
             if verify:
                 crc = crc32c(chunk, crc)
-        if verify:
-            self._verify(crc, entry, tensor)
-        fix_in_place(array, info, self.index.header.big_endian)
-        return array
+        if bulk.part_done(part, crc):
+            if verify:
+                self._verify(bulk.combined_crc(), entry, bulk.tensor)
+            info = entry.dtype_info
+            assert info is not None
+            fix_in_place(bulk.array, info, self.index.header.big_endian)
+            outputs[bulk.tensor.name] = bulk.array
+        return end - start
 
     def read_raw(self, entry: TensorEntry) -> bytes:
         """The stored bytes of one (unpartitioned) entry, checked against its crc32c."""
@@ -156,14 +192,6 @@ class HostReader:
             else:
                 outputs[piece.tensor.name][tuple(slice(a, b) for a, b in piece.region)] = value
 
-    def _run_group(self, group: ReadGroup, outputs: dict[str, np.ndarray], verify: bool) -> int:
-        if _is_bulk(group):
-            piece = group.pieces[0]
-            outputs[piece.tensor.name] = self._read_whole(piece.stored, piece.tensor, verify)
-        else:
-            self._read_shared(group, outputs, verify)
-        return group.byte_range.length
-
     def read(
         self,
         tensors: Sequence[TensorEntry],
@@ -183,27 +211,44 @@ class HostReader:
         done = 0
         lock = threading.Lock()
 
-        def run(group: ReadGroup) -> None:
+        def report(n: int) -> None:
             nonlocal done
-            n = self._run_group(group, outputs, verify)
             if progress is not None:
                 with lock:
                     done += n
                     progress(done, total)
 
-        bulk = [g for g in groups if _is_bulk(g)]
+        # Bulk reads (whole large tensors, cut into parts when threads can share one) release the
+        # GIL in preadv and crc32c; copying out many small tensors holds it. So the pool takes the
+        # bulk parts and this thread does the shared reads meanwhile.
+        split = SPLIT_BYTES if threads > 1 else None
+        bulk_tasks = [
+            (bulk, part)
+            for g in groups
+            if _is_bulk(g)
+            for bulk in [_BulkRead(g.pieces[0].stored, g.pieces[0].tensor, split)]
+            for part in range(len(bulk.bounds))
+        ]
         shared = [g for g in groups if not _is_bulk(g)]
-        if threads <= 1 or len(bulk) <= 1:
-            for group in groups:
-                run(group)
+
+        def run_bulk(task: tuple[_BulkRead, int]) -> None:
+            report(self._read_part(task[0], task[1], verify, outputs))
+
+        def run_shared(group: ReadGroup) -> None:
+            self._read_shared(group, outputs, verify)
+            report(group.byte_range.length)
+
+        if threads <= 1 or len(bulk_tasks) <= 1:
+            for task in bulk_tasks:
+                run_bulk(task)
+            for group in shared:
+                run_shared(group)
         else:
-            # Bulk reads release the GIL (preadv, crc32c); copying out many small tensors holds it.
-            # So the pool takes the bulk reads and this thread does the small ones meanwhile.
             with concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gpuckpt-read") as pool:
-                futures = [pool.submit(run, g) for g in bulk]
+                futures = [pool.submit(run_bulk, task) for task in bulk_tasks]
                 try:
                     for group in shared:
-                        run(group)
+                        run_shared(group)
                     for future in concurrent.futures.as_completed(futures):
                         future.result()
                 except BaseException:
