@@ -348,16 +348,9 @@ class Checkpoint:
                 arrays = self._reader.read(
                     entries, verify=verify, threads=self.threads if threads is None else threads, progress=progress
                 )
-                for name, array in arrays.items():
-                    if chooser is not None and array.dtype != object:
-                        wanted = chooser(name, array.dtype)
-                        if wanted != array.dtype:
-                            with np.errstate(invalid="ignore", over="ignore"):
-                                array = array.astype(wanted)
-                    if name in out:
-                        out[name][...] = array
-                        array = out[name]
-                    future._arrive(name, array, None)
+                if chooser is not None or out:
+                    arrays = {name: self._finish_host_array(name, a, chooser, out) for name, a in arrays.items()}
+                future._arrive_all(arrays)
                 future._finish(None)
             except BaseException as exc:  # noqa: B036 - reported through the future
                 future._finish(exc)
@@ -367,6 +360,19 @@ class Checkpoint:
         else:
             threading.Thread(target=run, name="gpuckpt-restore", daemon=True).start()
         return future
+
+    @staticmethod
+    def _finish_host_array(name: str, array: Any, chooser: DtypeChooser | None, out: dict[str, Any]) -> Any:
+        """Cast a host array as ``dtype=`` asks, and move it into ``out`` if one was given."""
+        if chooser is not None and array.dtype != object:
+            wanted = chooser(name, array.dtype)
+            if wanted != array.dtype:
+                with np.errstate(invalid="ignore", over="ignore"):
+                    array = array.astype(wanted)
+        if name in out:
+            out[name][...] = array
+            array = out[name]
+        return array
 
     def _restore_spread(
         self,
@@ -408,8 +414,7 @@ class Checkpoint:
         def collect() -> None:
             try:
                 for part in parts:
-                    for name, array in part.result().items():
-                        future._arrive(name, array, None)
+                    future._arrive_all(part.result())
                 future._finish(None)
             except BaseException as exc:  # noqa: B036 - reported through the future
                 future._finish(exc)
