@@ -20,6 +20,7 @@ from .errors import (
     FormatError,
     TensorNotFoundError,
     UnsupportedError,
+    WriteError,
 )
 from .format.object_graph import ObjectAttribute, StateKind
 from .format.state import latest_checkpoint
@@ -47,6 +48,7 @@ __all__ = [
     "TensorInfo",
     "TensorNotFoundError",
     "UnsupportedError",
+    "WriteError",
     "latest_checkpoint",
     "list_variables",
     "load_checkpoint",

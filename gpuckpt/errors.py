@@ -34,6 +34,11 @@ class DeviceUnavailableError(CheckpointError, RuntimeError):
     """The requested device cannot be used (no GPU, no CuPy, or a path not built yet)."""
 
 
+class WriteError(CheckpointError, OSError):
+    """Writing a checkpoint failed (disk full, file size limit, permissions); every temporary file
+    of the attempt was removed and any earlier checkpoint is intact."""
+
+
 class ClosedCheckpointError(CheckpointError, RuntimeError):
     """A method was called on a ``Checkpoint`` after it was closed."""
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .dtypes import DTYPES
-from .errors import DeviceUnavailableError, UnsupportedError
+from .errors import DeviceUnavailableError, UnsupportedError, WriteError
 from .format.bundle import TensorEntry, encode_entry, encode_header, encode_name
 from .format.crc import crc32c, mask
 from .format.slices import Extent, TensorSlice, check_extents, coverage_problem, slice_key, slice_shape
@@ -293,12 +293,14 @@ def write_bundle(
         created.clear()
         _fsync_directory(directory)
         _after_step("index in place")
-    except BaseException:
+    except BaseException as exc:
         for path in created:
             try:
                 os.remove(path)
             except FileNotFoundError:
                 pass
+        if isinstance(exc, OSError) and not isinstance(exc, WriteError):
+            raise WriteError(exc.errno, f"could not write checkpoint {prefix!r}: {exc.strerror or exc}") from exc
         raise
     if update_state or (update_state is None and os.path.exists(os.path.join(directory, STATE_FILENAME))):
         _record_in_state(directory, os.path.abspath(prefix), max_to_keep)
@@ -336,9 +338,11 @@ def _record_in_state(directory: str, prefix: str, max_to_keep: int | None) -> No
     try:
         _write_durably(temporary, [text])
         os.replace(temporary, final)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(temporary):
             os.remove(temporary)
+        if isinstance(exc, OSError):
+            raise WriteError(exc.errno, f"could not update {final!r}: {exc.strerror or exc}") from exc
         raise
     for old in dropped:  # after the state no longer names them, as CheckpointManager does
         if os.path.exists(old + ".index"):

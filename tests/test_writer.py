@@ -248,3 +248,22 @@ def test_python_scalars_and_strings(tmp_path):
             "string",
         ]
         assert ckpt.get_tensor("text")[()] == "h\u00e9".encode()
+
+
+def test_file_size_limit_during_save_is_a_typed_error_and_leaves_no_litter(tmp_path):
+    """RLIMIT_FSIZE makes the data file write fail mid-way (Python ignores SIGXFSZ, so it is EFBIG)."""
+    gpuckpt.save(str(tmp_path / "ckpt-1"), {"a": np.ones(10)}, update_state=True)
+    code = (
+        "import resource, numpy as np, gpuckpt\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))\n"
+        "try:\n"
+        f"    gpuckpt.save({str(tmp_path / 'ckpt-2')!r}, {{'big': np.ones(1 << 20)}})\n"
+        "except gpuckpt.WriteError as e:\n"
+        "    assert isinstance(e, OSError) and isinstance(e, gpuckpt.CheckpointError)\n"
+        "    print('typed:', e)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "typed: " in result.stdout and "ckpt-2" in result.stdout
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint", "ckpt-1.data-00000-of-00001", "ckpt-1.index"]
+    assert gpuckpt.latest_checkpoint(tmp_path) == str(tmp_path / "ckpt-1")
