@@ -282,3 +282,22 @@ def test_lazy_slice_after_the_file_shrank_is_an_error_not_sigbus(tmp_path):
             f.truncate(4)
         with pytest.raises(FormatError, match="shrank"):
             ckpt.get_slice("w")[2]
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_thousand_failed_opens_and_restores_leak_no_files(tmp_path):
+    good = build(tmp_path / "good", num_shards=2)
+    bad_index = build(tmp_path / "bad", set_field("w", offset=10**6), num_shards=2)
+    corrupt_data = build(tmp_path / "crc", flip_data("w", 3), num_shards=2)
+    before = _open_fds()
+    for _ in range(1000):
+        with pytest.raises(FormatError):
+            gpuckpt.open(bad_index)
+        with gpuckpt.open(corrupt_data) as ckpt, pytest.raises(ChecksumError):
+            ckpt.restore(threads=2)
+        with gpuckpt.open(good) as ckpt:
+            ckpt.get_slice("w")[0]  # maps a shard
+    assert _open_fds() == before
