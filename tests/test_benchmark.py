@@ -61,3 +61,11 @@ def test_gpu_benchmark_smoke(tmp_path):
         == 0
     )
     assert json.loads(out.read_text())["ratios"]["verified_vs_floor"] > 0
+
+
+def test_fuzz_smoke(tmp_path):
+    """A short run of the parser fuzzer: every target, zero non-CheckpointError exceptions."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import fuzz_parsers
+
+    assert fuzz_parsers.main(["--count", "400", "--seed", "7", "--failures", str(tmp_path)]) == 0

@@ -301,3 +301,14 @@ def test_a_thousand_failed_opens_and_restores_leak_no_files(tmp_path):
         with gpuckpt.open(good) as ckpt:
             ckpt.get_slice("w")[0]  # maps a shard
     assert _open_fds() == before
+
+
+def test_string_length_beyond_the_tensor_is_refused_before_any_checksum(tmp_path):
+    def edit(bundle):
+        entry = bundle.entries[b"s"]
+        bundle.shards[0][entry.offset : entry.offset + 1] = b"\xff" * 9 + b"\x01"  # a 64-bit length
+        entry.size += 9
+
+    prefix = build(tmp_path, edit)
+    with gpuckpt.open(prefix) as ckpt, pytest.raises(FormatError, match="exceeds"):
+        ckpt.get_tensor("s", verify=False)

@@ -8,6 +8,7 @@ import dataclasses
 import os
 import re
 from collections.abc import Sequence
+from typing import Any
 
 from google.protobuf.message import DecodeError
 
@@ -66,6 +67,13 @@ def _copied_variables(variables: Sequence[GraphVariable]) -> dict[str, list[str]
             for base_name, copy in pairs:
                 found.setdefault(base_name, []).append(copy)
     return {k: sorted(v) for k, v in found.items()}
+
+
+def _enum_name(enum: Any, value: int) -> str:
+    try:
+        return str(enum.Name(value))
+    except ValueError:  # a value this schema does not know (a newer TF, or a damaged file)
+        return f"unknown ({value})"
 
 
 def _dtype_label(value: int) -> str:
@@ -129,7 +137,7 @@ def summarize_meta_graph(meta: meta_graph_pb2.MetaGraphDef) -> MetaGraphSummary:
     if meta.HasField("saver_def"):
         s = meta.saver_def
         saver = {
-            "version": meta_graph_pb2.SaverDef.CheckpointFormatVersion.Name(s.version),
+            "version": _enum_name(meta_graph_pb2.SaverDef.CheckpointFormatVersion, s.version),
             "max_to_keep": s.max_to_keep,
             "sharded": s.sharded,
             "keep_checkpoint_every_n_hours": s.keep_checkpoint_every_n_hours,
@@ -169,6 +177,11 @@ def read_meta(path: str | os.PathLike[str]) -> list[MetaGraphSummary]:
         data = f.read(MAX_META_BYTES + 1)
     if len(data) > MAX_META_BYTES:
         raise FormatError("graph file is larger than protobuf's 2 GiB limit: " + describe(path))
+    return parse_meta(data, path)
+
+
+def parse_meta(data: bytes, path: str) -> list[MetaGraphSummary]:
+    """Summaries of the graphs in the bytes of a ``.meta`` file, or of a ``saved_model.pb``."""
     try:
         if os.path.basename(path) == "saved_model.pb":
             saved = meta_graph_pb2.SavedModel.FromString(data)

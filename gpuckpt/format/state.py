@@ -42,6 +42,11 @@ def read_state(directory: str | os.PathLike[str], filename: str = STATE_FILENAME
         return None
     if len(raw) > MAX_STATE_BYTES:
         raise FormatError(f"checkpoint state file is larger than {MAX_STATE_BYTES} bytes: " + describe(path))
+    return parse_state(raw, directory, path)
+
+
+def parse_state(raw: bytes, directory: str, path: str) -> CheckpointState:
+    """Parse the text of a state file found at ``path`` in ``directory``."""
     proto = checkpoint_state_pb2.CheckpointState()
     try:
         text_format.Parse(raw.decode("utf-8"), proto)

@@ -50,6 +50,10 @@ def decode_strings(
     try:
         for _ in range(count):
             length, pos = decode_varint(raw, pos, size)
+            if length > size:  # also keeps every length below 2**64
+                raise FormatError(
+                    f"string length {length} exceeds the tensor's {size} bytes: " + describe(path, tensor, offset + pos)
+                )
             lengths.append(length)
             if verify:
                 crc = crc32c(u32.pack(length) if length <= 0xFFFFFFFF else u64.pack(length), crc)
