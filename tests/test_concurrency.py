@@ -52,3 +52,42 @@ def test_one_failing_thread_does_not_block_the_others(prefix):
             done, not_done = concurrent.futures.wait(futures, timeout=60)
         assert not not_done
         assert sum(isinstance(f.exception(), gpuckpt.TensorNotFoundError) for f in futures) == 1
+
+
+def test_checkpoint_deleted_while_open_still_restores_the_old_data(prefix, tmp_path):
+    """TensorFlow writes the next checkpoint and deletes the old one: open files stay readable."""
+    import os
+
+    with gpuckpt.open(prefix) as ckpt:
+        expected = {n: v.copy() for n, v in gpuckpt.open(prefix).restore().items()}
+        for name in os.listdir(tmp_path):
+            os.remove(tmp_path / name)
+        got = ckpt.restore(threads=2)
+    for name, value in expected.items():
+        assert got[name].tobytes() == value.tobytes()
+
+
+def test_data_overwritten_in_place_is_a_checksum_error(prefix):
+    with gpuckpt.open(prefix) as ckpt:
+        with open(prefix + ".data-00000-of-00003", "r+b") as f:
+            f.write(b"\xde\xad\xbe\xef" * 64)
+        with pytest.raises(gpuckpt.ChecksumError):
+            ckpt.restore(threads=2)
+
+
+def test_interrupt_during_a_restore_stops_it_cleanly(prefix):
+    import os
+
+    fds = len(os.listdir("/proc/self/fd"))
+
+    def interrupt(done, total):
+        raise KeyboardInterrupt
+
+    with gpuckpt.open(prefix) as ckpt:
+        for threads in (1, 3):
+            with pytest.raises(KeyboardInterrupt):
+                ckpt.restore(threads=threads, progress=interrupt)
+            with pytest.raises(KeyboardInterrupt):
+                ckpt.restore(device=HostDevice(), progress=interrupt)
+        assert len(ckpt.restore()) == 30  # still usable
+    assert len(os.listdir("/proc/self/fd")) == fds
