@@ -24,7 +24,7 @@ from .host.lazy_slice import LazyTensor, zero_copy_view
 from .host.reader import HostReader, ProgressCallback
 from .host.shards import ShardFiles, data_filename
 from .options import RestoreOptions
-from .pipeline import RestoreFuture, restore_to_device
+from .pipeline import RestoreFuture, check_out_array, restore_to_device
 
 MAX_INDEX_BYTES = 1 << 34  # 16 GiB: far beyond any real index; refuse to read more into memory
 
@@ -322,12 +322,7 @@ class Checkpoint:
                 continue
             stored = self.info(entry.name).dtype
             wanted = chooser(entry.name, stored) if chooser is not None and stored is not None else stored
-            given = out[entry.name]
-            if tuple(given.shape) != entry.shape or np.dtype(given.dtype) != wanted:
-                raise ValueError(
-                    f"out[{entry.name!r}] is {given.dtype}{list(given.shape)}, the tensor restores as "
-                    f"{wanted}{list(entry.shape)}: nothing was written: " + describe(self._index.path, entry.name)
-                )
+            check_out_array(out[entry.name], entry, np.dtype(wanted), self._index.path)
 
     def _restore_host(
         self,

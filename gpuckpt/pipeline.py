@@ -36,6 +36,15 @@ from .options import RestoreOptions
 from .plan import PlanOptions, ReadGroup, pieces_of, plan_reads
 
 
+def check_out_array(given: Any, entry: TensorEntry, dtype: np.dtype, path: str) -> None:
+    """An ``out=`` array must have the tensor's shape and restored dtype; checked before any write."""
+    if tuple(given.shape) != entry.shape or np.dtype(given.dtype) != dtype:
+        raise ValueError(
+            f"out[{entry.name!r}] is {given.dtype}{list(given.shape)}, the tensor restores as "
+            f"{dtype}{list(entry.shape)}: nothing was written: " + describe(path, entry.name)
+        )
+
+
 class DeviceMemoryError(CheckpointError, MemoryError):
     """The device has too little free memory for the restore (raised before anything is copied)."""
 
@@ -193,12 +202,8 @@ class StagedRestore:
                     + describe(path, entry.name)
                 )
             dtype, kernel = self._target_dtype(entry)
-            existing = self.out.get(entry.name)
-            if existing is not None and (tuple(existing.shape) != entry.shape or np.dtype(existing.dtype) != dtype):
-                raise ValueError(
-                    f"out[{entry.name!r}] is {existing.dtype}{list(existing.shape)}, the tensor restores as "
-                    f"{dtype}{list(entry.shape)}: nothing was written: " + describe(path, entry.name)
-                )
+            if entry.name in self.out:
+                check_out_array(self.out[entry.name], entry, dtype, path)
             plans[entry.name] = (dtype, kernel)
         needed = sum(
             (e.num_elements * plans[e.name][0].itemsize if e.name not in self.out else 0)
