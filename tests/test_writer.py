@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -94,8 +95,8 @@ def test_byte_layout_matches_tensorflow_writer(tmp_path):
     prefix = gpuckpt.save(str(tmp_path / "ex"), {"a": np.array([1.0, 2.0], np.float32), "s": b"hi"})
     from test_table import WORKED_INDEX
 
-    assert open(prefix + ".index", "rb").read() == WORKED_INDEX
-    assert open(prefix + ".data-00000-of-00001", "rb").read() == bytes.fromhex("0000803f0000004002d8d810736869")
+    assert Path(prefix + ".index").read_bytes() == WORKED_INDEX
+    assert Path(prefix + ".data-00000-of-00001").read_bytes() == bytes.fromhex("0000803f0000004002d8d810736869")
 
 
 def test_partitioned_and_strings_read_by_tensorflow(tmp_path):
