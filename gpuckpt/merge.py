@@ -17,12 +17,12 @@ longer match the merged names.
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from .casting import dtype_chooser
 from .checkpoint import Checkpoint
 from .checkpoint import open as open_checkpoint
 from .dtypes import DTYPES
@@ -33,7 +33,8 @@ from .format.slices import slice_key
 from .writer import Payload, array_payload, tf_dtype_of, write_bundle
 
 Source = tuple[str | os.PathLike[str], Mapping[str, str] | None]
-DtypeCasts = Mapping[str, Any]  # regular expression, matched against whole new names -> numpy dtype
+#: regular expression matched against whole new names -> dtype; only floating tensors are cast
+DtypeCasts = Mapping[str, Any]
 
 
 def map_names(names: Iterable[str], assignment_map: Mapping[str, str] | None, where: str) -> dict[str, list[str]]:
@@ -46,7 +47,9 @@ def map_names(names: Iterable[str], assignment_map: Mapping[str, str] | None, wh
     for old, new in sorted(assignment_map.items()):
         if not old.endswith("/"):
             if old not in present:
-                raise TensorNotFoundError(f"assignment map names {old!r}, which is not in the checkpoint: {where}")
+                raise TensorNotFoundError(
+                    f"assignment map names {old!r}, which is not in the checkpoint or was filtered out: {where}"
+                )
             mapped.setdefault(old, []).append(new)
             continue
         if not new.endswith("/"):
@@ -68,18 +71,6 @@ def _selected(ckpt: Checkpoint, skip_optimizer: bool, skip_counters: bool) -> li
     if skip_counters:
         skipped.add(StateKind.COUNTER)
     return [n for n in ckpt.keys() if n != OBJECT_GRAPH_KEY and ckpt.kind(n) not in skipped]
-
-
-def _cast_for(casts: DtypeCasts | None) -> Callable[[str], np.dtype | None]:
-    rules = [(re.compile(pattern), np.dtype(dtype)) for pattern, dtype in (casts or {}).items()]
-
-    def cast(name: str) -> np.dtype | None:
-        for pattern, dtype in rules:
-            if pattern.fullmatch(name):
-                return dtype
-        return None
-
-    return cast
 
 
 class _Plan:
@@ -121,31 +112,23 @@ def restore_many(
 ) -> dict[str, np.ndarray]:
     """Restore tensors from several checkpoints into one ``{new name: array}``, writing nothing.
 
-    ``dtypes`` casts floating tensors by name or regular expression (e.g. ``{".*": "bfloat16"}``).
+    ``dtypes`` casts floating tensors whose new name matches a regular expression
+    (``{".*": "bfloat16"}``); integer, boolean and string tensors keep their type.
     """
     plan = _Plan(sources, skip_optimizer, skip_counters)
-    cast = _cast_for(dtypes)
+    chooser = dtype_chooser(dtypes)
     try:
         result: dict[str, np.ndarray] = {}
         for ckpt in plan.checkpoints:
             wanted = [(old, new) for c, old, new in plan.items if c is ckpt]
             arrays = ckpt.restore(list(dict.fromkeys(old for old, _ in wanted)), device=device, verify=verify)
             for old, new in wanted:
-                target = cast(new)
-                result[new] = arrays[old] if target is None else _cast(arrays[old], target, new, ckpt)
+                array = arrays[old]
+                target = chooser(new, array.dtype) if chooser is not None else array.dtype
+                result[new] = array if target == array.dtype else array.astype(target)
         return result
     finally:
         plan.close()
-
-
-def _cast(array: np.ndarray, dtype: np.dtype, name: str, ckpt: Checkpoint) -> np.ndarray:
-    if array.dtype == dtype:
-        return array
-    if array.dtype == object or array.dtype.kind not in "fV" or dtype.kind not in "fV":
-        raise UnsupportedError(
-            f"cannot cast {array.dtype} to {dtype}: only floating tensors are cast: " + describe(ckpt.prefix, name)
-        )
-    return array.astype(dtype)
 
 
 def merge(
@@ -166,14 +149,15 @@ def merge(
     Writing is crash-safe as in :func:`gpuckpt.save`.
     """
     plan = _Plan(sources, skip_optimizer, skip_counters)
-    cast = _cast_for(dtypes)
+    chooser = dtype_chooser(dtypes)
     try:
         payloads: list[Payload] = []
         partitioned: list[TensorEntry] = []
         for ckpt, old, new in plan.items:
             entry = ckpt.index.tensors[old]
-            target = cast(new)
-            if target is not None or ckpt.big_endian:
+            stored = ckpt.info(old).dtype
+            target = chooser(new, stored) if chooser is not None and stored is not None else stored
+            if target != stored or ckpt.big_endian:
                 payloads.append(_decoded_payload(ckpt, old, new, target))
                 continue
             if entry.slices:
@@ -203,8 +187,8 @@ def _raw_payload(ckpt: Checkpoint, entry: TensorEntry, key: bytes, new_name: str
 def _decoded_payload(ckpt: Checkpoint, old: str, new: str, target: np.dtype | None) -> Payload:
     """A tensor decoded (byte-swapped, cast) and encoded again: only when bytes cannot be copied."""
     array = ckpt.get_tensor(old)
-    if target is not None:
-        array = _cast(array, target, old, ckpt)
+    if target is not None and target != array.dtype:
+        array = array.astype(target)
     if array.dtype != object and DTYPES.get(tf_dtype_of(array)) is None:
         raise UnsupportedError(f"cannot write dtype {array.dtype}: " + describe(ckpt.prefix, old))
     return array_payload(encode_name(new), new, array)
