@@ -27,6 +27,8 @@ from .format.state import latest_checkpoint
 from .host.lazy_slice import LazyTensor
 from .host.shards import MissingShardError
 from .merge import merge, restore_many
+from .options import RestoreOptions
+from .pipeline import DeviceMemoryError, RestoreFuture
 from .writer import Partitioned, save
 
 __version__ = "0.1.0"
@@ -57,4 +59,7 @@ __all__ = [
     "save",
     "merge",
     "restore_many",
+    "RestoreOptions",
+    "RestoreFuture",
+    "DeviceMemoryError",
 ]
