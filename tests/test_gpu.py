@@ -50,13 +50,30 @@ def _same(device_array, host_array, name):
     assert got.dtype == host_array.dtype and got.tobytes() == host_array.tobytes(), name
 
 
+FLOAT8 = ["float8_e4m3fn", "float8_e5m2"]
+
+
 def test_every_dtype_matches_host(bundle):
     with gpuckpt.open(bundle) as ckpt:
-        host = ckpt.restore()
+        names = [n for n in ckpt.keys() if n not in FLOAT8]
+        host = ckpt.restore(names)
         for verify in (True, False):
-            device = ckpt.restore(device="cuda", verify=verify)
+            device = ckpt.restore(names, device="cuda", verify=verify)
             for name, value in host.items():
                 _same(device[name], value, name)
+
+
+@pytest.mark.parametrize("name", FLOAT8)
+def test_float8_is_converted_or_refused_by_name(bundle, name):
+    with gpuckpt.open(bundle) as ckpt:
+        for target in (np.float16, ml_dtypes.bfloat16, np.float32):
+            _same(ckpt.get_tensor(name, device="cuda", dtype=target), ckpt.get_tensor(name, dtype=target), name)
+        try:
+            raw = ckpt.get_tensor(name, device="cuda")
+        except gpuckpt.UnsupportedError as exc:
+            assert name in str(exc)
+        else:
+            _same(raw, ckpt.get_tensor(name), name)
 
 
 @pytest.mark.parametrize("target", FLOATS)
