@@ -65,6 +65,13 @@ class Device(Protocol):
 
     def byteswap(self, width: int, array: Any, stream: Stream) -> None: ...
 
+    def place(
+        self, full: Any, region: tuple[tuple[int, int], ...], part: Any, shape: tuple[int, ...], stream: Stream
+    ) -> None:
+        """Queue a device-side copy of ``part`` (raw bytes of ``full``'s dtype, of ``shape``) into
+        the ``[start, stop)`` box ``region`` of the array ``full``."""
+        ...
+
     def free_bytes(self) -> int: ...
 
 
@@ -180,6 +187,19 @@ class HostDevice:
 
     def byteswap(self, width: int, array: np.ndarray, stream: HostStream) -> None:
         stream.submit(lambda: array.view(f"u{width}").byteswap(inplace=True))
+
+    def place(
+        self,
+        full: np.ndarray,
+        region: tuple[tuple[int, int], ...],
+        part: np.ndarray,
+        shape: tuple[int, ...],
+        stream: HostStream,
+    ) -> None:
+        def run() -> None:
+            full[tuple(slice(a, b) for a, b in region)] = part.view(full.dtype).reshape(shape)
+
+        stream.submit(run)
 
     def free_bytes(self) -> int:
         return self._memory_bytes - self.allocated_bytes

@@ -61,6 +61,8 @@ class _Target:
     swap_width: int  # byte swap width for big-endian bundles, 0 for none
     crc: int = 0
     ready: Event | None = None
+    full: Any = None  # partitioned tensors: the stored-dtype array the slices are placed into
+    parts: list[Any] = dataclasses.field(default_factory=list)  # their slices' device buffers
 
 
 class _Slot:
@@ -233,12 +235,17 @@ class StagedRestore:
                     array = self.device.empty(entry.shape, dtype)
                 except UnsupportedError as exc:  # e.g. a float8 type the device arrays cannot hold
                     raise UnsupportedError(f"{exc}: " + describe(self.reader.index.path, entry.name)) from None
-            if kernel is None:
+            full = None
+            if entry.slices:  # slices are placed into a whole array of the stored type
+                assert info.numpy is not None  # strings were refused in _check
+                full = array if kernel is None else self.device.empty(entry.shape, info.numpy)
+                raw = self.device.byte_view(full)
+            elif kernel is None:
                 raw = self.device.byte_view(array)  # the bytes land in their final place
             else:
                 raw = self.device.empty((_stored_bytes(entry),), np.dtype(np.uint8))
             width = info.swap_bytes if swap else 0
-            targets[entry.name] = _Target(entry, array, raw, kernel, width)
+            targets[entry.name] = _Target(entry, array, raw, kernel, width, full=full)
         return targets
 
     # -- the copy loop -----------------------------------------------------------------------------
@@ -334,6 +341,7 @@ class StagedRestore:
                 PlanOptions(coalesce_below_bytes=slot_bytes // 4, max_gap_bytes=64 << 10, max_group_bytes=slot_bytes),
             )
             self._bytes_total = sum(g.byte_range.length for g in groups)
+            self._bytes_total += sum(self.reader.index.slice_entry(e, s).size for e in partitioned for s in e.slices)
             for _ in range(self.options.staging_slots):
                 pinned.append(self.device.pinned(slot_bytes))
                 slots.append(_Slot(pinned[-1]))
@@ -341,7 +349,9 @@ class StagedRestore:
             for slot in slots:
                 free.put(slot)
             streams.extend(self.device.new_stream() for _ in range(self.options.copy_streams))
-            work: queue.Queue[ReadGroup] = queue.Queue()
+            work: queue.Queue[ReadGroup | TensorEntry] = queue.Queue()
+            for entry in partitioned:  # each partitioned tensor is one work item, on one stream
+                work.put(entry)
             for group in groups:
                 work.put(group)
 
@@ -349,11 +359,16 @@ class StagedRestore:
                 stream = streams[index % len(streams)]
                 while not self._abort.is_set():
                     try:
-                        group = work.get_nowait()
+                        item = work.get_nowait()
                     except queue.Empty:
                         return
-                    self._stage(group, targets, free, stream)
-                    for piece in group.pieces:
+                    if isinstance(item, TensorEntry):
+                        target = targets[item.name]
+                        self._stage_partitioned(target, free, stream)
+                        future._arrive(item.name, target.array, target.ready)
+                        continue
+                    self._stage(item, targets, free, stream)
+                    for piece in item.pieces:
                         target = targets[piece.tensor.name]
                         if target.ready is not None:
                             future._arrive(piece.tensor.name, target.array, target.ready)
@@ -368,12 +383,6 @@ class StagedRestore:
                 except BaseException:
                     self._abort.set()
                     raise
-            # Partitioned tensors: assembled on the host (their slices are strided regions), then
-            # copied whole through the same staging path.
-            for entry in partitioned:
-                target = targets[entry.name]
-                self._restore_partitioned(entry, target, slots[0], streams[0])
-                future._arrive(entry.name, target.array, target.ready)
             future._finish(None)
         except BaseException as exc:  # noqa: B036 - reported through the future, re-raised by result()
             self._abort.set()
@@ -393,18 +402,42 @@ class StagedRestore:
             if fault is not None and future._error is None:
                 future._finish(fault)  # a device fault in queued work: the results cannot be trusted
 
-    def _restore_partitioned(self, entry: TensorEntry, target: _Target, slot: _Slot, stream: Any) -> None:
-        value = self.reader.read([entry], verify=self.verify)[entry.name]
-        raw = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
-        size = self.options.staging_slot_bytes
-        for start in range(0, raw.size, size):
-            slot.wait_until_free()
-            length = min(size, raw.size - start)
-            slot.buffer[:length] = raw[start : start + length]
-            self.device.copy_to_device(target.raw, start, slot.buffer, length, stream)
-            slot.last_copy = self.device.record(stream)
-        # Assembled on the host already in native byte order: only a dtype conversion remains.
-        target.swap_width = 0
+    def _stage_partitioned(self, target: _Target, free: queue.Queue[_Slot], stream: Any) -> None:
+        """Each saved slice through the staging slots into a device buffer of its own, checked,
+        byte-swapped if need be, then placed into its region of the whole tensor on the device.
+        All on one stream, so the conversion queued last runs after every placement."""
+        entry = target.entry
+        slot_bytes = self.options.staging_slot_bytes
+        for tensor_slice in entry.slices:
+            part = self.reader.index.slice_entry(entry, tensor_slice)
+            buffer = self.device.empty((part.size,), np.dtype(np.uint8))
+            target.parts.append(buffer)  # LIFETIME: kept until the restore ends, after its copies ran
+            crc = 0
+            for start in range(0, part.size, slot_bytes):
+                if self._abort.is_set():
+                    return
+                length = min(slot_bytes, part.size - start)
+                slot = free.get()
+                try:
+                    slot.wait_until_free()
+                    self.reader.shards.read_into(part.shard_id, part.offset + start, slot.view[:length], entry.name)
+                    if self.verify:
+                        crc = crc32c(slot.view[:length], crc)
+                    self.device.copy_to_device(buffer, start, slot.buffer, length, stream)
+                finally:
+                    slot.last_copy = self.device.record(stream)  # LIFETIME: guards the slot's bytes
+                    free.put(slot)
+                self._add_progress(length)
+            if self.verify and crc != unmask(part.masked_crc32c):
+                raise ChecksumError(
+                    f"checksum does not match (slice entry of a partitioned tensor): stored "
+                    f"{unmask(part.masked_crc32c):#010x}, computed {crc:#010x}: "
+                    + describe(self.reader.shards.path(part.shard_id), entry.name, part.offset)
+                )
+            if target.swap_width:
+                self.device.byteswap(target.swap_width, buffer, stream)
+            region = tuple(e.bounds(d) for e, d in zip(tensor_slice, entry.shape, strict=True))
+            self.device.place(target.full, region, buffer, part.shape, stream)
         if target.kernel is not None:
             self.device.convert(target.kernel, target.raw, target.array, stream)
         target.ready = self.device.record(stream)

@@ -181,3 +181,29 @@ def test_a_fault_in_queued_device_work_is_reported(tmp_path, monkeypatch):
     with pytest.raises(ZeroDivisionError):
         _restore(prefix, device, options=SMALL, dtype_for=lambda n, s: np.float16)
     assert device.pinned_live == 0
+
+
+def test_partitioned_tensors_are_assembled_on_the_device(tmp_path):
+    full = np.arange(4 * 3000, dtype=np.float32).reshape(4, 3000)
+    parts = [
+        ((slice(0, 1), slice(None)), full[:1]),
+        ((slice(1, 4), slice(0, 1000)), full[1:, :1000]),
+        ((slice(1, 4), slice(1000, 3000)), full[1:, 1000:]),
+    ]
+    prefix = gpuckpt.save(
+        str(tmp_path / "p"), {"pv": gpuckpt.Partitioned(full.shape, parts), "x": np.ones(3)}, max_shard_bytes=20_000
+    )
+    device = HostDevice(copy_delay_s=0.0002)
+    ours = _restore(prefix, device, options=SMALL)  # 4 KiB slots: every slice spans several chunks
+    assert ours["pv"].tobytes() == full.tobytes()
+    halves = _restore(prefix, HostDevice(), options=SMALL, dtype_for=lambda n, s: np.float16)
+    assert halves["pv"].tobytes() == full.astype(np.float16).tobytes()
+    with gpuckpt.open(prefix) as ckpt:
+        part = ckpt.index.slice_entry(ckpt.index.tensors["pv"], ckpt.index.tensors["pv"].slices[2])
+        path = ckpt.data_files()[part.shard_id]
+    with open(path, "r+b") as f:
+        f.seek(part.offset + part.size - 2)
+        f.write(b"\xff\xff")
+    with pytest.raises(gpuckpt.ChecksumError, match="slice entry .*'pv'"):
+        _restore(prefix, device, options=SMALL)
+    assert device.pinned_live == 0

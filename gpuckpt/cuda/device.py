@@ -123,6 +123,12 @@ class CudaDevice:
         typed = array.view(f"u{width}")
         self._launch(f"swap{width}", (typed,), typed.size, stream)
 
+    def place(
+        self, full: Any, region: tuple[tuple[int, int], ...], part: Any, shape: tuple[int, ...], stream: Any
+    ) -> None:
+        with self._device(), stream:  # the strided copy kernel runs on the current stream
+            full[tuple(slice(a, b) for a, b in region)] = part.view(full.dtype).reshape(shape)
+
     def free_bytes(self) -> int:
         with self._device():
             free, _total = cupy.cuda.runtime.memGetInfo()
