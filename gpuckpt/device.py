@@ -59,6 +59,10 @@ class Device(Protocol):
 
     def record(self, stream: Stream) -> Event: ...
 
+    def wait_event(self, stream: Stream, event: Event) -> None:
+        """Make work queued on ``stream`` from now on wait until ``event`` (of any stream) fires."""
+        ...
+
     def convert(self, kernel: str, src: Any, dst: Any, stream: Stream) -> None:
         """Queue conversion ``kernel`` (a name from kernels/conversions.def) from ``src`` to ``dst``."""
         ...
@@ -178,6 +182,9 @@ class HostDevice:
         event = HostEvent(stream)
         stream.submit(event.fire)
         return event
+
+    def wait_event(self, stream: HostStream, event: HostEvent) -> None:
+        stream.submit(event.synchronize)
 
     def convert(self, kernel: str, src: np.ndarray, dst: np.ndarray, stream: HostStream) -> None:
         def run() -> None:

@@ -29,7 +29,7 @@ from .device import Device, Event
 from .dtypes import DTYPES
 from .errors import CheckpointError, ChecksumError, UnsupportedError, describe
 from .format.bundle import TensorEntry
-from .format.crc import crc32c, unmask
+from .format.crc import crc32c, crc32c_combine, unmask
 from .host.convert import kernel_for
 from .host.reader import HostReader, check_readable
 from .options import RestoreOptions
@@ -43,6 +43,9 @@ def check_out_array(given: Any, entry: TensorEntry, dtype: np.dtype, path: str) 
             f"out[{entry.name!r}] is {given.dtype}{list(given.shape)}, the tensor restores as "
             f"{dtype}{list(entry.shape)}: nothing was written: " + describe(path, entry.name)
         )
+
+
+PART_SLOTS = 4  # tensors over two parts of this many slots are staged by several threads at once
 
 
 class DeviceMemoryError(CheckpointError, MemoryError):
@@ -63,6 +66,40 @@ class _Target:
     ready: Event | None = None
     full: Any = None  # partitioned tensors: the stored-dtype array the slices are placed into
     parts: list[Any] = dataclasses.field(default_factory=list)  # their slices' device buffers
+
+
+class _Parts:
+    """A large tensor cut into parts that several reader threads stage at once: each part's CRC
+    and the event after its last copy, joined by whoever finishes the last part."""
+
+    def __init__(self, target: _Target, bounds: list[tuple[int, int]]) -> None:
+        self.target = target
+        self.bounds = bounds
+        self.crcs = [0] * len(bounds)
+        self.events: list[Event | None] = [None] * len(bounds)
+        self._remaining = len(bounds)
+        self._lock = threading.Lock()
+
+    def done(self, part: int, crc: int, event: Event) -> bool:
+        """Record a finished part; True for the caller that finished the last one."""
+        with self._lock:
+            self.crcs[part], self.events[part] = crc, event
+            self._remaining -= 1
+            return self._remaining == 0
+
+    def crc(self) -> int:
+        crc = self.crcs[0]
+        for (start, end), part_crc in zip(self.bounds[1:], self.crcs[1:], strict=True):
+            crc = crc32c_combine(crc, part_crc, end - start)
+        return crc
+
+
+@dataclasses.dataclass(frozen=True)
+class _Part:
+    """Work item: bytes [start, end) of a large tensor, one part of ``parts``."""
+
+    parts: _Parts
+    index: int
 
 
 class _Slot:
@@ -311,6 +348,41 @@ class StagedRestore:
         if end >= stored.offset + stored.size and target.ready is None:
             self._complete(target, stream)
 
+    def _stage_part(self, item: _Part, free: queue.Queue[_Slot], stream: Any) -> bool:
+        """Stage one part of a large tensor; True when this finished the tensor.
+
+        The thread finishing the last part makes its stream wait for the events recorded after
+        the other parts' copies, so the conversion it queues runs after every byte has landed.
+        """
+        parts, target = item.parts, item.parts.target
+        entry = target.entry
+        first, last = parts.bounds[item.index]
+        slot_bytes = self.options.staging_slot_bytes
+        crc = 0
+        for start in range(first, last, slot_bytes):
+            if self._abort.is_set():
+                return False
+            length = min(slot_bytes, last - start)
+            slot = free.get()
+            try:
+                slot.wait_until_free()
+                self.reader.shards.read_into(entry.shard_id, entry.offset + start, slot.view[:length], entry.name)
+                if self.verify:
+                    crc = crc32c(slot.view[:length], crc)
+                self.device.copy_to_device(target.raw, start, slot.buffer, length, stream)
+            finally:
+                slot.last_copy = self.device.record(stream)  # LIFETIME: guards the slot's bytes
+                free.put(slot)
+            self._add_progress(length)
+        if not parts.done(item.index, crc, self.device.record(stream)):
+            return False
+        for event in parts.events:
+            if event is not None:
+                self.device.wait_event(stream, event)
+        target.crc = parts.crc()
+        self._complete(target, stream)
+        return True
+
     def _complete(self, target: _Target, stream: Any) -> None:
         entry = target.entry
         if self.verify and not entry.slices and target.crc != unmask(entry.masked_crc32c):
@@ -349,11 +421,19 @@ class StagedRestore:
             for slot in slots:
                 free.put(slot)
             streams.extend(self.device.new_stream() for _ in range(self.options.copy_streams))
-            work: queue.Queue[ReadGroup | TensorEntry] = queue.Queue()
+            work: queue.Queue[ReadGroup | TensorEntry | _Part] = queue.Queue()
             for entry in partitioned:  # each partitioned tensor is one work item, on one stream
                 work.put(entry)
+            split = self.options.staging_slot_bytes * PART_SLOTS
             for group in groups:
-                work.put(group)
+                size = group.byte_range.length
+                if len(group.pieces) == 1 and size > 2 * split:  # a large tensor: parts for several threads
+                    bounds = [(start, min(size, start + split)) for start in range(0, size, split)]
+                    parts = _Parts(targets[group.pieces[0].tensor.name], bounds)
+                    for index in range(len(bounds)):
+                        work.put(_Part(parts, index))
+                else:
+                    work.put(group)
 
             def reader_thread(index: int) -> None:
                 stream = streams[index % len(streams)]
@@ -366,6 +446,11 @@ class StagedRestore:
                         target = targets[item.name]
                         self._stage_partitioned(target, free, stream)
                         future._arrive(item.name, target.array, target.ready)
+                        continue
+                    if isinstance(item, _Part):
+                        if self._stage_part(item, free, stream):
+                            target = item.parts.target
+                            future._arrive(target.entry.name, target.array, target.ready)
                         continue
                     self._stage(item, targets, free, stream)
                     for piece in item.pieces:

@@ -207,3 +207,28 @@ def test_partitioned_tensors_are_assembled_on_the_device(tmp_path):
     with pytest.raises(gpuckpt.ChecksumError, match="slice entry .*'pv'"):
         _restore(prefix, device, options=SMALL)
     assert device.pinned_live == 0
+
+
+def test_a_large_tensor_is_staged_in_parts_by_several_threads(tmp_path, monkeypatch):
+    values = np.random.default_rng(9).standard_normal(50_000).astype(np.float32)  # 200 KB: 12 parts of 16 KiB
+    bundle = make_bundle({"big": values, "small": np.arange(3, dtype=np.int16)}, big_endian=True)
+    prefix = bundle.write(str(tmp_path / "ok"))
+    staged = []
+    original = pipeline.StagedRestore._stage_part
+
+    def spy(self, item, free, stream):
+        staged.append(item.index)
+        return original(self, item, free, stream)
+
+    monkeypatch.setattr(pipeline.StagedRestore, "_stage_part", spy)
+    options = RestoreOptions(staging_slots=4, staging_slot_bytes=4096, io_threads=3, copy_streams=3)
+    ours = _restore(
+        prefix, HostDevice(copy_delay_s=0.0002), options=options, dtype_for=lambda n, s: {"big": np.float64}.get(n, s)
+    )
+    assert sorted(staged) == list(range(13))
+    assert ours["big"].tobytes() == values.astype(np.float64).tobytes()
+    entry = bundle.entries[b"big"]
+    bundle.shards[0][entry.offset + 7 * 16384 + 3] ^= 0x20  # inside part 7
+    bad = bundle.write(str(tmp_path / "bad"))
+    with pytest.raises(gpuckpt.ChecksumError, match="'big'"):
+        _restore(bad, HostDevice(), options=options)

@@ -98,6 +98,9 @@ class CudaDevice:
     def record(self, stream: Any) -> CudaEvent:
         return CudaEvent(stream.record())
 
+    def wait_event(self, stream: Any, event: CudaEvent) -> None:
+        stream.wait_event(event.event)
+
     def _kernels(self) -> Any:
         with self._lock:
             if self._module is None:
