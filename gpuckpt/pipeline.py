@@ -272,6 +272,12 @@ class StagedRestore:
                     array = self.device.empty(entry.shape, dtype)
                 except UnsupportedError as exc:  # e.g. a float8 type the device arrays cannot hold
                     raise UnsupportedError(f"{exc}: " + describe(self.reader.index.path, entry.name)) from None
+                except MemoryError as exc:  # the allocator ran out despite the free-memory check
+                    raise DeviceMemoryError(
+                        f"out of device memory on {self.device.name} allocating "
+                        f"{entry.num_elements * dtype.itemsize} bytes ({exc}): "
+                        + describe(self.reader.index.path, entry.name)
+                    ) from None
             full = None
             if entry.slices:  # slices are placed into a whole array of the stored type
                 assert info.numpy is not None  # strings were refused in _check

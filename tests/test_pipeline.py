@@ -232,3 +232,20 @@ def test_a_large_tensor_is_staged_in_parts_by_several_threads(tmp_path, monkeypa
     bad = bundle.write(str(tmp_path / "bad"))
     with pytest.raises(gpuckpt.ChecksumError, match="'big'"):
         _restore(bad, HostDevice(), options=options)
+
+
+def test_allocator_running_out_is_a_typed_error(tmp_path, monkeypatch):
+    prefix = make_bundle(_random_tensors(seed=10)).write(str(tmp_path / "o"))
+    device = HostDevice()
+    calls = []
+
+    def failing_empty(shape, dtype):
+        calls.append(shape)
+        if len(calls) == 5:
+            raise MemoryError("pool exhausted")
+        return np.empty(shape, dtype)
+
+    monkeypatch.setattr(device, "empty", failing_empty)
+    with pytest.raises(pipeline.DeviceMemoryError, match=r"out of device memory .*\(pool exhausted\).*t04"):
+        _restore(prefix, device, options=SMALL)
+    assert device.pinned_live == 0

@@ -135,5 +135,7 @@ class CudaDevice:
     def free_bytes(self) -> int:
         with self._device():
             free, _total = cupy.cuda.runtime.memGetInfo()
-        pool = cupy.get_default_memory_pool()
-        return int(free) + int(pool.free_bytes())
+            pool = cupy.get_default_memory_pool()
+            available = int(free) + int(pool.free_bytes())
+            limit = int(pool.get_limit())  # 0: no limit set
+        return min(available, limit - int(pool.used_bytes())) if limit else available
