@@ -80,3 +80,35 @@ def test_lying_entries_in_valid_tables_only_raise_checkpoint_errors(tmp_path, wh
                 ckpt.get_slice(name)[...]
     except gpuckpt.CheckpointError:
         pass
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    which=st.integers(0, 10),
+    flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), min_size=1, max_size=3),
+    verify=st.booleans(),
+)
+def test_lying_entries_on_the_device_path_only_raise_checkpoint_errors(tmp_path, which, flips, verify):
+    """The same lies, restored through the staged device pipeline (host stand-in device)."""
+    from gpuckpt.device import HostDevice
+    from gpuckpt.format.table import build_table
+    from gpuckpt.options import RestoreOptions
+
+    numeric = {k: v for k, v in ORIGINAL.items() if k != "s"}
+    bundle = make_bundle(numeric, num_shards=2)
+    items = [(b"", bundle.header.SerializeToString())]
+    items += [(k, bundle.entries[k].SerializeToString()) for k in sorted(bundle.entries)]
+    key, value = items[which % len(items)]
+    value = bytearray(value)
+    for position, xor in flips:
+        value[position % len(value)] ^= xor
+    items[which % len(items)] = (key, bytes(value))
+    prefix = bundle.write(str(tmp_path / "ck"), index_bytes=build_table(items))
+    device = HostDevice()
+    options = RestoreOptions(staging_slots=2, staging_slot_bytes=16, io_threads=2, copy_streams=2)
+    try:
+        with gpuckpt.open(prefix, verify=verify, options=options) as ckpt:
+            ckpt.restore(device=device)
+    except gpuckpt.CheckpointError:
+        pass
+    assert device.pinned_live == 0
