@@ -27,9 +27,9 @@ import numpy as np
 from .casting import DtypeChooser
 from .device import Device, Event
 from .dtypes import DTYPES
-from .errors import CheckpointError, ChecksumError, UnsupportedError, describe
+from .errors import CheckpointError, UnsupportedError, describe
 from .format.bundle import TensorEntry
-from .format.crc import crc32c, crc32c_combine, unmask
+from .format.crc import crc32c, crc32c_combine
 from .host.convert import kernel_for
 from .host.reader import HostReader, check_readable
 from .options import RestoreOptions
@@ -354,6 +354,30 @@ class StagedRestore:
         if end >= stored.offset + stored.size and target.ready is None:
             self._complete(target, stream)
 
+    def _stage_bytes(
+        self, stored: TensorEntry, first: int, last: int, dst: Any, free: queue.Queue[_Slot], stream: Any
+    ) -> int | None:
+        """Bytes [first, last) of one entry through the staging slots into the device buffer ``dst``
+        at the same offsets; returns their crc32c (0 without verification), or None if aborted."""
+        slot_bytes = self.options.staging_slot_bytes
+        crc = 0
+        for start in range(first, last, slot_bytes):
+            if self._abort.is_set():
+                return None
+            length = min(slot_bytes, last - start)
+            slot = free.get()
+            try:
+                slot.wait_until_free()
+                self.reader.shards.read_into(stored.shard_id, stored.offset + start, slot.view[:length], stored.name)
+                if self.verify:
+                    crc = crc32c(slot.view[:length], crc)
+                self.device.copy_to_device(dst, start, slot.buffer, length, stream)
+            finally:
+                slot.last_copy = self.device.record(stream)  # LIFETIME: guards the slot's bytes
+                free.put(slot)
+            self._add_progress(length)
+        return crc
+
     def _stage_part(self, item: _Part, free: queue.Queue[_Slot], stream: Any) -> bool:
         """Stage one part of a large tensor; True when this finished the tensor.
 
@@ -363,24 +387,8 @@ class StagedRestore:
         parts, target = item.parts, item.parts.target
         entry = target.entry
         first, last = parts.bounds[item.index]
-        slot_bytes = self.options.staging_slot_bytes
-        crc = 0
-        for start in range(first, last, slot_bytes):
-            if self._abort.is_set():
-                return False
-            length = min(slot_bytes, last - start)
-            slot = free.get()
-            try:
-                slot.wait_until_free()
-                self.reader.shards.read_into(entry.shard_id, entry.offset + start, slot.view[:length], entry.name)
-                if self.verify:
-                    crc = crc32c(slot.view[:length], crc)
-                self.device.copy_to_device(target.raw, start, slot.buffer, length, stream)
-            finally:
-                slot.last_copy = self.device.record(stream)  # LIFETIME: guards the slot's bytes
-                free.put(slot)
-            self._add_progress(length)
-        if not parts.done(item.index, crc, self.device.record(stream)):
+        crc = self._stage_bytes(entry, first, last, target.raw, free, stream)
+        if crc is None or not parts.done(item.index, crc, self.device.record(stream)):
             return False
         for event in parts.events:
             if event is not None:
@@ -390,12 +398,8 @@ class StagedRestore:
         return True
 
     def _complete(self, target: _Target, stream: Any) -> None:
-        entry = target.entry
-        if self.verify and not entry.slices and target.crc != unmask(entry.masked_crc32c):
-            raise ChecksumError(
-                f"checksum does not match: stored {unmask(entry.masked_crc32c):#010x}, computed {target.crc:#010x}: "
-                + describe(self.reader.shards.path(entry.shard_id), entry.name, entry.offset)
-            )
+        if self.verify and not target.entry.slices:
+            self.reader.verify_crc(target.crc, target.entry, target.entry)
         if target.swap_width:
             self.device.byteswap(target.swap_width, target.raw, stream)
         if target.kernel is not None:
@@ -498,33 +502,15 @@ class StagedRestore:
         byte-swapped if need be, then placed into its region of the whole tensor on the device.
         All on one stream, so the conversion queued last runs after every placement."""
         entry = target.entry
-        slot_bytes = self.options.staging_slot_bytes
         for tensor_slice in entry.slices:
             part = self.reader.index.slice_entry(entry, tensor_slice)
             buffer = self.device.empty((part.size,), np.dtype(np.uint8))
             target.parts.append(buffer)  # LIFETIME: kept until the restore ends, after its copies ran
-            crc = 0
-            for start in range(0, part.size, slot_bytes):
-                if self._abort.is_set():
-                    return
-                length = min(slot_bytes, part.size - start)
-                slot = free.get()
-                try:
-                    slot.wait_until_free()
-                    self.reader.shards.read_into(part.shard_id, part.offset + start, slot.view[:length], entry.name)
-                    if self.verify:
-                        crc = crc32c(slot.view[:length], crc)
-                    self.device.copy_to_device(buffer, start, slot.buffer, length, stream)
-                finally:
-                    slot.last_copy = self.device.record(stream)  # LIFETIME: guards the slot's bytes
-                    free.put(slot)
-                self._add_progress(length)
-            if self.verify and crc != unmask(part.masked_crc32c):
-                raise ChecksumError(
-                    f"checksum does not match (slice entry of a partitioned tensor): stored "
-                    f"{unmask(part.masked_crc32c):#010x}, computed {crc:#010x}: "
-                    + describe(self.reader.shards.path(part.shard_id), entry.name, part.offset)
-                )
+            crc = self._stage_bytes(part, 0, part.size, buffer, free, stream)
+            if crc is None:
+                return
+            if self.verify:
+                self.reader.verify_crc(crc, part, entry)
             if target.swap_width:
                 self.device.byteswap(target.swap_width, buffer, stream)
             region = tuple(e.bounds(d) for e, d in zip(tensor_slice, entry.shape, strict=True))

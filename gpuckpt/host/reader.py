@@ -108,7 +108,8 @@ class HostReader:
     def _where(self, entry: TensorEntry, tensor: TensorEntry) -> tuple[str, str, int]:
         return self.shards.path(entry.shard_id), tensor.name, entry.offset
 
-    def _verify(self, crc: int, entry: TensorEntry, tensor: TensorEntry) -> None:
+    def verify_crc(self, crc: int, entry: TensorEntry, tensor: TensorEntry) -> None:
+        """Raise ChecksumError naming the file, tensor (and slice entry) and offset unless ``crc`` matches."""
         if crc != unmask(entry.masked_crc32c):
             path, name, offset = self._where(entry, tensor)
             part = "" if entry is tensor else f" (slice entry {entry.name!r})"
@@ -131,7 +132,7 @@ class HostReader:
                 crc = crc32c(chunk, crc)
         if bulk.part_done(part, crc):
             if verify:
-                self._verify(bulk.combined_crc(), entry, bulk.tensor)
+                self.verify_crc(bulk.combined_crc(), entry, bulk.tensor)
             info = entry.dtype_info
             assert info is not None
             fix_in_place(bulk.array, info, self.index.header.big_endian)
@@ -155,7 +156,7 @@ class HostReader:
                 self._where(entry, entry),
             )
         else:
-            self._verify(crc32c(raw), entry, entry)
+            self.verify_crc(crc32c(raw), entry, entry)
         return bytes(raw)
 
     def _read_shared(self, group: ReadGroup, outputs: dict[str, np.ndarray], verify: bool) -> None:
@@ -182,7 +183,7 @@ class HostReader:
                 )
             else:
                 if verify:
-                    self._verify(crc32c(view[start : start + entry.size]), entry, piece.tensor)
+                    self.verify_crc(crc32c(view[start : start + entry.size]), entry, piece.tensor)
                 count = entry.size // info.itemsize
                 value = np.frombuffer(buffer, info.numpy, count, start).reshape(entry.shape).copy()
                 if info.narrow_bits or (big_endian and info.swap_bytes):
