@@ -16,10 +16,10 @@ import numpy as np
 from .casting import DtypeChooser, dtype_chooser
 from .devices import CPU, device_name, resolve_device
 from .dtypes import dtype_name
-from .errors import ClosedCheckpointError, FormatError, TensorNotFoundError, describe
+from .errors import CheckpointNotFoundError, ClosedCheckpointError, FormatError, TensorNotFoundError, describe
 from .format.bundle import BundleIndex, TensorEntry, parse_index
 from .format.object_graph import OBJECT_GRAPH_KEY, ObjectAttribute, StateKind, classify_name, decode_object_graph
-from .format.state import INDEX_SUFFIX, resolve_prefix
+from .format.state import INDEX_SUFFIX, RESOLVE_ATTEMPTS, resolve_prefix
 from .host.lazy_slice import LazyTensor, zero_copy_view
 from .host.reader import HostReader, ProgressCallback
 from .host.shards import ShardFiles, data_filename
@@ -422,11 +422,25 @@ class Checkpoint:
 
 
 def _read_index(path: str) -> bytes:
-    with builtins.open(path, "rb") as f:
+    try:
+        f = builtins.open(path, "rb")
+    except FileNotFoundError:
+        raise CheckpointNotFoundError("index file is gone (deleted by a writer?): " + describe(path)) from None
+    with f:
         size = os.fstat(f.fileno()).st_size
         if size > MAX_INDEX_BYTES:
             raise FormatError(f"index file of {size} bytes is implausibly large: " + describe(path))
         return f.read()
+
+
+def _open_bundle(prefix: str) -> tuple[BundleIndex, ShardFiles]:
+    index_path = prefix + INDEX_SUFFIX
+    shards = ShardFiles(prefix)
+    try:
+        return parse_index(_read_index(index_path), index_path, shards.open_shard), shards
+    except BaseException:
+        shards.close()
+        raise
 
 
 def open(  # noqa: A001 - the name is the API
@@ -444,25 +458,31 @@ def open(  # noqa: A001 - the name is the API
     path : a prefix (``model.ckpt-200``), a path ending in ``.index``, a directory holding a
         ``checkpoint`` state file (opens the latest), or a SavedModel directory.
     device : "cpu"; "auto" picks the best available backend and records it in ``.device``;
-        "cuda"/"cuda:N" are the GPU path (not available in this version: DeviceUnavailableError).
+        "cuda"/"cuda:N" return CuPy arrays (DeviceUnavailableError without CuPy or a GPU). The
+        default for every read; ``restore(device=...)`` also takes a map by name prefix.
     verify : check crc32c of every tensor read (default True).
     threads : reader threads for :meth:`Checkpoint.restore` (default ``min(4, cpu_count)``).
     options : staging for device restores (default: :meth:`RestoreOptions.from_env`).
 
+    A directory is resolved through its state file; when a writer deletes the checkpoint named
+    there while this opens it, the state file is read again and the newer checkpoint opened.
+
     Raises
     ------
-    FileNotFoundError : nothing found (the message lists what was tried), or a data shard is missing.
+    CheckpointNotFoundError : (also a FileNotFoundError) nothing found (the message lists what
+        was tried), or a file of the checkpoint is missing (``MissingShardError`` for data files).
     FormatError, UnsupportedError : the index is corrupt, or of a version or kind not supported.
     """
     chosen = resolve_device(device)
     prefix = resolve_prefix(path)
-    index_path = prefix + INDEX_SUFFIX
-    shards = ShardFiles(prefix)
-    try:
-        index = parse_index(_read_index(index_path), index_path, shards.open_shard)
-    except BaseException:
-        shards.close()
-        raise
+    for attempt in range(1, RESOLVE_ATTEMPTS + 1):
+        try:
+            index, shards = _open_bundle(prefix)
+            break
+        except CheckpointNotFoundError:
+            if attempt == RESOLVE_ATTEMPTS or (newer := resolve_prefix(path)) == prefix:
+                raise
+            prefix = newer  # the state file names another checkpoint now
     return Checkpoint(
         prefix, index, shards, chosen, verify, threads or _default_threads(), options or RestoreOptions.from_env()
     )

@@ -1,7 +1,7 @@
 """The error hierarchy: one root, each class also the builtin it refines.
 
 Every message names the file and, where one is involved, the tensor and the byte offset, so that a
-log line alone says what was wrong and where. A missing file stays ``FileNotFoundError``.
+log line alone says what was wrong and where. A missing file is also a ``FileNotFoundError``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ class FormatError(CheckpointError, ValueError):
 
 class ChecksumError(FormatError):
     """A stored crc32c does not match the bytes it covers."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No checkpoint at the path given, or a file it needs is gone (the message lists what was tried)."""
 
 
 class TensorNotFoundError(CheckpointError, KeyError):

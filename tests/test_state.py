@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 from conftest import tf_or_skip
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gpuckpt
+from gpuckpt.format import state as state_module
 from gpuckpt.format.state import read_state
 
 
@@ -66,3 +68,30 @@ def test_state_paths_resolve_like_tensorflow(tmp_path, name, absolute):
     theirs = tf.train.get_checkpoint_state(str(tmp_path))
     ours = read_state(tmp_path)
     assert ours.model_checkpoint_path == theirs.model_checkpoint_path
+
+
+def test_open_follows_the_state_file_when_the_named_checkpoint_is_deleted(tmp_path, monkeypatch):
+    """A CheckpointManager-like writer names ckpt-2, then deletes ckpt-1: an open that read the
+    state file just before reads it again instead of failing."""
+    gpuckpt.save(str(tmp_path / "ckpt-1"), {"w": np.ones(2)}, update_state=True)
+    real = state_module.latest_checkpoint
+    calls = []
+
+    def racing(directory, *args):
+        found = real(directory, *args)
+        if not calls:  # the writer moves on right after the first look
+            gpuckpt.save(str(tmp_path / "ckpt-2"), {"w": np.full(2, 2.0)}, max_to_keep=1)
+        calls.append(found)
+        return found
+
+    monkeypatch.setattr(state_module, "latest_checkpoint", racing)
+    with gpuckpt.open(tmp_path) as ckpt:
+        assert ckpt.get_tensor("w").tolist() == [2.0, 2.0]
+    assert calls[0].endswith("ckpt-1") and calls[-1].endswith("ckpt-2")
+
+
+def test_nothing_found_is_a_checkpoint_error_and_file_not_found(tmp_path):
+    with pytest.raises(gpuckpt.CheckpointNotFoundError) as info:
+        gpuckpt.open(tmp_path / "nothing")
+    assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, gpuckpt.CheckpointError)
+    assert "nothing.index" in str(info.value)

@@ -9,11 +9,12 @@ import os
 from google.protobuf import text_format
 
 from .._proto import checkpoint_state_pb2
-from ..errors import FormatError, describe
+from ..errors import CheckpointNotFoundError, FormatError, describe
 
 STATE_FILENAME = "checkpoint"
 INDEX_SUFFIX = ".index"
 SAVED_MODEL_VARIABLES = os.path.join("variables", "variables")
+RESOLVE_ATTEMPTS = 3  # state-file reads while a writer replaces the latest checkpoint
 MAX_STATE_BYTES = 64 << 20  # a state file is a few lines; refuse to parse anything absurd
 
 
@@ -109,7 +110,7 @@ def resolve_prefix(path: str | os.PathLike[str]) -> str:
 
     Accepted: a prefix (``model.ckpt-200``), a path ending in ``.index``, a directory holding a
     ``checkpoint`` state file (its latest checkpoint), or a SavedModel directory
-    (``variables/variables``). Raises ``FileNotFoundError`` listing every place tried.
+    (``variables/variables``). Raises :class:`CheckpointNotFoundError` listing every place tried.
     """
     text = os.fspath(path)
     tried: list[str] = []
@@ -123,12 +124,16 @@ def resolve_prefix(path: str | os.PathLike[str]) -> str:
         tried.append(saved_model + INDEX_SUFFIX)
         if os.path.isfile(saved_model + INDEX_SUFFIX):
             return saved_model
-        state_path = os.path.join(text, STATE_FILENAME)
-        tried.append(state_path)
-        state = read_state(text)
-        if state is not None:
+        tried.append(os.path.join(text, STATE_FILENAME))
+        named: list[str] = []
+        # A writer keeping max_to_keep deletes the checkpoint the state file named a moment ago
+        # only after naming the next one: read the state file again while it names another.
+        while (state := read_state(text)) is not None and state.model_checkpoint_path not in named:
             latest = latest_checkpoint(text)
             if latest is not None and os.path.isfile(latest + INDEX_SUFFIX):
                 return latest
+            named.append(state.model_checkpoint_path)
             tried.append(state.model_checkpoint_path + INDEX_SUFFIX + " (named by the state file)")
-    raise FileNotFoundError(f"no TensorFlow checkpoint found at {text!r}; tried: " + ", ".join(tried))
+            if len(named) == RESOLVE_ATTEMPTS:
+                break
+    raise CheckpointNotFoundError(f"no TensorFlow checkpoint found at {text!r}; tried: " + ", ".join(tried))

@@ -3,8 +3,9 @@
 Bulk reads use ``os.preadv`` straight into the destination buffer: one kernel copy from the page
 cache, the GIL released, no page faults on a source mapping, and a file that shrinks underneath
 gives a short read (reported as :class:`FormatError`) instead of the SIGBUS a mapping would raise.
-Zero-copy views and lazy slicing use a read-only ``mmap`` of the same descriptor, created on first
-use.
+Every restore and slice reads this way. Only ``get_tensor(copy=False)``, which asks for a view of
+the file itself, uses a read-only ``mmap`` of the same descriptor (created on first use); that view
+is the one object a shrinking file can still turn into a SIGBUS (README: what gpuckpt promises).
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import mmap
 import os
 import threading
 
-from ..errors import CheckpointError, FormatError, describe
+from ..errors import CheckpointError, CheckpointNotFoundError, FormatError, describe
 
 
-class MissingShardError(CheckpointError, FileNotFoundError):
+class MissingShardError(CheckpointNotFoundError):
     """A data shard that the index refers to does not exist."""
 
 
@@ -83,8 +84,8 @@ class ShardFiles:
         """A read-only view of the whole shard (memory-mapped on first use).
 
         The file's size is checked on every call: touching a mapped page past the end of a file
-        that shrank would kill the process with SIGBUS. (A file truncated between this check and
-        the access can still do that; bulk reads use ``preadv`` and cannot.)
+        that shrank would kill the process with SIGBUS. (A file truncated after this check, while
+        a view is alive, can still do that; ``preadv`` reads cannot.)
         """
         with self._lock:
             if self._sizes[shard_id] == 0:

@@ -1,0 +1,136 @@
+"""``get_slice``: any basic index on stored and partitioned tensors equals numpy's answer, read
+without a mapping, whichever read strategy (contiguous runs or one span of rows) is chosen."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gpuckpt
+from gpuckpt.host import lazy_slice
+
+DTYPES = [np.float32, np.int16, np.uint8, np.float64]
+
+
+@st.composite
+def index_for(draw, shape):
+    items = []
+    for dim in shape:
+        if dim and draw(st.booleans()):
+            items.append(draw(st.integers(-dim, dim - 1)))
+        else:
+            start = draw(st.none() | st.integers(-dim - 2, dim + 2))
+            stop = draw(st.none() | st.integers(-dim - 2, dim + 2))
+            step = draw(st.none() | st.sampled_from([1, 2, 3, -1, -2]))
+            items.append(slice(start, stop, step))
+    items = items[: draw(st.integers(0, len(items)))]
+    if items and draw(st.booleans()):
+        at = draw(st.integers(0, len(items)))
+        items = items[:at] + [Ellipsis] + items[at + 1 :]  # '...' standing for the rest
+    return tuple(items)
+
+
+@st.composite
+def tensor_and_index(draw):
+    shape = tuple(draw(st.lists(st.integers(0, 6), max_size=4)))
+    dtype = draw(st.sampled_from(DTYPES))
+    array = np.arange(int(np.prod(shape)), dtype=np.int64).astype(dtype).reshape(shape)
+    return array, draw(index_for(shape))
+
+
+@pytest.mark.parametrize("cost", [0, lazy_slice.READ_CALL_COST_BYTES, 1 << 40], ids=["runs", "model", "span"])
+@settings(max_examples=150, deadline=None)
+@given(case=tensor_and_index())
+def test_any_basic_index_matches_numpy(tmp_path_factory, cost, case):
+    array, key = case
+    prefix = str(tmp_path_factory.mktemp("s") / "ckpt")
+    gpuckpt.save(prefix, {"t": array})
+    with gpuckpt.open(prefix) as ckpt, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lazy_slice, "READ_CALL_COST_BYTES", cost)
+        try:
+            expected = array[key]
+        except IndexError:
+            with pytest.raises(IndexError):
+                ckpt.get_slice("t")[key]
+            return
+        got = ckpt.get_slice("t")[key]
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    np.testing.assert_array_equal(got, expected)
+    owner = got if got.base is None else got.base
+    assert got.flags.writeable and isinstance(owner, np.ndarray) and owner.flags.owndata  # not a file mapping
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_partitioned_tensors_match_numpy(tmp_path_factory, data):
+    rows, cols = data.draw(st.integers(1, 9)), data.draw(st.integers(1, 5))
+    full = np.arange(rows * cols, dtype=np.float32).reshape(rows, cols)
+    cut = sorted(set(data.draw(st.lists(st.integers(1, rows - 1), max_size=3)) if rows > 1 else []))
+    bounds = [0, *cut, rows]
+    parts = [((slice(a, b), slice(None)), full[a:b]) for a, b in itertools.pairwise(bounds)]
+    prefix = str(tmp_path_factory.mktemp("p") / "ckpt")
+    gpuckpt.save(prefix, {"pv": gpuckpt.Partitioned(full.shape, parts)})
+    key = data.draw(index_for(full.shape))
+    with gpuckpt.open(prefix) as ckpt:
+        try:
+            expected = full[key]
+        except IndexError:
+            with pytest.raises(IndexError):
+                ckpt.get_slice("pv")[key]
+            return
+        got = ckpt.get_slice("pv")[key]
+    assert got.shape == expected.shape
+    np.testing.assert_array_equal(got, expected)
+
+
+def _count_reads(monkeypatch) -> list[int]:
+    sizes: list[int] = []
+    real = lazy_slice.ShardFiles.read_into
+
+    def counting(self, shard_id, offset, dst, tensor=None):
+        sizes.append(len(dst))
+        return real(self, shard_id, offset, dst, tensor)
+
+    monkeypatch.setattr(lazy_slice.ShardFiles, "read_into", counting)
+    return sizes
+
+
+def test_a_column_of_a_wide_matrix_reads_one_element_per_row(tmp_path, monkeypatch):
+    wide = np.arange(4 * 100_000, dtype=np.float32).reshape(4, 100_000)
+    gpuckpt.save(str(tmp_path / "w"), {"wide": wide})
+    with gpuckpt.open(str(tmp_path / "w")) as ckpt:
+        sizes = _count_reads(monkeypatch)
+        np.testing.assert_array_equal(ckpt.get_slice("wide")[:, 7], wide[:, 7])
+    assert sizes == [4, 4, 4, 4]
+
+
+def test_a_column_of_a_tall_matrix_reads_one_span(tmp_path, monkeypatch):
+    tall = np.arange(100_000 * 4, dtype=np.float32).reshape(100_000, 4)
+    gpuckpt.save(str(tmp_path / "t"), {"tall": tall})
+    with gpuckpt.open(str(tmp_path / "t")) as ckpt:
+        sizes = _count_reads(monkeypatch)
+        np.testing.assert_array_equal(ckpt.get_slice("tall")[10:20_000, 3], tall[10:20_000, 3])
+    assert sizes == [(20_000 - 10) * 16]
+
+
+def test_rows_read_as_one_run(tmp_path, monkeypatch):
+    embedding = np.arange(5000 * 8, dtype=np.float32).reshape(5000, 8)
+    gpuckpt.save(str(tmp_path / "e"), {"e": embedding})
+    with gpuckpt.open(str(tmp_path / "e")) as ckpt:
+        sizes = _count_reads(monkeypatch)
+        np.testing.assert_array_equal(ckpt.get_slice("e")[1000:2000], embedding[1000:2000])
+    assert sizes == [1000 * 8 * 4]
+
+
+def test_no_mapping_is_made_by_slicing(tmp_path):
+    gpuckpt.save(str(tmp_path / "m"), {"m": np.ones((3, 3))})
+    with gpuckpt.open(str(tmp_path / "m")) as ckpt:
+        ckpt.get_slice("m")[1:, :2]
+        ckpt.restore()
+        maps = open("/proc/self/maps").read()
+    assert os.path.basename(str(tmp_path / "m.data-00000-of-00001")) not in maps
