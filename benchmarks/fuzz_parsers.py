@@ -86,6 +86,7 @@ TARGETS: dict[str, Callable[[bytes], object]] = {
     "saved_model": lambda data: parse_meta(data, "saved_model.pb"),
     "object_graph": lambda data: decode_object_graph(data, "fuzz.index"),
 }
+TARGET_NAMES = list(TARGETS)
 
 
 def mutate(data: bytes, rng: random.Random, pool: list[bytes]) -> bytes:

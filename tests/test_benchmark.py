@@ -69,3 +69,15 @@ def test_fuzz_smoke(tmp_path):
     import fuzz_parsers
 
     assert fuzz_parsers.main(["--count", "400", "--seed", "7", "--failures", str(tmp_path)]) == 0
+
+
+def test_coverage_guided_fuzz_smoke(tmp_path, capsys):
+    """A short atheris run over every parser: it starts, reaches the parsers and finds nothing."""
+    pytest.importorskip("atheris", reason="atheris has wheels for Linux x86-64, Python 3.11-3.13 only")
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import fuzz_atheris
+
+    assert fuzz_atheris.main(["--runs", "5000", "--failures", str(tmp_path)]) == 0
+    report = capsys.readouterr().out
+    assert "inputs tried: 5000" in report and "failures: 0" in report
+    assert int(report.split("coverage: ")[1].split(" edges")[0]) > 100  # the parsers were instrumented
