@@ -122,24 +122,34 @@ def test_device_map_over_available_gpus(bundle):
         assert arrays["float32"].device.id == 0 and arrays["u8"].device.id == count - 1
 
 
-def test_out_of_memory_is_typed_and_leaks_nothing(bundle):
+@pytest.mark.parametrize("where", ["before_start", "mid_restore"])
+def test_out_of_memory_is_typed_and_leaks_nothing(bundle, monkeypatch, where):
+    """Refused by the free-memory check, or (check blinded) by the allocator part-way through."""
     import cupy
+
+    from gpuckpt.cuda import cuda_device
+    from gpuckpt.cuda.device import CudaDevice
+
+    if where == "mid_restore":
+        monkeypatch.setattr(CudaDevice, "free_bytes", lambda self: 1 << 50)
 
     pool = cupy.get_default_memory_pool()
     pinned = cupy.get_default_pinned_memory_pool()
-    gc.collect()
-    before = pool.used_bytes()
-    pool.set_limit(size=64 << 10)
-    try:
-        with gpuckpt.open(bundle) as ckpt:
-            for _ in range(20):
+    with gpuckpt.open(bundle) as ckpt:
+        ckpt.restore(device="cuda")  # warms the pinned pool: the staging ring's blocks are now free in it
+        gc.collect()
+        before, free_pinned_blocks = pool.used_bytes(), pinned.n_free_blocks()
+        pool.set_limit(size=pool.used_bytes() + (64 << 10))
+        try:
+            for _ in range(1000):
                 with pytest.raises(gpuckpt.DeviceMemoryError, match="bytes"):
                     ckpt.restore(device="cuda")
-    finally:
-        pool.set_limit(size=0)
+        finally:
+            pool.set_limit(size=0)
     gc.collect()
     assert pool.used_bytes() == before
-    assert pinned.n_free_blocks() >= 0  # pinned blocks returned to CuPy's pool, not leaked
+    assert cuda_device(0).pinned_live == 0
+    assert pinned.n_free_blocks() == free_pinned_blocks  # every staging block went back to the pool
 
 
 def test_checksum_failure_frees_device_memory(tmp_path):

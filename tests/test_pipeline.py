@@ -249,3 +249,44 @@ def test_allocator_running_out_is_a_typed_error(tmp_path, monkeypatch):
     with pytest.raises(pipeline.DeviceMemoryError, match=r"out of device memory .*\(pool exhausted\).*t04"):
         _restore(prefix, device, options=SMALL)
     assert device.pinned_live == 0
+
+
+def test_a_thousand_failed_device_restores_leak_nothing(tmp_path, monkeypatch):
+    """Checksum failures and allocator failures, alternating: no pinned buffer, stream, thread or
+    file descriptor outlives its restore."""
+    import os
+    import threading
+    import time
+
+    bundle = make_bundle(_random_tensors(seed=11, count=12))
+    entry = max(bundle.entries.values(), key=lambda e: e.size)
+    bundle.shards[0][entry.offset] ^= 1
+    prefix = bundle.write(str(tmp_path / "bad"))
+    device = HostDevice()
+    real_empty = device.empty
+    allocations: list = []
+    fail_at = [0]  # the allocation of this restore that fails; 0: none
+
+    def sometimes_failing_empty(shape, dtype):
+        allocations.append(shape)
+        if len(allocations) == fail_at[0]:
+            raise MemoryError("pool exhausted")
+        return real_empty(shape, dtype)
+
+    monkeypatch.setattr(device, "empty", sometimes_failing_empty)
+    threads_before, fds_before = threading.active_count(), len(os.listdir("/proc/self/fd"))
+    failures = set()
+    with gpuckpt.open(prefix) as ckpt:
+        for attempt in range(1000):
+            allocations.clear()
+            fail_at[0] = attempt % 12 if attempt % 2 else 0  # odd attempts run out part-way
+            with pytest.raises((gpuckpt.ChecksumError, pipeline.DeviceMemoryError)) as info:
+                ckpt.restore(device=device)
+            failures.add(type(info.value))
+    assert failures == {gpuckpt.ChecksumError, pipeline.DeviceMemoryError}
+    assert device.pinned_live == 0 and device.streams == []
+    deadline = time.monotonic() + 10  # worker threads finish their last task and exit
+    while threading.active_count() > threads_before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() == threads_before
+    assert len(os.listdir("/proc/self/fd")) == fds_before
