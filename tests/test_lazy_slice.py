@@ -134,3 +134,27 @@ def test_no_mapping_is_made_by_slicing(tmp_path):
         ckpt.restore()
         maps = open("/proc/self/maps").read()
     assert os.path.basename(str(tmp_path / "m.data-00000-of-00001")) not in maps
+
+
+def test_a_truncation_racing_an_unchecked_read_is_an_error(tmp_path, monkeypatch):
+    """The read itself succeeded (Linux may hand out a zeroed page tail instead of a short read);
+    the size check after it sees the truncation, so no unchecked bytes are returned."""
+    prefix = str(tmp_path / "r")
+    gpuckpt.save(prefix, {"r": np.arange(1000, dtype=np.float32)})
+    data_file = prefix + ".data-00000-of-00001"
+    original = open(data_file, "rb").read()
+    real = lazy_slice.ShardFiles.read_into
+
+    def read_then_truncate(self, shard_id, offset, dst, tensor=None):
+        real(self, shard_id, offset, dst, tensor)
+        os.truncate(data_file, 100)
+
+    with gpuckpt.open(prefix) as ckpt:
+        monkeypatch.setattr(lazy_slice.ShardFiles, "read_into", read_then_truncate)
+        with pytest.raises(gpuckpt.FormatError, match="shrank from 4000 to 100 bytes") as info:
+            ckpt.get_slice("r")[10:20]
+        assert "tensor 'r'" in str(info.value)
+        with open(data_file, "r+b") as f:
+            f.write(original)
+        with pytest.raises(gpuckpt.FormatError, match="shrank"):
+            ckpt.restore(verify=False)  # unverified whole reads get the same check

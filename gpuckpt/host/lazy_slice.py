@@ -92,10 +92,12 @@ def read_region(shards: ShardFiles, entry: TensorEntry, dtype: np.dtype, selecti
         for block, start in enumerate(starts.reshape(-1).tolist()):
             dst = flat[block * block_bytes : (block + 1) * block_bytes]
             shards.read_into(entry.shard_id, entry.offset + (start + start_in_block) * itemsize, dst, entry.name)
+        shards.check_not_shrunk(entry.shard_id, entry.name)  # no checksum covers a partial read
         return out
     rows_read = np.empty((last_row - first_row + 1, *shape[1:]), dtype)
     flat = memoryview(rows_read.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
     shards.read_into(entry.shard_id, entry.offset + first_row * strides[0] * itemsize, flat, entry.name)
+    shards.check_not_shrunk(entry.shard_id, entry.name)
     out[...] = rows_read[np.ix_(rows - first_row, *selection[1:])]
     return out
 

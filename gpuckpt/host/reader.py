@@ -256,4 +256,7 @@ class HostReader:
                     for future in futures:
                         future.cancel()
                     raise
+        if not verify:  # nothing checked the bytes: at least refuse those read while a file shrank
+            for shard_id in sorted({g.byte_range.shard_id for g in groups}):
+                self.shards.check_not_shrunk(shard_id)
         return {t.name: outputs[t.name] for t in tensors}

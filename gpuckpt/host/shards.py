@@ -80,6 +80,20 @@ class ShardFiles:
                 )
             done += got
 
+    def check_not_shrunk(self, shard_id: int, tensor: str | None = None) -> None:
+        """Raise if the file is now shorter than when it was opened.
+
+        A read racing a truncation can copy the zeroed tail of the file's last page without seeing
+        a short read (Linux does not order them). Checksummed reads catch that; unchecked ones
+        (lazy slices) call this after reading, which catches any truncation still in place.
+        """
+        current = os.fstat(self._fd(shard_id)).st_size
+        if current < self._sizes[shard_id]:
+            raise FormatError(
+                f"data file shrank from {self._sizes[shard_id]} to {current} bytes since it was opened: "
+                + describe(self.path(shard_id), tensor)
+            )
+
     def mapping(self, shard_id: int) -> memoryview:
         """A read-only view of the whole shard (memory-mapped on first use).
 
@@ -90,12 +104,7 @@ class ShardFiles:
         with self._lock:
             if self._sizes[shard_id] == 0:
                 return memoryview(b"")
-            current = os.fstat(self._fd(shard_id)).st_size
-            if current < self._sizes[shard_id]:
-                raise FormatError(
-                    f"data file shrank from {self._sizes[shard_id]} to {current} bytes since it was opened: "
-                    + describe(self.path(shard_id))
-                )
+            self.check_not_shrunk(shard_id)
             m = self._maps.get(shard_id)
             if m is None:
                 m = mmap.mmap(self._fds[shard_id], self._sizes[shard_id], prot=mmap.PROT_READ)
