@@ -220,14 +220,16 @@ def save(
         when the directory already has one).
     max_to_keep : with the state file, keep at most this many checkpoints listed and delete the
         files of older ones it drops, as ``tf.train.CheckpointManager`` does.
-    overwrite : replace an existing checkpoint at ``prefix`` (otherwise ``FileExistsError``). Its
-        index is removed first, so a crash leaves no checkpoint there, never a mixed one.
+    overwrite : replace an existing checkpoint at ``prefix`` (otherwise ``FileExistsError``). It
+        is removed (index first) only once every new file is written, so a failed write (disk
+        full) leaves it intact; a crash during the renames that follow leaves no checkpoint
+        there, never a mixed one.
 
     Notes
     -----
-    Crash safety: data files, then the index, are each written to a temporary name, fsynced and
-    renamed; a crash at any point leaves either no new checkpoint or a complete one, and other
-    checkpoints untouched. On an error every file this call created is removed.
+    Crash safety: data files and the index are written to temporary names and fsynced, then
+    renamed, the index last; a crash at any point leaves either no new checkpoint or a complete
+    one, and other checkpoints untouched. On an error every file this call created is removed.
     """
     payloads, partitioned = _payloads(tensors)
     return write_bundle(
@@ -270,26 +272,29 @@ def write_bundle(
     )
 
     os.makedirs(directory, exist_ok=True)
-    created: list[str] = []
+    created: list[str] = []  # removed again on any failure
     try:
-        if overwrite and os.path.exists(index_path):
-            _remove_checkpoint_files(prefix)
-            _after_step("old index removed")
+        # Every byte goes to temporaries first: running out of space (or any write error) fails
+        # here, while an existing checkpoint at this prefix is still untouched.
         for shard in range(num_shards):
-            final = data_filename(prefix, shard, num_shards)
-            temporary = _temporary(final)
+            temporary = _temporary(data_filename(prefix, shard, num_shards))
             created.append(temporary)
             _write_durably(temporary, (p.bytes() for p in payloads if p.entry.shard_id == shard))
             _after_step(f"data shard {shard} written")
-            os.replace(temporary, final)
-            created[-1] = final
-            _after_step(f"data shard {shard} in place")
-        temporary = _temporary(index_path)
-        created.append(temporary)
-        _write_durably(temporary, [index_bytes])
+        index_temporary = _temporary(index_path)
+        created.append(index_temporary)
+        _write_durably(index_temporary, [index_bytes])
         _after_step("index written")
+        if overwrite and os.path.exists(index_path):
+            _remove_checkpoint_files(prefix)  # its index first, so it never pairs with new data
+            _after_step("old checkpoint removed")
+        for shard in range(num_shards):
+            final = data_filename(prefix, shard, num_shards)
+            os.replace(created[shard], final)
+            created[shard] = final
+            _after_step(f"data shard {shard} in place")
         _fsync_directory(directory)
-        os.replace(temporary, index_path)  # from here on the checkpoint exists, complete
+        os.replace(index_temporary, index_path)  # from here on the checkpoint exists, complete
         created.clear()
         _fsync_directory(directory)
         _after_step("index in place")

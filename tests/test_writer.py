@@ -150,13 +150,16 @@ def test_state_file_is_kept_like_checkpoint_manager(tmp_path):
     assert not os.path.exists(tmp_path / "other" / "checkpoint")
 
 
-def _count_steps(tmp_path):
+def _count_steps(tmp_path, overwrite=False):
     steps = []
     original = writer_module._after_step
+    probe = str(tmp_path / "probe" / "ck")
+    if overwrite:
+        gpuckpt.save(probe, {"a": np.ones(3)}, update_state=True)
     writer_module._after_step = steps.append
     try:
         gpuckpt.save(
-            str(tmp_path / "probe" / "ck"), {"a": np.ones(3), "b": np.zeros(2)}, max_shard_bytes=8, update_state=True
+            probe, {"a": np.ones(3), "b": np.zeros(2)}, max_shard_bytes=8, update_state=True, overwrite=overwrite
         )
     finally:
         writer_module._after_step = original
@@ -177,8 +180,8 @@ def _assert_old_or_new(tmp_path, old, new):
 
 
 def test_exception_at_every_step_leaves_old_or_new_and_no_litter(tmp_path, monkeypatch):
-    steps = _count_steps(tmp_path)
-    assert len(steps) >= 4
+    steps = _count_steps(tmp_path, overwrite=True)
+    assert "old checkpoint removed" in steps
     for fail_at in range(len(steps)):
         case = tmp_path / f"case{fail_at}"
         old, new = _old_and_new(case)
@@ -194,10 +197,15 @@ def test_exception_at_every_step_leaves_old_or_new_and_no_litter(tmp_path, monke
             gpuckpt.save(str(case / "ck"), new, max_shard_bytes=8, overwrite=True)
         monkeypatch.setattr(writer_module, "_after_step", lambda step: None)
         assert not [n for n in os.listdir(case) if "tempstate" in n]
+        if steps.index("old checkpoint removed") > fail_at:  # before it, the old one is untouched
+            with gpuckpt.open(case / "ck") as ckpt:
+                got = ckpt.restore()
+            assert set(got) == set(old) and all(np.array_equal(got[k], old[k]) for k in old)
         try:
             _assert_old_or_new(case, old, new)
         except FileNotFoundError:
-            # overwrite=True removes the old index first: no checkpoint at all is allowed, a broken one is not
+            # a failure during the renames after the old one was removed: no checkpoint at all is
+            # allowed, a broken one is not
             assert not os.path.exists(case / "ck.index")
 
 
@@ -268,3 +276,50 @@ def test_file_size_limit_during_save_is_a_typed_error_and_leaves_no_litter(tmp_p
     assert "typed: " in result.stdout and "ckpt-2" in result.stdout
     assert sorted(os.listdir(tmp_path)) == ["checkpoint", "ckpt-1.data-00000-of-00001", "ckpt-1.index"]
     assert gpuckpt.latest_checkpoint(tmp_path) == str(tmp_path / "ckpt-1")
+
+
+DISK_FULL_CHILD = """
+import json, os, sys
+import numpy as np
+import gpuckpt
+
+folder = sys.argv[1]
+prefix = os.path.join(folder, "ckpt")
+small = {"w": np.arange(1000, dtype=np.float32)}
+gpuckpt.save(prefix, small, update_state=True)
+report = {}
+for name, kwargs in [("overwrite", {"overwrite": True}), ("new", {})]:
+    target = prefix if name == "overwrite" else os.path.join(folder, "ckpt-2")
+    try:
+        gpuckpt.save(target, {"w": np.ones(3 << 20, np.float32)}, **kwargs)  # 12 MiB into 8 MiB
+        report[name] = "saved"
+    except gpuckpt.WriteError as error:
+        report[name] = [error.errno, isinstance(error, OSError)]
+report["files"] = sorted(os.listdir(folder))
+with gpuckpt.open(folder) as ckpt:
+    report["intact"] = bool(np.array_equal(ckpt.get_tensor("w"), small["w"]))
+print(json.dumps(report))
+"""
+
+
+def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path):
+    """A real ENOSPC: an 8 MiB tmpfs mounted in a private user and mount namespace."""
+    import errno
+    import json
+    import shutil
+
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1)")
+    folder = tmp_path / "small_disk"
+    folder.mkdir()
+    script = tmp_path / "child.py"
+    script.write_text(DISK_FULL_CHILD)
+    shell = f'mount -t tmpfs -o size=8m none "{folder}" && exec "{sys.executable}" "{script}" "{folder}"'
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", shell], capture_output=True, text=True, timeout=120)
+    if result.returncode != 0 and "mount" in result.stderr:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["overwrite"] == [errno.ENOSPC, True] and report["new"] == [errno.ENOSPC, True]
+    assert report["files"] == ["checkpoint", "ckpt.data-00000-of-00001", "ckpt.index"]  # no temporaries left
+    assert report["intact"]
