@@ -1,5 +1,6 @@
 """Mutation fuzzer for every parser: the sorted table, the bundle index (header, entries, slices),
-string tensors, the ``checkpoint`` state file and ``.meta``/``saved_model.pb`` graphs.
+string tensors, the ``checkpoint`` state file and ``.meta``/``saved_model.pb`` graphs; and, as the
+``restore`` target, a damaged index over real data files driven through every read path.
 
     python benchmarks/fuzz_parsers.py [--seconds 60 | --count N] [--seed S] [--failures DIR]
 
@@ -12,9 +13,12 @@ is saved to --failures. Prints inputs tried per target and the failures; exits 1
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import random
+import shutil
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -31,7 +35,8 @@ from gpuckpt.format.bundle import parse_index  # noqa: E402
 from gpuckpt.format.meta import parse_meta  # noqa: E402
 from gpuckpt.format.object_graph import decode_object_graph  # noqa: E402
 from gpuckpt.format.state import parse_state  # noqa: E402
-from gpuckpt.format.table import parse_table  # noqa: E402
+from gpuckpt.format.table import build_table, parse_table  # noqa: E402
+from gpuckpt.format.varint import VarintError, decode_varint, encode_varint  # noqa: E402
 from gpuckpt.host.strings import decode_strings, encode_strings  # noqa: E402
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "data")
@@ -41,6 +46,78 @@ SHARD_BYTES = 1 << 20  # every shard "exists" with this size for the index parse
 def _read(*parts: str) -> bytes:
     with open(os.path.join(FIXTURES, *parts), "rb") as f:
         return f.read()
+
+
+def encode_records(items: list[tuple[bytes, bytes]]) -> bytes:
+    """Table contents as varint-length-prefixed keys and values, so mutations land in the entries."""
+    return b"".join(encode_varint(len(k)) + k + encode_varint(len(v)) + v for k, v in items)
+
+
+def decode_records(data: bytes) -> list[tuple[bytes, bytes]]:
+    """The records of :func:`encode_records`, sorted and unique by key, up to the first malformed one."""
+    records: dict[bytes, bytes] = {}
+    position = 0
+    try:
+        while position < len(data):
+            length, position = decode_varint(data, position, len(data))
+            key, position = data[position : position + length], position + length
+            length, position = decode_varint(data, position, len(data))
+            records[key] = data[position : position + length]
+            position += length
+    except VarintError:
+        pass
+    return sorted(records.items())
+
+
+class RestoreTarget:
+    """An index over fixed data files (a small bundle written once) whose *contents* are the input
+    (header and entries as :func:`encode_records`): it is built into a table with valid block
+    checksums, so damage reaches the entries rather than stopping at a block's crc32c. Then it is
+    opened, restored with and without verification and on the host stand-in device, and every
+    tensor is sliced."""
+
+    def __init__(self) -> None:
+        self.prefix = ""
+        self.seed_index = b""
+
+    def setup(self) -> None:
+        if self.prefix:
+            return
+        import gpuckpt
+
+        folder = tempfile.mkdtemp(prefix="gpuckpt-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        atexit.register(shutil.rmtree, folder, True)
+        self.prefix = os.path.join(folder, "ckpt")
+        full = np.arange(24, dtype=np.float64).reshape(6, 4)
+        tensors = {
+            "f32": np.linspace(-1, 1, 300, dtype=np.float32).reshape(3, 100),
+            "i8": np.arange(-5, 5, dtype=np.int8),
+            "s": np.array([b"ab", b"", b"x" * 70], dtype=object),
+            "part": gpuckpt.Partitioned(
+                full.shape, [((slice(0, 2), slice(None)), full[:2]), ((slice(2, 6), slice(None)), full[2:])]
+            ),
+            "scalar": np.float16(3.5),
+        }
+        gpuckpt.save(self.prefix, tensors, max_shard_bytes=512)
+        with open(self.prefix + ".index", "rb") as f:
+            self.seed_index = encode_records(parse_table(f.read(), "seed.index"))
+
+    def __call__(self, data: bytes) -> None:
+        import gpuckpt
+        from gpuckpt.device import HostDevice
+
+        self.setup()
+        with open(self.prefix + ".index", "wb") as f:
+            f.write(build_table(decode_records(data)))
+        with gpuckpt.open(self.prefix) as ckpt:
+            ckpt.restore()
+            ckpt.restore(verify=False, threads=2)
+            ckpt.restore(device=HostDevice())
+            for name in ckpt.keys():
+                ckpt.get_slice(name)[...]
+
+
+RESTORE = RestoreTarget()
 
 
 def seeds() -> dict[str, list[bytes]]:
@@ -58,7 +135,9 @@ def seeds() -> dict[str, list[bytes]]:
 
     with open(os.path.join(FIXTURES, "expected.pkl"), "rb") as f:
         graph = pickle.load(f)["keras_adam/ckpt-2"]["tensors"]["_CHECKPOINTABLE_OBJECT_GRAPH"]
+    RESTORE.setup()
     return {
+        "restore": [RESTORE.seed_index],
         "table": indexes,
         "index": indexes,
         "strings": [encode_strings([b"a", b"", b"q" * 300, bytes(range(256))])[0], encode_strings([])[0]],
@@ -85,6 +164,7 @@ TARGETS: dict[str, Callable[[bytes], object]] = {
     "meta": lambda data: parse_meta(data, "fuzz.meta"),
     "saved_model": lambda data: parse_meta(data, "saved_model.pb"),
     "object_graph": lambda data: decode_object_graph(data, "fuzz.index"),
+    "restore": RESTORE,
 }
 TARGET_NAMES = list(TARGETS)
 
