@@ -85,7 +85,7 @@ class ShardFiles:
 
         A read racing a truncation can copy the zeroed tail of the file's last page without seeing
         a short read (Linux does not order them). Checksummed reads catch that; unchecked ones
-        (lazy slices) call this after reading, which catches any truncation still in place.
+        (lazy slices, verify=False) call this after reading: it catches any truncation still in place.
         """
         current = os.fstat(self._fd(shard_id)).st_size
         if current < self._sizes[shard_id]:
