@@ -43,6 +43,20 @@ def tensor_and_index(draw):
     return array, draw(index_for(shape))
 
 
+def _slice_like_numpy(ckpt, name, array, key):
+    """``get_slice(name)[key]`` checked against ``array[key]``: equal, or both IndexError (None)."""
+    try:
+        expected = array[key]
+    except IndexError:
+        with pytest.raises(IndexError):
+            ckpt.get_slice(name)[key]
+        return None
+    got = ckpt.get_slice(name)[key]
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    np.testing.assert_array_equal(got, expected)
+    return got
+
+
 @pytest.mark.parametrize("cost", [0, lazy_slice.READ_CALL_COST_BYTES, 1 << 40], ids=["runs", "model", "span"])
 @settings(max_examples=150, deadline=None)
 @given(case=tensor_and_index())
@@ -52,15 +66,9 @@ def test_any_basic_index_matches_numpy(tmp_path_factory, cost, case):
     gpuckpt.save(prefix, {"t": array})
     with gpuckpt.open(prefix) as ckpt, pytest.MonkeyPatch.context() as patch:
         patch.setattr(lazy_slice, "READ_CALL_COST_BYTES", cost)
-        try:
-            expected = array[key]
-        except IndexError:
-            with pytest.raises(IndexError):
-                ckpt.get_slice("t")[key]
-            return
-        got = ckpt.get_slice("t")[key]
-    assert got.dtype == expected.dtype and got.shape == expected.shape
-    np.testing.assert_array_equal(got, expected)
+        got = _slice_like_numpy(ckpt, "t", array, key)
+    if got is None:
+        return
     owner = got if got.base is None else got.base
     assert got.flags.writeable and isinstance(owner, np.ndarray) and owner.flags.owndata  # not a file mapping
 
@@ -77,15 +85,7 @@ def test_partitioned_tensors_match_numpy(tmp_path_factory, data):
     gpuckpt.save(prefix, {"pv": gpuckpt.Partitioned(full.shape, parts)})
     key = data.draw(index_for(full.shape))
     with gpuckpt.open(prefix) as ckpt:
-        try:
-            expected = full[key]
-        except IndexError:
-            with pytest.raises(IndexError):
-                ckpt.get_slice("pv")[key]
-            return
-        got = ckpt.get_slice("pv")[key]
-    assert got.shape == expected.shape
-    np.testing.assert_array_equal(got, expected)
+        _slice_like_numpy(ckpt, "pv", full, key)
 
 
 def _count_reads(monkeypatch) -> list[int]:
