@@ -4,6 +4,7 @@ async restore, out-of-memory and leaks. Marked ``gpu``; skipped where no GPU and
 from __future__ import annotations
 
 import gc
+import os
 
 import ml_dtypes
 import numpy as np
@@ -168,3 +169,58 @@ def test_checksum_failure_frees_device_memory(tmp_path):
                 ckpt.restore(device="cuda")
     gc.collect()
     assert pool.used_bytes() == before
+
+
+def test_eight_threads_restore_to_the_gpu_at_once(bundle):
+    import concurrent.futures
+
+    with gpuckpt.open(bundle) as shared:
+        names = [n for n in shared.keys() if n not in FLOAT8]
+        host = shared.restore(names)
+
+        def work(i):
+            if i % 2:
+                return shared.restore(names, device="cuda")
+            with gpuckpt.open(bundle) as own:
+                return own.restore(names, device="cuda")
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(work, range(8)))
+    for result in results:
+        for name, value in host.items():
+            _same(result[name], value, name)
+
+
+def test_interrupt_and_truncation_mid_device_restore_release_everything(bundle, tmp_path):
+    import shutil
+
+    import cupy
+
+    from gpuckpt.cuda import cuda_device
+
+    pool = cupy.get_default_memory_pool()
+
+    def interrupt(done, total):
+        raise KeyboardInterrupt
+
+    with gpuckpt.open(bundle) as ckpt:
+        gc.collect()
+        before = pool.used_bytes()
+        for _ in range(20):
+            with pytest.raises(KeyboardInterrupt):
+                ckpt.restore(device="cuda", progress=interrupt)
+        gc.collect()
+        assert pool.used_bytes() == before and cuda_device(0).pinned_live == 0
+        assert len(ckpt.restore(device="cuda")) == len(ckpt.keys())  # still usable
+
+    copy = str(tmp_path / "ck")
+    with gpuckpt.open(bundle) as ckpt:
+        files = ckpt.data_files() + [bundle + ".index"]
+    for path in files:
+        shutil.copy(path, copy + path[len(bundle) :])
+    with gpuckpt.open(copy) as ckpt:
+        os.truncate(ckpt.data_files()[0], 1000)
+        with pytest.raises(gpuckpt.FormatError, match="short"):
+            ckpt.restore(device="cuda")
+    gc.collect()
+    assert pool.used_bytes() == before and cuda_device(0).pinned_live == 0
