@@ -315,3 +315,46 @@ def test_string_length_beyond_the_tensor_is_refused_before_any_checksum(tmp_path
     prefix = build(tmp_path, edit)
     with gpuckpt.open(prefix) as ckpt, pytest.raises(FormatError, match="exceeds"):
         ckpt.get_tensor("s", verify=False)
+
+
+def _structural_boundaries(index: bytes) -> list[int]:
+    """Every place a part of the table ends or starts: each block's contents, its type byte and
+    CRC, the index and metaindex blocks, and the footer."""
+    footer = parse_footer(index, "x")
+    handles = [footer.metaindex, footer.index]
+    index_block = index[footer.index.offset : footer.index.offset + footer.index.size]
+    handles += [_decode_handle(v, 0, len(v))[0] for _, v in iter_block(index_block, "x", 0)]
+    cuts = {len(index) - 48, len(index) - 8}
+    for handle in handles:
+        end = handle.offset + handle.size
+        cuts.update({handle.offset, end, end + 1, end + 5})
+    return sorted(c for c in cuts if 0 < c < len(index))
+
+
+def test_index_truncated_at_every_structural_boundary(tmp_path):
+    bundle = make_bundle({f"layer_{i:03d}/kernel": np.full(2, i, np.float32) for i in range(60)})
+    items = [(b"", bundle.header.SerializeToString())]
+    items += [(k, bundle.entries[k].SerializeToString()) for k in sorted(bundle.entries)]
+    index = build_table(items, block_size=256)  # several data blocks
+    cuts = _structural_boundaries(index)
+    assert len(cuts) > 20
+    for cut in cuts:
+        for at in (cut - 1, cut, cut + 1):
+            prefix = bundle.write(str(tmp_path / f"cut{at}" / "ck"), index_bytes=index[:at])
+            with pytest.raises(FormatError) as info:
+                open_and_read_all(prefix)
+            assert "ck.index" in str(info.value), (at, str(info.value))
+
+
+def test_data_file_truncated_at_every_tensor_boundary(tmp_path):
+    bundle = make_bundle(TENSORS)
+    whole = bytes(bundle.shards[0])
+    for name, entry in bundle.entries.items():
+        for at in {entry.offset, entry.offset + entry.size - 1}:
+            prefix = bundle.write(str(tmp_path / f"{name.decode()}{at}" / "ck"))
+            with open(prefix + ".data-00000-of-00001", "wb") as f:
+                f.write(whole[:at])
+            with pytest.raises(FormatError) as info:
+                gpuckpt.open(prefix)  # refused at open: the index claims bytes the file lacks
+            assert "ck.data-00000-of-00001" in str(info.value) or "ck.index" in str(info.value)
+            assert "tensor '" in str(info.value)
