@@ -358,3 +358,29 @@ def test_data_file_truncated_at_every_tensor_boundary(tmp_path):
                 gpuckpt.open(prefix)  # refused at open: the index claims bytes the file lacks
             assert "ck.data-00000-of-00001" in str(info.value) or "ck.index" in str(info.value)
             assert "tensor '" in str(info.value)
+
+
+def test_a_bit_flip_in_each_part_of_the_index(tmp_path):
+    """Every data block's contents, type byte and CRC, the index block, the footer's index handle
+    and magic: each flip is refused. The metaindex block (always empty) and the footer padding are
+    ignored by TF's reader and by this one (FORMAT.md 2.2, 2.6), so flips there are accepted."""
+    bundle = make_bundle({f"layer_{i:03d}/kernel": np.full(2, i, np.float32) for i in range(60)})
+    items = [(b"", bundle.header.SerializeToString())]
+    items += [(k, bundle.entries[k].SerializeToString()) for k in sorted(bundle.entries)]
+    index = build_table(items, block_size=256)
+    footer = parse_footer(index, "x")
+    index_block = index[footer.index.offset : footer.index.offset + footer.index.size]
+    handles = [footer.index] + [_decode_handle(v, 0, len(v))[0] for _, v in iter_block(index_block, "x", 0)]
+    _, index_handle_at = _decode_handle(index, len(index) - 48, len(index))  # after the metaindex handle
+    places = [index_handle_at, len(index) - 1]
+    for handle in handles:
+        end = handle.offset + handle.size
+        places += [handle.offset, handle.offset + handle.size // 2, end, end + 2]
+    for place in places:
+        for bit in (0, 7):
+            damaged = bytearray(index)
+            damaged[place] ^= 1 << bit
+            prefix = bundle.write(str(tmp_path / f"flip{place}-{bit}" / "ck"), index_bytes=bytes(damaged))
+            with pytest.raises(gpuckpt.CheckpointError) as info:
+                open_and_read_all(prefix)
+            assert "ck.index" in str(info.value), (place, bit, str(info.value))
