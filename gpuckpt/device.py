@@ -57,6 +57,10 @@ class Device(Protocol):
         """Queue a copy of ``src[:nbytes]`` into the byte view ``dst`` at ``dst_offset``."""
         ...
 
+    def copy_to_host(self, dst: np.ndarray, src: Any, src_offset: int, nbytes: int, stream: Stream) -> None:
+        """Queue a copy of ``nbytes`` of the byte view ``src`` from ``src_offset`` into ``dst``."""
+        ...
+
     def record(self, stream: Stream) -> Event: ...
 
     def wait_event(self, stream: Stream, event: Event) -> None:
@@ -175,6 +179,12 @@ class HostDevice:
     ) -> None:
         def copy() -> None:  # reads ``src`` when it runs, like a DMA engine
             dst[dst_offset : dst_offset + nbytes] = src[:nbytes]
+
+        stream.submit(copy)
+
+    def copy_to_host(self, dst: np.ndarray, src: np.ndarray, src_offset: int, nbytes: int, stream: HostStream) -> None:
+        def copy() -> None:  # writes ``dst`` when it runs, like a DMA engine
+            dst[:nbytes] = src[src_offset : src_offset + nbytes]
 
         stream.submit(copy)
 

@@ -13,11 +13,12 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from .download import contiguous_bytes, stream_to_host
 from .dtypes import DTYPES
 from .errors import DeviceUnavailableError, UnsupportedError, WriteError
 from .format.bundle import TensorEntry, encode_entry, encode_header, encode_name
@@ -62,6 +63,25 @@ class Payload:
             raise ValueError(f"payload of {self.entry.name!r} changed size while being written")
         return data
 
+    def chunks(self) -> Iterator[Any]:
+        """The bytes to write, in order; ``entry`` is final once they have all been taken."""
+        yield self.bytes()
+
+
+@dataclasses.dataclass
+class DevicePayload(Payload):
+    """A device array's bytes, streamed through two pinned chunks as the data file is written;
+    its crc32c is computed on the way and put into ``entry`` at the end."""
+
+    device: Any = None
+
+    def chunks(self) -> Iterator[Any]:
+        crc = 0
+        for chunk in stream_to_host(self.device, self.data, self.entry.size):
+            crc = crc32c(chunk, crc)
+            yield chunk
+        self.entry = self.entry._replace(masked_crc32c=mask(crc))
+
 
 def tf_dtype_of(array: np.ndarray) -> int:
     """The TF DataType value for a numpy array's dtype (strings: object/bytes/str arrays)."""
@@ -74,14 +94,30 @@ def tf_dtype_of(array: np.ndarray) -> int:
     return value
 
 
+def _device_of(value: Any) -> Any:
+    """The :class:`~gpuckpt.device.Device` holding a CUDA array (CuPy's ``.device.id``)."""
+    try:
+        import cupy  # noqa: F401 - only ever imported for device arrays
+    except ImportError:
+        raise DeviceUnavailableError("saving a device (CUDA) array needs CuPy, which is not installed") from None
+    from .cuda import cuda_device
+
+    return cuda_device(int(value.device.id))
+
+
+def _payload(key: bytes, name: str, value: Any) -> Payload:
+    """The payload of one array: device arrays stream from the device as they are written."""
+    if not hasattr(value, "__cuda_array_interface__"):
+        return array_payload(key, name, _host_array(value))
+    device = _device_of(value)
+    if value.dtype.byteorder == ">":
+        raise UnsupportedError(f"device array {name!r} is big-endian: save it from the host")
+    entry = TensorEntry(name, tf_dtype_of(value), tuple(value.shape), 0, 0, int(value.nbytes), 0)
+    return DevicePayload(key, entry, contiguous_bytes(device, value), device)
+
+
 def _host_array(value: Any) -> np.ndarray:
-    """numpy view of ``value``; CuPy (device) arrays are copied to the host first."""
-    if hasattr(value, "__cuda_array_interface__"):
-        try:
-            import cupy  # only ever imported for device arrays
-        except ImportError:
-            raise DeviceUnavailableError("saving a device (CUDA) array needs CuPy, which is not installed") from None
-        return cupy.asnumpy(value)
+    """numpy view of ``value`` (bytes and str become string scalars)."""
     if isinstance(value, (bytes, str)):
         return np.array(value, dtype=object)
     array = np.asarray(value)
@@ -139,19 +175,19 @@ def _payloads(tensors: Mapping[str, Any]) -> tuple[list[Payload], list[TensorEnt
         if not isinstance(name, str) or not name or name.startswith("\x00"):
             raise ValueError(f"tensor names must be non-empty strings not starting with NUL, not {name!r}")
         if not isinstance(value, Partitioned):
-            payloads.append(array_payload(encode_name(name), name, _host_array(value)))
+            payloads.append(_payload(encode_name(name), name, value))
             continue
         shape = tuple(int(d) for d in value.shape)
         slices, dtypes = [], set()
         for region, part in value.parts:
             tensor_slice = _slice_of(tuple(region), shape, name)
             problem = check_extents(tensor_slice, shape)
-            array = _host_array(part)
-            if problem is None and tuple(array.shape) != slice_shape(tensor_slice, shape):
-                problem = f"part has shape {array.shape}, its region {slice_shape(tensor_slice, shape)}"
+            payload = _payload(slice_key(encode_name(name), tensor_slice), name, part)
+            if problem is None and payload.entry.shape != slice_shape(tensor_slice, shape):
+                problem = f"part has shape {payload.entry.shape}, its region {slice_shape(tensor_slice, shape)}"
             if problem:
                 raise ValueError(f"bad part of partitioned tensor {name!r}: {problem}")
-            payloads.append(array_payload(slice_key(encode_name(name), tensor_slice), name, array))
+            payloads.append(payload)
             dtypes.add(payloads[-1].entry.dtype)
             slices.append(tensor_slice)
         problem = coverage_problem(tuple(slices), shape) if slices else "no parts given"
@@ -212,8 +248,9 @@ def save(
     ----------
     prefix : the checkpoint prefix (``dir/model.ckpt-100``); files are ``prefix.index`` and
         ``prefix.data-*``.
-    tensors : name -> numpy array, CuPy array, ``bytes``/``str`` or an object array of them for
-        strings, or :class:`Partitioned` for a tensor given in parts. Written in this order.
+    tensors : name -> numpy array, CuPy array (streamed from the device in pinned chunks as the
+        file is written), ``bytes``/``str`` or an object array of them for strings, or
+        :class:`Partitioned` for a tensor given in parts. Written in this order.
     max_shard_bytes : start a new data file when the current one would grow past this (a tensor
         larger than it gets a file of its own); None writes one data file.
     update_state : record the new checkpoint in the directory's ``checkpoint`` file (None: only
@@ -263,13 +300,9 @@ def write_bundle(
     if os.path.exists(index_path) and not overwrite:
         raise FileExistsError(f"a checkpoint already exists at {prefix!r} (pass overwrite=True to replace it)")
     num_shards = _assign_shards(payloads, max_shard_bytes)
-    entries = [(p.key, p.entry) for p in payloads] + [(encode_name(e.name), e) for e in partitioned]
-    keys = [key for key, _ in entries]
+    keys = [p.key for p in payloads] + [encode_name(e.name) for e in partitioned]
     if len(set(keys)) != len(keys):
         raise ValueError("two tensors (or two parts of one tensor) have the same name and region")
-    index_bytes = build_table(
-        [(b"", encode_header(num_shards))] + sorted((key, encode_entry(entry)) for key, entry in entries)
-    )
 
     os.makedirs(directory, exist_ok=True)
     created: list[str] = []  # removed again on any failure
@@ -279,8 +312,13 @@ def write_bundle(
         for shard in range(num_shards):
             temporary = _temporary(data_filename(prefix, shard, num_shards))
             created.append(temporary)
-            _write_durably(temporary, (p.bytes() for p in payloads if p.entry.shard_id == shard))
+            _write_durably(temporary, (c for p in payloads if p.entry.shard_id == shard for c in p.chunks()))
             _after_step(f"data shard {shard} written")
+        # Built only now: a device payload's checksum is known once its bytes have streamed by.
+        entries = [(p.key, p.entry) for p in payloads] + [(encode_name(e.name), e) for e in partitioned]
+        index_bytes = build_table(
+            [(b"", encode_header(num_shards))] + sorted((key, encode_entry(entry)) for key, entry in entries)
+        )
         index_temporary = _temporary(index_path)
         created.append(index_temporary)
         _write_durably(index_temporary, [index_bytes])

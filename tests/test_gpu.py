@@ -224,3 +224,24 @@ def test_interrupt_and_truncation_mid_device_restore_release_everything(bundle, 
             ckpt.restore(device="cuda")
     gc.collect()
     assert pool.used_bytes() == before and cuda_device(0).pinned_live == 0
+
+
+def test_saving_cupy_arrays_streams_them_through_pinned_chunks(tmp_path, monkeypatch):
+    import cupy
+
+    from gpuckpt import download
+    from gpuckpt.cuda import cuda_device
+
+    monkeypatch.setattr(download, "CHUNK_BYTES", 1 << 16)
+    rng = np.random.default_rng(0)
+    host = {
+        "f32": rng.standard_normal((700, 300)).astype(np.float32),
+        "f16": rng.standard_normal(100_001).astype(np.float16),
+        "strided": np.arange(30_000, dtype=np.int64).reshape(300, 100)[:, ::7],
+    }
+    gpuckpt.save(str(tmp_path / "s"), {name: cupy.asarray(value) for name, value in host.items()})
+    with gpuckpt.open(str(tmp_path / "s")) as ckpt:
+        got = ckpt.restore()  # crc32c verified
+    for name, value in host.items():
+        assert got[name].tobytes() == np.ascontiguousarray(value).tobytes(), name
+    assert cuda_device(0).pinned_live == 0

@@ -100,6 +100,12 @@ class CudaDevice:
                 dst.data.ptr + dst_offset, src.ctypes.data, nbytes, cupy.cuda.runtime.memcpyHostToDevice, stream.ptr
             )
 
+    def copy_to_host(self, dst: np.ndarray, src: Any, src_offset: int, nbytes: int, stream: Any) -> None:
+        if nbytes:
+            cupy.cuda.runtime.memcpyAsync(
+                dst.ctypes.data, src.data.ptr + src_offset, nbytes, cupy.cuda.runtime.memcpyDeviceToHost, stream.ptr
+            )
+
     def record(self, stream: Any) -> CudaEvent:
         return CudaEvent(stream.record())
 
