@@ -57,15 +57,25 @@ def _slice_like_numpy(ckpt, name, array, key):
     return got
 
 
-@pytest.mark.parametrize("cost", [0, lazy_slice.READ_CALL_COST_BYTES, 1 << 40], ids=["runs", "model", "span"])
+STRATEGIES = {  # (READ_CALL_COST_BYTES, SPAN_READ_BYTES)
+    "runs": (0, lazy_slice.SPAN_READ_BYTES),
+    "model": (lazy_slice.READ_CALL_COST_BYTES, lazy_slice.SPAN_READ_BYTES),
+    "span": (1 << 40, lazy_slice.SPAN_READ_BYTES),
+    "span_row_by_row": (1 << 40, 1),
+    "span_in_pieces": (1 << 40, 40),
+}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @settings(max_examples=150, deadline=None)
 @given(case=tensor_and_index())
-def test_any_basic_index_matches_numpy(tmp_path_factory, cost, case):
+def test_any_basic_index_matches_numpy(tmp_path_factory, strategy, case):
     array, key = case
     prefix = str(tmp_path_factory.mktemp("s") / "ckpt")
     gpuckpt.save(prefix, {"t": array})
     with gpuckpt.open(prefix) as ckpt, pytest.MonkeyPatch.context() as patch:
-        patch.setattr(lazy_slice, "READ_CALL_COST_BYTES", cost)
+        patch.setattr(lazy_slice, "READ_CALL_COST_BYTES", STRATEGIES[strategy][0])
+        patch.setattr(lazy_slice, "SPAN_READ_BYTES", STRATEGIES[strategy][1])
         got = _slice_like_numpy(ckpt, "t", array, key)
     if got is None:
         return
@@ -109,13 +119,18 @@ def test_a_column_of_a_wide_matrix_reads_one_element_per_row(tmp_path, monkeypat
     assert sizes == [4, 4, 4, 4]
 
 
-def test_a_column_of_a_tall_matrix_reads_one_span(tmp_path, monkeypatch):
+def test_a_column_of_a_tall_matrix_reads_one_span_in_pieces(tmp_path, monkeypatch):
     tall = np.arange(100_000 * 4, dtype=np.float32).reshape(100_000, 4)
     gpuckpt.save(str(tmp_path / "t"), {"tall": tall})
     with gpuckpt.open(str(tmp_path / "t")) as ckpt:
         sizes = _count_reads(monkeypatch)
         np.testing.assert_array_equal(ckpt.get_slice("tall")[10:20_000, 3], tall[10:20_000, 3])
     assert sizes == [(20_000 - 10) * 16]
+    monkeypatch.setattr(lazy_slice, "SPAN_READ_BYTES", 100_000)  # 6250 rows of 16 bytes a piece
+    sizes.clear()
+    with gpuckpt.open(str(tmp_path / "t")) as ckpt:
+        np.testing.assert_array_equal(ckpt.get_slice("tall")[20_000:10:-1, 1], tall[20_000:10:-1, 1])
+    assert sizes == [100_000] * 3 + [(19_990 - 3 * 6250) * 16]
 
 
 def test_rows_read_as_one_run(tmp_path, monkeypatch):

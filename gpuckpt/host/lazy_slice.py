@@ -24,42 +24,53 @@ from .shards import ShardFiles
 # One more read call costs about as much as reading this many more bytes from the page cache
 # (~1.5 us per preadv against ~10 GB/s): the break-even between many small runs and one span.
 READ_CALL_COST_BYTES = 16 << 10
+SPAN_READ_BYTES = 4 << 20  # a span is read in pieces this big, through one buffer
 
 
-def _normalize(key: object, shape: tuple[int, ...]) -> tuple[list[np.ndarray], list[int]]:
-    """Per-axis index arrays for a basic-indexing ``key``, and the axes given as integers."""
+def _normalize(key: object, shape: tuple[int, ...]) -> tuple[list[range], list[int]]:
+    """The indices selected along each axis by a basic-indexing ``key`` (as ranges: nothing the
+    size of a whole axis is built), and the axes given as integers."""
     items = key if isinstance(key, tuple) else (key,)
-    if sum(1 for k in items if k is Ellipsis) > 1:
+    ellipses = [at for at, k in enumerate(items) if k is Ellipsis]
+    if len(ellipses) > 1:
         raise IndexError("an index can only have a single ellipsis ('...')")
-    if Ellipsis in items:
-        at = items.index(Ellipsis)
+    if ellipses:
+        at = ellipses[0]
         items = items[:at] + (slice(None),) * (len(shape) - len(items) + 1) + items[at + 1 :]
     if len(items) > len(shape):
         raise IndexError(f"too many indices: tensor has rank {len(shape)}, {len(items)} were given")
     items = items + (slice(None),) * (len(shape) - len(items))
-    arrays, int_axes = [], []
+    selection, int_axes = [], []
     for axis, (item, dim) in enumerate(zip(items, shape, strict=True)):
         if isinstance(item, slice):
-            arrays.append(np.arange(dim, dtype=np.int64)[item])
+            selection.append(range(*item.indices(dim)))
         elif isinstance(item, (int, np.integer)) and not isinstance(item, bool):
             if not -dim <= item < dim:
                 raise IndexError(f"index {item} is out of bounds for axis {axis} with size {dim}")
-            arrays.append(np.array([item % dim], dtype=np.int64))
+            selection.append(range(item % dim, item % dim + 1))
             int_axes.append(axis)
         else:
             raise IndexError(f"get_slice supports integers, slices and '...', not {type(item).__name__}")
-    return arrays, int_axes
+    return selection, int_axes
 
 
-def _is_full(selected: np.ndarray, dim: int) -> bool:
-    return len(selected) == dim and (dim == 0 or (selected[0] == 0 and bool(np.all(np.diff(selected) == 1))))
+def _is_run(selected: range) -> bool:
+    """Ascending and contiguous: one run of the axis."""
+    return len(selected) <= 1 or selected.step == 1
 
 
-def _is_run(selected: np.ndarray) -> bool:
-    return bool(np.all(np.diff(selected) == 1))
+def _is_full(selected: range, dim: int) -> bool:
+    return len(selected) == dim and _is_run(selected) and (dim == 0 or selected[0] == 0)
 
 
-def read_region(shards: ShardFiles, entry: TensorEntry, dtype: np.dtype, selection: list[np.ndarray]) -> np.ndarray:
+def _as_slice(selected: range, shift: int) -> slice:
+    """The slice picking ``selected`` from an axis that starts at index ``shift``."""
+    first = selected[0] - shift
+    stop = selected[-1] - shift + (1 if selected.step > 0 else -1)
+    return slice(first, stop if stop >= 0 else None, selected.step)
+
+
+def read_region(shards: ShardFiles, entry: TensorEntry, dtype: np.dtype, selection: list[range]) -> np.ndarray:
     """The elements ``entry[np.ix_(*selection)]`` as raw stored values, read from the shard.
 
     The trailing axes selected whole, plus the axis before them where it is an ascending run, are
@@ -80,26 +91,45 @@ def read_region(shards: ShardFiles, entry: TensorEntry, dtype: np.dtype, selecti
     read_runs = True
     if shape:  # else a scalar: one run
         rows = selection[0]
-        first_row, last_row = int(rows.min()), int(rows.max())
+        first_row, last_row = min(rows[0], rows[-1]), max(rows[0], rows[-1])
         span_bytes = (last_row - first_row + 1) * strides[0] * itemsize
         read_runs = num_blocks * (READ_CALL_COST_BYTES + block_bytes) <= READ_CALL_COST_BYTES + span_bytes
     if read_runs:
         starts = np.zeros((), np.int64)
         for axis in range(block_from):
-            starts = np.add.outer(starts, selection[axis] * strides[axis])
-        start_in_block = int(selection[block_from][0]) * strides[block_from] if block_from < whole_from else 0
+            indices = np.arange(selection[axis].start, selection[axis].stop, selection[axis].step, dtype=np.int64)
+            starts = np.add.outer(starts, indices * strides[axis])
+        start_in_block = selection[block_from][0] * strides[block_from] if block_from < whole_from else 0
         flat = memoryview(out.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
         for block, start in enumerate(starts.reshape(-1).tolist()):
             dst = flat[block * block_bytes : (block + 1) * block_bytes]
             shards.read_into(entry.shard_id, entry.offset + (start + start_in_block) * itemsize, dst, entry.name)
         shards.check_not_shrunk(entry.shard_id, entry.name)  # no checksum covers a partial read
         return out
-    rows_read = np.empty((last_row - first_row + 1, *shape[1:]), dtype)
-    flat = memoryview(rows_read.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
-    shards.read_into(entry.shard_id, entry.offset + first_row * strides[0] * itemsize, flat, entry.name)
-    shards.check_not_shrunk(entry.shard_id, entry.name)
-    out[...] = rows_read[np.ix_(rows - first_row, *selection[1:])]
+    _read_span(shards, entry, out, selection, strides[0] * itemsize)
     return out
+
+
+def _read_span(shards: ShardFiles, entry: TensorEntry, out: np.ndarray, selection: list[range], row_bytes: int) -> None:
+    """Fill ``out`` by reading every row between the first and last selected ones, a few MiB at a
+    time into one reused buffer (no page faults on a fresh span-sized one), picking the selection
+    out of each piece with basic slicing."""
+    rows = selection[0]
+    ascending, target = (rows, out) if rows.step > 0 else (rows[::-1], out[::-1])
+    rows_per_read = max(1, SPAN_READ_BYTES // row_bytes)
+    buffer = np.empty((min(rows_per_read, ascending[-1] - ascending[0] + 1), *entry.shape[1:]), out.dtype)
+    flat = memoryview(buffer.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+    picks = (slice(None),) + tuple(_as_slice(r, 0) for r in selection[1:])  # within a row
+    done = 0  # output rows filled
+    while done < len(ascending):
+        first = ascending[done]
+        stop = min(first + len(buffer), ascending[-1] + 1)
+        count = -(-(stop - first) // ascending.step)  # selected rows in [first, stop)
+        piece = flat[: (stop - first) * row_bytes]
+        shards.read_into(entry.shard_id, entry.offset + first * row_bytes, piece, entry.name)
+        target[done : done + count] = buffer[0 : stop - first : ascending.step][picks]
+        done += count
+    shards.check_not_shrunk(entry.shard_id, entry.name)
 
 
 class LazyTensor:
@@ -123,7 +153,7 @@ class LazyTensor:
             raise TypeError("len() of a scalar tensor")
         return self.shape[0]
 
-    def _read(self, entry: TensorEntry, selection: list[np.ndarray]) -> np.ndarray:
+    def _read(self, entry: TensorEntry, selection: list[range]) -> np.ndarray:
         assert self._info.numpy is not None  # strings are read whole
         return read_region(self._reader.shards, entry, self._info.numpy, selection)
 
@@ -133,25 +163,29 @@ class LazyTensor:
         if self._info.is_string:
             # Strings have variable-length elements: locating one means decoding the lengths anyway.
             return np.array(self._reader.read([tensor])[tensor.name][key], copy=True)
-        arrays, int_axes = _normalize(key, tensor.shape)
-        kept_shape = tuple(len(a) for axis, a in enumerate(arrays) if axis not in int_axes)
+        selection, int_axes = _normalize(key, tensor.shape)
+        kept_shape = tuple(len(s) for axis, s in enumerate(selection) if axis not in int_axes)
         out: np.ndarray
         if not tensor.slices:
-            out = self._read(tensor, arrays).reshape(kept_shape)
+            out = self._read(tensor, selection).reshape(kept_shape)
         else:
             result = np.empty(kept_shape, self._info.numpy)
-            out = result.reshape(tuple(len(a) for a in arrays))  # a view with the integer axes kept
+            out = result.reshape(tuple(len(s) for s in selection))  # a view with the integer axes kept
             filled = np.zeros(out.shape, dtype=bool)  # TF refuses regions the saved slices leave uncovered
             for tensor_slice in tensor.slices:
                 entry = index.slice_entry(tensor, tensor_slice)
                 positions, within = [], []
-                for extent, dim, wanted in zip(tensor_slice, tensor.shape, arrays, strict=True):
+                for extent, dim, wanted in zip(tensor_slice, tensor.shape, selection, strict=True):
                     start, stop = extent.bounds(dim)
-                    hit = np.nonzero((wanted >= start) & (wanted < stop))[0]
-                    positions.append(hit)
-                    within.append(wanted[hit] - start)
-                if all(len(p) for p in positions) and out.size:
-                    target = np.ix_(*positions)
+                    values = np.arange(wanted.start, wanted.stop, wanted.step)  # as long as the output axis
+                    hit = np.nonzero((values >= start) & (values < stop))[0]
+                    # The selection is monotonic, so the part of it inside [start, stop) is one stretch.
+                    lo, hi = (int(hit[0]), int(hit[-1]) + 1) if len(hit) else (0, 0)
+                    positions.append(slice(lo, hi))
+                    inside = wanted[lo:hi]
+                    within.append(range(inside.start - start, inside.stop - start, inside.step))
+                if all(len(w) for w in within) and out.size:
+                    target = tuple(positions)
                     if filled[target].any():
                         raise FormatError("saved slices overlap: " + describe(index.path, tensor.name))
                     out[target] = self._read(entry, within)
