@@ -44,6 +44,19 @@ def test_benchmark_smoke(tmp_path):
     assert result["machine"]["cores"] >= 1
 
 
+def test_slice_benchmark_smoke(tmp_path):
+    """Checks every selection against numpy, then times it (TF joins where installed)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import slice_host
+
+    out = tmp_path / "slice.json"
+    argv = ["--rows", "3000", "--cols", "8", "--repeat", "1", "--work-dir", str(tmp_path), "--out", str(out)]
+    assert slice_host.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert set(result["selections"]) == set(slice_host.SELECTIONS)
+    assert all(row["vs_floor"] > 0 for row in result["selections"].values())
+
+
 @pytest.mark.gpu
 def test_gpu_benchmark_smoke(tmp_path):
     from gpuckpt.cuda import cuda_available
