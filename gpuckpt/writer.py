@@ -1,9 +1,9 @@
 """``gpuckpt.save``: write a TensorBundle that TensorFlow reads back bit for bit, crash-safely.
 
 Layout as TF's ``BundleWriter`` (FORMAT.md 2.8, 3, 4): tensors in the caller's order, densely
-packed, little-endian; each data file, then the index, is written under a temporary name, flushed
-to disk and renamed into place, so a checkpoint "exists" (its ``.index`` exists) only once all its
-data is durable; then the ``checkpoint`` state file is replaced the same way.
+packed, little-endian; the data files and the index are written under temporary names and flushed
+to disk, then renamed into place, the index last, so a checkpoint "exists" (its ``.index`` exists)
+only once all its data is durable; then the ``checkpoint`` state file is replaced the same way.
 """
 
 from __future__ import annotations
