@@ -8,7 +8,7 @@ import difflib
 import os
 import re
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Union
 
 import numpy as np
@@ -259,9 +259,10 @@ class Checkpoint:
         ----------
         names : None for every tensor; a list of names; a regular expression (str or compiled,
             matched against the whole name); or a predicate ``name -> bool``.
-        device : "cpu" (numpy arrays), "cuda"/"cuda:N" (CuPy arrays), "auto", or a mapping from
-            name prefixes to devices (longest prefix wins; "" for the rest) to spread tensors
-            over several GPUs.
+        device : "cpu" (numpy arrays), "cuda"/"cuda:N" (CuPy arrays), "auto"; or, to spread
+            tensors over several GPUs, a mapping from name prefixes to devices (longest prefix
+            wins; "" for the rest), or a list of devices to balance the bytes over (largest
+            tensors first, each to the device holding the fewest bytes so far).
         verify : check crc32c (default: the checkpoint's setting).
         threads : host reader threads (default: the checkpoint's).
         progress : called as ``progress(bytes_done, bytes_total)`` as reads complete.
@@ -300,7 +301,9 @@ class Checkpoint:
         verify = self.verify if verify is None else verify
         chooser = dtype_chooser(dtype)
         if isinstance(device, Mapping):
-            return self._restore_spread(entries, device, verify, chooser, out, wait)
+            return self._restore_spread(place_by_prefix(entries, device), verify, chooser, out, wait)
+        if isinstance(device, (list, tuple)):
+            return self._restore_spread(balance_by_bytes(entries, device), verify, chooser, out, wait)
         target = self._resolve(device)
         if target == CPU:
             return self._restore_host(entries, verify, threads, progress, chooser, out, wait)
@@ -371,24 +374,17 @@ class Checkpoint:
 
     def _restore_spread(
         self,
-        entries: list[TensorEntry],
-        placement: Mapping[str, Any],
+        groups: list[tuple[Any, list[TensorEntry]]],
         verify: bool,
         chooser: DtypeChooser | None,
         out: dict[str, Any] | None,
         wait: bool,
     ) -> RestoreFuture:
-        """Tensors placed on several devices by name prefix (longest wins), restored concurrently."""
-        prefixes = sorted(placement, key=len, reverse=True)
-        groups: dict[str, list[TensorEntry]] = {}
-        for entry in entries:
-            prefix = next((p for p in prefixes if entry.name.startswith(p)), None)
-            if prefix is None:
-                raise ValueError(f"no device is given for {entry.name!r} (add a '' prefix for the rest)")
-            groups.setdefault(prefix, []).append(entry)
+        """Each ``(device, entries)`` group restored on its device, all concurrently."""
+        entries = [e for _, group in groups for e in group]
         parts = []
-        for prefix, group in groups.items():
-            target = resolve_device(placement[prefix])
+        for device, group in groups:
+            target = resolve_device(device)
             if target == CPU:
                 parts.append(self._restore_host(group, verify, None, None, chooser, out, wait=False))
             else:
@@ -419,6 +415,37 @@ class Checkpoint:
         else:
             threading.Thread(target=collect, name="gpuckpt-spread", daemon=True).start()
         return future
+
+
+def place_by_prefix(entries: list[TensorEntry], placement: Mapping[str, Any]) -> list[tuple[Any, list[TensorEntry]]]:
+    """``(device, entries)`` groups: each tensor goes where its longest matching name prefix says."""
+    prefixes = sorted(placement, key=len, reverse=True)
+    groups: dict[str, list[TensorEntry]] = {}
+    for entry in entries:
+        prefix = next((p for p in prefixes if entry.name.startswith(p)), None)
+        if prefix is None:
+            raise ValueError(f"no device is given for {entry.name!r} (add a '' prefix for the rest)")
+        groups.setdefault(prefix, []).append(entry)
+    return [(placement[prefix], group) for prefix, group in groups.items()]
+
+
+def balance_by_bytes(entries: list[TensorEntry], devices: Sequence[Any]) -> list[tuple[Any, list[TensorEntry]]]:
+    """``(device, entries)`` groups with about equal bytes: largest tensors first, each to the
+    device holding the fewest bytes so far (no device ends more than one tensor above another)."""
+    if not devices:
+        raise ValueError("device=[] names no device to balance the tensors over")
+    loads = [0] * len(devices)
+    groups: list[list[TensorEntry]] = [[] for _ in devices]
+    for entry in sorted(entries, key=_stored_bytes, reverse=True):
+        lightest = loads.index(min(loads))
+        groups[lightest].append(entry)
+        loads[lightest] += _stored_bytes(entry)
+    return [(device, group) for device, group in zip(devices, groups, strict=True) if group]
+
+
+def _stored_bytes(entry: TensorEntry) -> int:
+    info = entry.dtype_info
+    return entry.num_elements * info.numpy.itemsize if info is not None and info.numpy is not None else entry.size
 
 
 def _read_index(path: str) -> bytes:

@@ -70,6 +70,24 @@ def test_device_map_places_tensors_by_prefix(prefix):
         ckpt.restore(device={"enc/": first})
 
 
+def test_a_list_of_devices_balances_the_bytes(tmp_path):
+    rng = np.random.default_rng(3)
+    tensors = {f"t{i:02d}": rng.standard_normal(int(rng.integers(1, 20_000))).astype(np.float32) for i in range(40)}
+    prefix = make_bundle(tensors).write(str(tmp_path / "b"))
+    devices = [HostDevice(name=f"fake{i}") for i in range(3)]
+    with gpuckpt.open(prefix) as ckpt:
+        arrays = ckpt.restore(device=devices)
+        host = ckpt.restore()
+    assert set(arrays) == set(tensors)
+    for name, value in host.items():
+        assert np.asarray(arrays[name]).tobytes() == value.tobytes(), name
+    loads = [d.allocated_bytes for d in devices]
+    assert sum(loads) == sum(t.nbytes for t in tensors.values())
+    assert max(loads) - min(loads) <= max(t.nbytes for t in tensors.values())  # greedy's bound
+    with gpuckpt.open(prefix) as ckpt, pytest.raises(ValueError, match="no device"):
+        ckpt.restore(device=[])
+
+
 def test_partitioned_tensor_on_a_device():
     with gpuckpt.open(fixture_path("tf1_partitioned")) as ckpt:
         on_device = ckpt.get_tensor("pv", device=HostDevice(), dtype=np.float16)

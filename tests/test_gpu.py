@@ -121,6 +121,9 @@ def test_device_map_over_available_gpus(bundle):
     with gpuckpt.open(bundle) as ckpt:
         arrays = ckpt.restore(device=placement)
         assert arrays["float32"].device.id == 0 and arrays["u8"].device.id == count - 1
+        balanced = ckpt.restore(device=[f"cuda:{i}" for i in range(count)])
+        for name, value in ckpt.restore().items():
+            _same(balanced[name], value, name)
 
 
 @pytest.mark.parametrize("where", ["before_start", "mid_restore"])
