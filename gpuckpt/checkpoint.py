@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
 import dataclasses
 import difflib
 import os
@@ -24,7 +25,7 @@ from .host.lazy_slice import LazyTensor, zero_copy_view
 from .host.reader import HostReader, ProgressCallback
 from .host.shards import ShardFiles, data_filename
 from .options import RestoreOptions
-from .pipeline import RestoreFuture, check_out_array, restore_to_device
+from .pipeline import RestoreFuture, SpreadFuture, check_out_array, restore_to_device
 
 MAX_INDEX_BYTES = 1 << 34  # 16 GiB: far beyond any real index; refuse to read more into memory
 
@@ -382,38 +383,28 @@ class Checkpoint:
     ) -> RestoreFuture:
         """Each ``(device, entries)`` group restored on its device, all concurrently."""
         entries = [e for _, group in groups for e in group]
-        parts = []
-        for device, group in groups:
-            target = resolve_device(device)
-            if target == CPU:
-                parts.append(self._restore_host(group, verify, None, None, chooser, out, wait=False))
-            else:
-                parts.append(
-                    restore_to_device(
-                        self._reader,
-                        target,
-                        group,
-                        self.options,
-                        verify=verify,
-                        dtype_for=chooser,
-                        out=out,
-                        wait=False,
-                    )
+        parts: list[RestoreFuture] = []
+        try:
+            for device, group in groups:
+                target = resolve_device(device)
+                if target == CPU:
+                    parts.append(self._restore_host(group, verify, None, None, chooser, out, wait=False))
+                    continue
+                part = restore_to_device(
+                    self._reader, target, group, self.options, verify=verify, dtype_for=chooser, out=out, wait=False
                 )
-        future = RestoreFuture([e.name for e in entries])
-
-        def collect() -> None:
-            try:
-                for part in parts:
-                    future._arrive_all(part.result())
-                future._finish(None)
-            except BaseException as exc:  # noqa: B036 - reported through the future
-                future._finish(exc)
-
+                parts.append(part)
+        except BaseException:
+            for started in parts:  # nothing keeps running behind an error
+                with contextlib.suppress(BaseException):
+                    started.result()
+            raise
+        future = SpreadFuture(
+            [e.name for e in entries],
+            [(part, [e.name for e in group]) for part, (_, group) in zip(parts, groups, strict=True)],
+        )
         if wait:
-            collect()
-        else:
-            threading.Thread(target=collect, name="gpuckpt-spread", daemon=True).start()
+            future.result()
         return future
 
 

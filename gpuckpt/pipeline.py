@@ -187,6 +187,41 @@ class RestoreFuture:
         return {name: self._arrays[name] for name in self._names}
 
 
+class SpreadFuture(RestoreFuture):
+    """Restores running on several devices at once, as one future: each tensor is ready as soon
+    as the restore on its device has it; ``result()`` waits for all of them (so nothing is left
+    running) and raises the first error any of them met."""
+
+    def __init__(self, names: Sequence[str], parts: Sequence[tuple[RestoreFuture, Sequence[str]]]) -> None:
+        super().__init__(names)
+        self._parts = [part for part, _ in parts]
+        self._owner = {name: part for part, group in parts for name in group}
+
+    def done(self) -> bool:
+        return all(part.done() for part in self._parts)
+
+    def ready(self, name: str) -> bool:
+        part = self._owner.get(name)
+        return part is not None and part.ready(name)
+
+    def wait(self, name: str) -> Any:
+        if name not in self._owner:
+            raise KeyError(name)
+        return self._owner[name].wait(name)
+
+    def result(self) -> dict[str, Any]:
+        arrays: dict[str, Any] = {}
+        error: BaseException | None = None
+        for part in self._parts:
+            try:
+                arrays.update(part.result())
+            except BaseException as exc:  # noqa: B036 - the others are still waited for, then it is raised
+                error = error or exc
+        if error is not None:
+            raise error
+        return {name: arrays[name] for name in self._names}
+
+
 class StagedRestore:
     """One restore of some tensors of a bundle onto one device (see the module docstring)."""
 
@@ -412,6 +447,7 @@ class StagedRestore:
         slots: list[_Slot] = []
         streams: list[Any] = []
         targets: dict[str, _Target] = {}
+        error: BaseException | None = None
         try:
             plans = self._check(entries)
             targets = self._allocate(entries, plans)
@@ -478,13 +514,12 @@ class StagedRestore:
                 except BaseException:
                     self._abort.set()
                     raise
-            future._finish(None)
         except BaseException as exc:  # noqa: B036 - reported through the future, re-raised by result()
+            error = exc
             self._abort.set()
             for stream in streams:  # let queued work finish before its memory is let go
                 _quietly(self.device.record(stream).synchronize)
             targets.clear()  # device memory of a failed restore goes back to the allocator
-            future._finish(exc)
         finally:
             fault = None
             for slot in slots:  # no copy may still be reading a buffer about to be released
@@ -494,8 +529,9 @@ class StagedRestore:
                 self.device.release_pinned(buffer)
             for stream in streams:
                 self.device.close_stream(stream)
-            if fault is not None and future._error is None:
-                future._finish(fault)  # a device fault in queued work: the results cannot be trusted
+            # Finished only now, so whoever waits on the future finds every buffer released; a
+            # device fault in queued work means the results cannot be trusted.
+            future._finish(error if error is not None else fault)
 
     def _stage_partitioned(self, target: _Target, free: queue.Queue[_Slot], stream: Any) -> None:
         """Each saved slice through the staging slots into a device buffer of its own, checked,

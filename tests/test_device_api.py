@@ -97,3 +97,27 @@ def test_partitioned_tensor_on_a_device():
 def test_zero_copy_is_host_only(prefix):
     with gpuckpt.open(prefix) as ckpt, pytest.raises(ValueError, match="host only"):
         ckpt.get_tensor("enc/w", device=HostDevice(), copy=False)
+
+
+def test_a_spread_restore_reports_each_tensor_as_its_device_has_it(prefix):
+    slow, fast = HostDevice(name="slow", copy_delay_s=0.05), HostDevice(name="fast")
+    with gpuckpt.open(prefix) as ckpt:
+        future = ckpt.restore_async(device={"enc/": slow, "": fast})
+        step = future.wait("step")  # from the fast device, while the slow one is still copying
+        assert int(np.asarray(step)) == 5 and not future.done()
+        assert future.ready("step") and not future.ready("no such tensor")
+        arrays = future.result()
+        assert future.done() and set(arrays) == set(TENSORS)
+        with pytest.raises(KeyError):
+            future.wait("no such tensor")
+
+
+def test_a_spread_restore_that_fails_on_one_device_waits_for_the_others(tmp_path):
+    bundle = make_bundle(TENSORS)
+    entry = bundle.entries[b"dec/w"]
+    bundle.shards[0][entry.offset] ^= 1
+    prefix = bundle.write(str(tmp_path / "bad"))
+    other = HostDevice(name="other", copy_delay_s=0.01)
+    with gpuckpt.open(prefix) as ckpt, pytest.raises(gpuckpt.ChecksumError, match="dec/w"):
+        ckpt.restore(device={"dec/": HostDevice(name="failing"), "": other})
+    assert other.pinned_live == 0 and other.streams == []  # it finished before the error came out
