@@ -214,11 +214,19 @@ def _after_step(step: str) -> None:
 
 
 def _write_durably(path: str, chunks: Iterable[Any]) -> None:
-    with open(path, "wb") as f:
-        for chunk in chunks:
-            f.write(chunk)
-        f.flush()
-        os.fsync(f.fileno())
+    iterator = iter(chunks)
+    try:
+        with open(path, "wb") as f:
+            for chunk in iterator:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        # A write that failed leaves the producer suspended; closing it now releases what it holds
+        # (a device payload's pinned buffers) instead of whenever the exception is dropped.
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
 
 
 def _fsync_directory(directory: str) -> None:

@@ -80,3 +80,32 @@ def test_a_failed_device_copy_leaves_no_files_and_no_buffers(tmp_path, device, m
     with pytest.raises(RuntimeError, match="device fault"):
         gpuckpt.save(str(tmp_path / "f"), {"x": StandInDeviceArray(np.ones(10_000, np.float32))})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_file_write_releases_the_pinned_buffers_at_once(tmp_path, device, monkeypatch):
+    import builtins
+    import errno
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(download, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(writer, "open", lambda path, mode: FullDisk(builtins.open(path, mode)), raising=False)
+    with pytest.raises(gpuckpt.WriteError) as info:
+        gpuckpt.save(str(tmp_path / "w"), {"x": StandInDeviceArray(np.ones(100_000, np.float32))})
+    assert info.value.errno == errno.ENOSPC
+    assert device.pinned_live == 0 and device.streams == []  # while the error is still held
+    assert list(tmp_path.iterdir()) == []
