@@ -422,7 +422,8 @@ def place_by_prefix(entries: list[TensorEntry], placement: Mapping[str, Any]) ->
 
 def balance_by_bytes(entries: list[TensorEntry], devices: Sequence[Any]) -> list[tuple[Any, list[TensorEntry]]]:
     """``(device, entries)`` groups with about equal bytes: largest tensors first, each to the
-    device holding the fewest bytes so far (no device ends more than one tensor above another)."""
+    device holding the fewest bytes so far (no device ends more than the largest tensor's bytes
+    above another)."""
     if not devices:
         raise ValueError("device=[] names no device to balance the tensors over")
     loads = [0] * len(devices)
@@ -477,7 +478,8 @@ def open(  # noqa: A001 - the name is the API
         ``checkpoint`` state file (opens the latest), or a SavedModel directory.
     device : "cpu"; "auto" picks the best available backend and records it in ``.device``;
         "cuda"/"cuda:N" return CuPy arrays (DeviceUnavailableError without CuPy or a GPU). The
-        default for every read; ``restore(device=...)`` also takes a map by name prefix.
+        default for every read; ``restore(device=...)`` also takes a map by name prefix or a list
+        of devices to balance over.
     verify : check crc32c of every tensor read (default True).
     threads : reader threads for :meth:`Checkpoint.restore` (default ``min(4, cpu_count)``).
     options : staging for device restores (default: :meth:`RestoreOptions.from_env`).
