@@ -18,6 +18,6 @@ nvidia-smi --query-gpu=name,driver_version,pcie.link.gen.current,pcie.link.width
 python3 -c "import cupy; print('cupy', cupy.__version__)" | tee -a "$OUT/device.txt"
 
 # test_gpu.py alone: the other test modules need hypothesis and TensorFlow, which the machine lacks.
-timeout 300 python3 -m pytest -q -ra -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu-tests.log"
+timeout 240 python3 -m pytest -q -ra -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu-tests.log"
 timeout 300 python3 benchmarks/restore_gpu.py --size-gb "${SIZE_GB:-4}" --repeat 3 --work-dir /tmp/bench \
     --out "$OUT/gpu.json" 2>&1 | tee "$OUT/gpu-bench.log"
