@@ -32,6 +32,8 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from report import machine_info, write_results  # noqa: E402
+
 import gpuckpt  # noqa: E402
 
 
@@ -168,6 +170,7 @@ def main(argv=None) -> int:
 
     results = {
         "device": device_description(),
+        "machine": machine_info(),
         "bytes": total,
         "tensors": len(names),
         "staging_bytes": options.staging_bytes,
@@ -233,11 +236,7 @@ def main(argv=None) -> int:
         "host_growth_vs_staging": peak.growth / options.staging_bytes,
     }
     print(json.dumps(results, indent=2))
-    name = results["device"].get("name", "gpu").replace(" ", "-")
-    out = args.out or os.path.join(HERE, "results", f"gpu-{name}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(results, f, indent=2)
+    write_results(results, args.out, "gpu", machine=results["device"].get("name", "gpu"))
     return 0
 
 

@@ -24,7 +24,6 @@ import gc
 import json
 import mmap
 import os
-import platform
 import sys
 import time
 
@@ -33,6 +32,8 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+
+from report import machine_info, write_results  # noqa: E402
 
 import gpuckpt  # noqa: E402
 from gpuckpt.format.crc import crc32c  # noqa: E402
@@ -46,26 +47,6 @@ def best_of(repeat, fn):
         fn()  # its result (arrays) is dropped before the next run
         times.append(time.perf_counter() - start)
     return min(times), sorted(times)[len(times) // 2]
-
-
-def machine_info():
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    import crc32c as crc_module
-
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "crc32c": crc_module.__version__,
-        "hardware_crc32c": bool(getattr(crc_module, "hardware_based", False)),
-        "platform": platform.platform(),
-    }
 
 
 def import_tf():
@@ -259,10 +240,7 @@ def main(argv=None):
     results["many"] = small
 
     print(json.dumps(results, indent=2))
-    out = args.out or os.path.join(HERE, "results", f"host-{platform.node() or 'machine'}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(results, f, indent=2)
+    write_results(results, args.out, "host")
     r, m = big["ratios"], small["ratios"]
     print(
         f"\n1 GiB-class: gpuckpt verified {best:.3f}s ({r['gpuckpt_verified_GBps']:.2f} GB/s) | "

@@ -19,9 +19,7 @@ Prints ratios measured in the same run; results go to benchmarks/results/slice-<
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 
@@ -31,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from restore_host import machine_info  # noqa: E402
+from report import machine_info, write_results  # noqa: E402
 
 import gpuckpt  # noqa: E402
 
@@ -98,10 +96,7 @@ def main(argv=None):
                 f"({row['vs_floor']:6.1f}x the floor){extra}"
             )
     results["selections"] = rows
-    out = args.out or os.path.join(HERE, "results", f"slice-{platform.node() or 'machine'}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(results, f, indent=2)
+    write_results(results, args.out, "slice")
     return 0
 
 
