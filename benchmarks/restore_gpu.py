@@ -6,7 +6,8 @@ Writes (with gpuckpt.save, cached under --work-dir) a checkpoint of mixed fp32/b
 checks the device restore against the host restore bit for bit, then times on one GPU:
 
 * floor: one pinned host-to-device copy of the same byte count (CUDA events);
-* gpuckpt ``restore(device="cuda")`` from a warm page cache, verified and not;
+* gpuckpt ``restore(device="cuda")`` from a warm page cache, verified and not, and verified with
+  ``single_allocation`` (one device allocation carved into every tensor);
 * naive: host ``get_tensor`` then ``cupy.asarray`` per tensor;
 * ``safetensors.torch.load_file(device="cuda")`` of the same tensors, where torch and safetensors
   are installed;
@@ -157,9 +158,9 @@ def main(argv=None) -> int:
         )
         stream.synchronize()
 
-    def restore(verify):
+    def restore(verify, **option):
         def run():
-            with gpuckpt.open(prefix, verify=verify) as c:
+            with gpuckpt.open(prefix, verify=verify, options=gpuckpt.RestoreOptions.from_env(**option)) as c:
                 return c.restore(device="cuda")
 
         return run
@@ -182,6 +183,9 @@ def main(argv=None) -> int:
         results["gpuckpt_verified_s"] = best_of(args.repeat, restore(True))
     results["peak_host_growth_bytes"] = peak.growth
     results["gpuckpt_unverified_s"] = best_of(args.repeat, restore(False))
+    # One device allocation carved into every tensor, against one cudaMalloc per tensor (the pool
+    # is emptied before each run, as in a fresh process).
+    results["gpuckpt_verified_single_allocation_s"] = best_of(args.repeat, restore(True, single_allocation=True))
     results["naive_s"] = best_of(1, naive)
     try:
         import safetensors.torch
@@ -228,6 +232,7 @@ def main(argv=None) -> int:
     results["ratios"] = {
         "unverified_vs_floor": floor_s / results["gpuckpt_unverified_s"],
         "verified_vs_floor": floor_s / results["gpuckpt_verified_s"],
+        "verified_single_allocation_vs_floor": floor_s / results["gpuckpt_verified_single_allocation_s"],
         "speedup_vs_naive": results["naive_s"] / results["gpuckpt_verified_s"],
         "speedup_vs_safetensors": (results["safetensors_s"] / results["gpuckpt_verified_s"])
         if results["safetensors_s"]

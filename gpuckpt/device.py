@@ -11,6 +11,7 @@ and the tests see it. The CUDA implementation is ``gpuckpt.cuda.CudaDevice``.
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -39,6 +40,11 @@ class Device(Protocol):
 
     def byte_view(self, array: Any) -> Any:
         """A flat uint8 view of a device array (its raw bytes)."""
+        ...
+
+    def carve(self, arena: Any, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> Any:
+        """An array of ``shape`` and ``dtype`` over the bytes of the uint8 array ``arena`` from
+        ``offset`` (aligned to ``dtype``'s size), sharing its memory."""
         ...
 
     def pinned(self, nbytes: int) -> np.ndarray:
@@ -157,6 +163,9 @@ class HostDevice:
 
     def byte_view(self, array: np.ndarray) -> np.ndarray:
         return array.reshape(-1).view(np.uint8)
+
+    def carve(self, arena: np.ndarray, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        return arena[offset : offset + math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
 
     def pinned(self, nbytes: int) -> np.ndarray:
         self.pinned_live += 1

@@ -21,6 +21,9 @@ class RestoreOptions:
     copy_streams: non-default streams the copies are spread over (GPUCKPT_COPY_STREAMS).
     check_free_memory: refuse to start when the device has too little free memory
         (GPUCKPT_CHECK_FREE_MEMORY, 0 or 1).
+    single_allocation: place every tensor of a restore in one device allocation, carved into
+        aligned pieces: one cudaMalloc instead of one per tensor, but no tensor's memory goes
+        back until all of them are gone (GPUCKPT_SINGLE_ALLOCATION, 0 or 1).
     """
 
     staging_slots: int = 8
@@ -28,6 +31,7 @@ class RestoreOptions:
     io_threads: int = 4
     copy_streams: int = 2
     check_free_memory: bool = True
+    single_allocation: bool = False
 
     def __post_init__(self) -> None:
         for field in ("staging_slots", "staging_slot_bytes", "io_threads", "copy_streams"):

@@ -46,6 +46,7 @@ def check_out_array(given: Any, entry: TensorEntry, dtype: np.dtype, path: str) 
 
 
 PART_SLOTS = 4  # tensors over two parts of this many slots are staged by several threads at once
+ARENA_ALIGNMENT = 256  # bytes; what cudaMalloc guarantees, so carved tensors are aligned the same
 
 
 class DeviceMemoryError(CheckpointError, MemoryError):
@@ -284,6 +285,8 @@ class StagedRestore:
             + (_stored_bytes(e) if plans[e.name][1] else 0)
             for e in entries
         )
+        if self.options.single_allocation:
+            needed += ARENA_ALIGNMENT * len(entries)  # at most this much padding between pieces
         if self.options.check_free_memory:
             free = self.device.free_bytes()
             if needed > free:
@@ -298,21 +301,11 @@ class StagedRestore:
     ) -> dict[str, _Target]:
         targets = {}
         swap = self.reader.index.header.big_endian
+        arrays = self._new_arrays([e for e in entries if e.name not in self.out], plans)
         for entry in entries:
             dtype, kernel = plans[entry.name]
             info = DTYPES[entry.dtype]
-            array = self.out.get(entry.name)
-            if array is None:
-                try:
-                    array = self.device.empty(entry.shape, dtype)
-                except UnsupportedError as exc:  # e.g. a float8 type the device arrays cannot hold
-                    raise UnsupportedError(f"{exc}: " + describe(self.reader.index.path, entry.name)) from None
-                except MemoryError as exc:  # the allocator ran out despite the free-memory check
-                    raise DeviceMemoryError(
-                        f"out of device memory on {self.device.name} allocating "
-                        f"{entry.num_elements * dtype.itemsize} bytes ({exc}): "
-                        + describe(self.reader.index.path, entry.name)
-                    ) from None
+            array = self.out[entry.name] if entry.name in self.out else arrays[entry.name]
             full = None
             if entry.slices:  # slices are placed into a whole array of the stored type
                 assert info.numpy is not None  # strings were refused in _check
@@ -325,6 +318,36 @@ class StagedRestore:
             width = info.swap_bytes if swap else 0
             targets[entry.name] = _Target(entry, array, raw, kernel, width, full=full)
         return targets
+
+    def _new_arrays(
+        self, entries: Sequence[TensorEntry], plans: dict[str, tuple[np.dtype, str | None]]
+    ) -> dict[str, Any]:
+        """The destination arrays of ``entries``: one allocation each, or (single_allocation) all
+        carved from one, each piece aligned to ARENA_ALIGNMENT bytes."""
+        empty, carve = self.device.empty, self.device.carve
+        if not self.options.single_allocation:
+            return {e.name: self._allocating(e.name, empty, e.shape, plans[e.name][0]) for e in entries}
+        offsets, total = {}, 0
+        for entry in entries:
+            offsets[entry.name] = total
+            total += -(-entry.num_elements * plans[entry.name][0].itemsize // ARENA_ALIGNMENT) * ARENA_ALIGNMENT
+        arena = self._allocating(None, empty, (total,), np.dtype(np.uint8))
+        return {
+            e.name: self._allocating(e.name, carve, arena, offsets[e.name], e.shape, plans[e.name][0]) for e in entries
+        }
+
+    def _allocating(self, name: str | None, allocate: Callable[..., Any], *args: Any) -> Any:
+        """``allocate(*args)``, its failures named: the tensor (or the restore's one allocation)."""
+        try:
+            return allocate(*args)
+        except UnsupportedError as exc:  # e.g. a float8 type the device arrays cannot hold
+            raise UnsupportedError(f"{exc}: " + describe(self.reader.index.path, name)) from None
+        except MemoryError as exc:  # the allocator ran out despite the free-memory check
+            what = f"tensor {name!r}" if name is not None else "the single allocation of this restore"
+            raise DeviceMemoryError(
+                f"out of device memory on {self.device.name} allocating {what} ({exc}): "
+                + describe(self.reader.index.path, name)
+            ) from None
 
     # -- the copy loop -----------------------------------------------------------------------------
     def _add_progress(self, nbytes: int) -> None:

@@ -54,8 +54,10 @@ def _same(device_array, host_array, name):
 FLOAT8 = ["float8_e4m3fn", "float8_e5m2"]
 
 
-def test_every_dtype_matches_host(bundle):
-    with gpuckpt.open(bundle) as ckpt:
+@pytest.mark.parametrize("single_allocation", [False, True])
+def test_every_dtype_matches_host(bundle, single_allocation):
+    options = gpuckpt.RestoreOptions(single_allocation=single_allocation)
+    with gpuckpt.open(bundle, options=options) as ckpt:
         names = [n for n in ckpt.keys() if n not in FLOAT8]
         host = ckpt.restore(names)
         for verify in (True, False):

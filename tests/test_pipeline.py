@@ -4,6 +4,8 @@ async readiness, memory checks and cleanup on every error path."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -41,15 +43,41 @@ def _random_tensors(seed=0, count=40):
 SMALL = RestoreOptions(staging_slots=3, staging_slot_bytes=4096, io_threads=2, copy_streams=2)
 
 
+@pytest.mark.parametrize("single_allocation", [False, True], ids=["one_per_tensor", "single_allocation"])
 @pytest.mark.parametrize("big_endian", [False, True])
-def test_random_bundle_through_tiny_slots_matches_host(tmp_path, big_endian):
+def test_random_bundle_through_tiny_slots_matches_host(tmp_path, big_endian, single_allocation):
     prefix = make_bundle(_random_tensors(), big_endian=big_endian, num_shards=2).write(str(tmp_path / "r"))
     device = HostDevice(copy_delay_s=0.0005)
-    ours = _restore(prefix, device, options=SMALL)
+    ours = _restore(prefix, device, options=dataclasses.replace(SMALL, single_allocation=single_allocation))
     host = _host(prefix)
     for name, value in host.items():
         assert ours[name].dtype == value.dtype and ours[name].tobytes() == value.tobytes(), name
     assert device.pinned_live == 0 and device.streams == []
+
+
+def test_single_allocation_makes_one_and_aligns_every_tensor(tmp_path, monkeypatch):
+    tensors = _random_tensors(seed=4)
+    prefix = make_bundle(tensors).write(str(tmp_path / "a"))
+    device = HostDevice()
+    sizes = []
+    real_empty = device.empty
+
+    def counting_empty(shape, dtype):
+        sizes.append(int(np.prod(shape)) * np.dtype(dtype).itemsize)
+        return real_empty(shape, dtype)
+
+    monkeypatch.setattr(device, "empty", counting_empty)
+    options = RestoreOptions(single_allocation=True)
+    arrays = _restore(prefix, device, options=options, dtype_for=lambda name, stored: stored)
+    assert len(sizes) == 1 and sizes[0] >= sum(t.nbytes for t in tensors.values())
+    arena = next(iter(arrays.values()))
+    while arena.base is not None:
+        arena = arena.base
+    for name, array in arrays.items():
+        assert array.tobytes() == tensors[name].tobytes(), name
+        if array.size:
+            assert np.shares_memory(array, arena), name
+            assert (array.ctypes.data - arena.ctypes.data) % pipeline.ARENA_ALIGNMENT == 0, name
 
 
 def test_reusing_a_slot_before_its_event_would_corrupt_data(tmp_path, monkeypatch):

@@ -7,7 +7,10 @@ compiled once per device with ``cupy.RawModule``.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import threading
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import cupy
@@ -18,6 +21,18 @@ from ..kernel_sources import kernel_dir, read_source
 
 _BLOCK = 256
 _MAX_GRID = 65535 * 4
+
+
+@contextlib.contextmanager
+def _cupy_can_hold(dtype: np.dtype) -> Iterator[None]:
+    """CuPy refuses dtypes it has no kernels for (float8, ...): say so, and what to do."""
+    try:
+        yield
+    except (TypeError, ValueError) as exc:
+        raise UnsupportedError(
+            f"CuPy cannot hold {dtype} arrays ({exc}); restore with dtype= a type it can hold "
+            "(float16 or float32), or on the host"
+        ) from None
 
 
 class CudaEvent:
@@ -61,17 +76,15 @@ class CudaDevice:
         return cupy.cuda.Device(self.index)
 
     def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> Any:
-        with self._device():
-            try:
-                return cupy.empty(shape, dtype=dtype)
-            except (TypeError, ValueError) as exc:
-                raise UnsupportedError(
-                    f"CuPy cannot hold {dtype} arrays ({exc}); restore with dtype= a type it can hold "
-                    "(float16 or float32), or on the host"
-                ) from None
+        with self._device(), _cupy_can_hold(dtype):
+            return cupy.empty(shape, dtype=dtype)
 
     def byte_view(self, array: Any) -> Any:
         return array.reshape(-1).view(cupy.uint8)
+
+    def carve(self, arena: Any, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> Any:
+        with _cupy_can_hold(dtype):
+            return arena[offset : offset + math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
 
     def pinned(self, nbytes: int) -> np.ndarray:
         memory = cupy.cuda.alloc_pinned_memory(nbytes)
