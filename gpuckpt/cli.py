@@ -348,6 +348,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         dtypes=casts,
         max_shard_bytes=args.max_shard_bytes,
         overwrite=args.overwrite,
+        progress=_progress(not args.quiet, "merge"),
     )
     with open_checkpoint(out) as ckpt:
         print(

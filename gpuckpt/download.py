@@ -12,13 +12,13 @@ from .device import Device
 CHUNK_BYTES = 16 << 20  # per pinned buffer; two are in use
 
 
-def stream_to_host(device: Device, source: Any, nbytes: int, chunk_bytes: int = CHUNK_BYTES) -> Iterator[memoryview]:
+def stream_to_host(device: Device, source: Any, nbytes: int, chunk_bytes: int | None = None) -> Iterator[memoryview]:
     """Yield the first ``nbytes`` of the device byte view ``source`` in order, as views of pinned
     buffers. Each view is valid only until the next one is asked for (the caller writes it out
     first), so the buffer behind it is refilled only after the caller is done with it."""
     if nbytes == 0:
         return
-    chunk_bytes = min(chunk_bytes, nbytes)
+    chunk_bytes = min(chunk_bytes or CHUNK_BYTES, nbytes)
     buffers = [device.pinned(chunk_bytes) for _ in range(2)]
     stream = device.new_stream()
     starts = range(0, nbytes, chunk_bytes)

@@ -17,7 +17,7 @@ longer match the merged names.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -141,6 +141,7 @@ def merge(
     max_shard_bytes: int | None = None,
     update_state: bool | None = None,
     overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> str:
     """Write the tensors mapped from ``sources`` as one new checkpoint at ``out_prefix``.
 
@@ -174,6 +175,7 @@ def merge(
             max_shard_bytes=max_shard_bytes,
             update_state=update_state,
             overwrite=overwrite,
+            progress=progress,
         )
     finally:
         plan.close()

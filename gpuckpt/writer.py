@@ -13,7 +13,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -213,6 +213,20 @@ def _after_step(step: str) -> None:
     """Called between the durable steps of a save; tests replace it to inject crashes."""
 
 
+def _reporter(progress: Callable[[int, int], None], total: int) -> Callable[[Iterable[Any]], Iterator[Any]]:
+    """Wraps the chunks of each data file so that ``progress`` hears of every one written."""
+    written = 0
+
+    def report(chunks: Iterable[Any]) -> Iterator[Any]:
+        nonlocal written
+        for chunk in chunks:
+            yield chunk  # back here once the chunk is written
+            written += memoryview(chunk).nbytes
+            progress(written, total)
+
+    return report
+
+
 def _write_durably(path: str, chunks: Iterable[Any]) -> None:
     iterator = iter(chunks)
     try:
@@ -249,6 +263,7 @@ def save(
     update_state: bool | None = None,
     max_to_keep: int | None = None,
     overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> str:
     """Write ``tensors`` as a TensorFlow checkpoint at ``prefix``; returns the prefix.
 
@@ -269,6 +284,7 @@ def save(
         is removed (index first) only once every new file is written, so a failed write (disk
         full) leaves it intact; a crash during the renames that follow leaves no checkpoint
         there, never a mixed one.
+    progress : called as ``progress(bytes_written, bytes_total)`` as the data files are written.
 
     Notes
     -----
@@ -285,6 +301,7 @@ def save(
         update_state=update_state,
         max_to_keep=max_to_keep,
         overwrite=overwrite,
+        progress=progress,
     )
 
 
@@ -297,6 +314,7 @@ def write_bundle(
     update_state: bool | None = None,
     max_to_keep: int | None = None,
     overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> str:
     """Write prepared payloads (in order) and partitioned tensors' full entries as a checkpoint.
 
@@ -313,6 +331,7 @@ def write_bundle(
         raise ValueError("two tensors (or two parts of one tensor) have the same name and region")
 
     os.makedirs(directory, exist_ok=True)
+    report = None if progress is None else _reporter(progress, sum(p.entry.size for p in payloads))
     created: list[str] = []  # removed again on any failure
     try:
         # Every byte goes to temporaries first: running out of space (or any write error) fails
@@ -320,7 +339,8 @@ def write_bundle(
         for shard in range(num_shards):
             temporary = _temporary(data_filename(prefix, shard, num_shards))
             created.append(temporary)
-            _write_durably(temporary, (c for p in payloads if p.entry.shard_id == shard for c in p.chunks()))
+            chunks = (c for p in payloads if p.entry.shard_id == shard for c in p.chunks())
+            _write_durably(temporary, chunks if report is None else report(chunks))
             _after_step(f"data shard {shard} written")
         # Built only now: a device payload's checksum is known once its bytes have streamed by.
         entries = [(p.key, p.entry) for p in payloads] + [(encode_name(e.name), e) for e in partitioned]

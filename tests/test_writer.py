@@ -323,3 +323,33 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path):
     assert report["overwrite"] == [errno.ENOSPC, True] and report["new"] == [errno.ENOSPC, True]
     assert report["files"] == ["checkpoint", "ckpt.data-00000-of-00001", "ckpt.index"]  # no temporaries left
     assert report["intact"]
+
+
+def test_progress_hears_of_every_chunk_and_ends_at_the_total(tmp_path, monkeypatch):
+    from gpuckpt import download
+    from gpuckpt.device import HostDevice
+    from gpuckpt.host.strings import encode_strings
+
+    class OnStandIn:  # a device array on the host stand-in, streamed in 4 KiB chunks
+        def __init__(self, array):
+            self.array, self.dtype, self.shape, self.nbytes = array, array.dtype, array.shape, array.nbytes
+            self.flags = array.flags
+            self.__cuda_array_interface__ = {"shape": array.shape, "typestr": array.dtype.str, "version": 3}
+
+    device = HostDevice()
+    monkeypatch.setattr(writer_module, "_device_of", lambda value: device)
+    monkeypatch.setattr(device, "byte_view", lambda a: np.asarray(getattr(a, "array", a)).reshape(-1).view(np.uint8))
+    monkeypatch.setattr(download, "CHUNK_BYTES", 4096)
+    tensors = {"a": np.ones(3000, np.float32), "dev": OnStandIn(np.arange(5000, dtype=np.float64)), "s": [b"x", b"yz"]}
+    calls = []
+
+    def progress(done, total):
+        calls.append((done, total))
+
+    gpuckpt.save(str(tmp_path / "p"), tensors, max_shard_bytes=20_000, progress=progress)
+    total = 3000 * 4 + 5000 * 8 + len(encode_strings([b"x", b"yz"])[0])
+    assert calls[-1] == (total, total) and all(t == total for _, t in calls)
+    done = [d for d, _ in calls]
+    assert done == sorted(done) and len(calls) == 1 + 10 + 1  # one host array, 10 device chunks, strings
+    with gpuckpt.open(str(tmp_path / "p")) as ckpt:
+        assert ckpt.get_tensor("dev").tolist() == list(range(5000))
