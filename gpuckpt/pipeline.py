@@ -544,14 +544,17 @@ class StagedRestore:
                 _quietly(self.device.record(stream).synchronize)
             targets.clear()  # device memory of a failed restore goes back to the allocator
         finally:
-            fault = None
-            for slot in slots:  # no copy may still be reading a buffer about to be released
-                fault = _quietly(slot.wait_until_free) or fault
-                slot.last_copy = None
-            for buffer in pinned:
-                self.device.release_pinned(buffer)
-            for stream in streams:
-                self.device.close_stream(stream)
+            fault: BaseException | None = None
+            try:
+                for slot in slots:  # no copy may still be reading a buffer about to be released
+                    fault = _quietly(slot.wait_until_free) or fault
+                    slot.last_copy = None
+                for buffer in pinned:
+                    self.device.release_pinned(buffer)
+                for stream in streams:
+                    self.device.close_stream(stream)
+            except BaseException as exc:  # noqa: B036 - the future must finish whatever happens here
+                fault = fault or exc
             # Finished only now, so whoever waits on the future finds every buffer released; a
             # device fault in queued work means the results cannot be trusted.
             future._finish(error if error is not None else fault)

@@ -318,3 +318,17 @@ def test_a_thousand_failed_device_restores_leak_nothing(tmp_path, monkeypatch):
         time.sleep(0.01)
     assert threading.active_count() == threads_before
     assert len(os.listdir("/proc/self/fd")) == fds_before
+
+
+def test_a_failing_cleanup_step_still_finishes_the_restore(tmp_path, monkeypatch):
+    prefix = make_bundle(_random_tensors(seed=12, count=6)).write(str(tmp_path / "c"))
+    device = HostDevice()
+
+    def broken_release(buffer):
+        raise RuntimeError("driver refused to free")
+
+    monkeypatch.setattr(device, "release_pinned", broken_release)
+    with gpuckpt.open(prefix) as ckpt:
+        future = ckpt.restore_async(device=device)
+        with pytest.raises(RuntimeError, match="refused to free"):
+            future.result()  # an error, never a future that no one finishes
