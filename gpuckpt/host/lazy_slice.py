@@ -2,8 +2,9 @@
 
 The selected region is read with ``preadv``, never through a mapping: a data file that shrinks
 underneath gives a short read (a :class:`FormatError`) instead of a SIGBUS that would kill the process.
-Either as a few contiguous runs (one read per run) or, where runs would be many and small, as one span
-of whole rows that is then indexed; a rough cost model picks. Partitioned tensors gather from each
+Either as contiguous runs (one read each) or, where runs would be many and small, as the span of
+whole rows between the first and last selected ones, read in pieces through one buffer and picked
+with basic slicing; a rough cost model chooses. Partitioned tensors gather from each
 saved slice that intersects the selection. Partial reads cannot be checked against the tensor's
 crc32c (it covers the whole tensor); ``get_tensor`` verifies.
 """
