@@ -98,15 +98,19 @@ def test_partitioned_tensors_match_numpy(tmp_path_factory, data):
         _slice_like_numpy(ckpt, "pv", full, key)
 
 
-def _count_reads(monkeypatch) -> list[int]:
+def _preadv_calls(monkeypatch, after=None) -> list[int]:
+    """The size of every preadv the reader makes from now on; ``after()`` runs after each."""
     sizes: list[int] = []
-    real = lazy_slice.ShardFiles.read_into
+    real = os.preadv
 
-    def counting(self, shard_id, offset, dst, tensor=None):
-        sizes.append(len(dst))
-        return real(self, shard_id, offset, dst, tensor)
+    def counting(fd, buffers, offset):
+        sizes.append(sum(len(memoryview(b)) for b in buffers))
+        got = real(fd, buffers, offset)
+        if after is not None:
+            after()
+        return got
 
-    monkeypatch.setattr(lazy_slice.ShardFiles, "read_into", counting)
+    monkeypatch.setattr(os, "preadv", counting)
     return sizes
 
 
@@ -114,7 +118,7 @@ def test_a_column_of_a_wide_matrix_reads_one_element_per_row(tmp_path, monkeypat
     wide = np.arange(4 * 100_000, dtype=np.float32).reshape(4, 100_000)
     gpuckpt.save(str(tmp_path / "w"), {"wide": wide})
     with gpuckpt.open(str(tmp_path / "w")) as ckpt:
-        sizes = _count_reads(monkeypatch)
+        sizes = _preadv_calls(monkeypatch)
         np.testing.assert_array_equal(ckpt.get_slice("wide")[:, 7], wide[:, 7])
     assert sizes == [4, 4, 4, 4]
 
@@ -123,7 +127,7 @@ def test_a_column_of_a_tall_matrix_reads_one_span_in_pieces(tmp_path, monkeypatc
     tall = np.arange(100_000 * 4, dtype=np.float32).reshape(100_000, 4)
     gpuckpt.save(str(tmp_path / "t"), {"tall": tall})
     with gpuckpt.open(str(tmp_path / "t")) as ckpt:
-        sizes = _count_reads(monkeypatch)
+        sizes = _preadv_calls(monkeypatch)
         np.testing.assert_array_equal(ckpt.get_slice("tall")[10:20_000, 3], tall[10:20_000, 3])
     assert sizes == [(20_000 - 10) * 16]
     monkeypatch.setattr(lazy_slice, "SPAN_READ_BYTES", 100_000)  # 6250 rows of 16 bytes a piece
@@ -137,7 +141,7 @@ def test_rows_read_as_one_run(tmp_path, monkeypatch):
     embedding = np.arange(5000 * 8, dtype=np.float32).reshape(5000, 8)
     gpuckpt.save(str(tmp_path / "e"), {"e": embedding})
     with gpuckpt.open(str(tmp_path / "e")) as ckpt:
-        sizes = _count_reads(monkeypatch)
+        sizes = _preadv_calls(monkeypatch)
         np.testing.assert_array_equal(ckpt.get_slice("e")[1000:2000], embedding[1000:2000])
     assert sizes == [1000 * 8 * 4]
 
@@ -158,14 +162,8 @@ def test_a_truncation_racing_an_unchecked_read_is_an_error(tmp_path, monkeypatch
     gpuckpt.save(prefix, {"r": np.arange(1000, dtype=np.float32)})
     data_file = prefix + ".data-00000-of-00001"
     original = open(data_file, "rb").read()
-    real = lazy_slice.ShardFiles.read_into
-
-    def read_then_truncate(self, shard_id, offset, dst, tensor=None):
-        real(self, shard_id, offset, dst, tensor)
-        os.truncate(data_file, 100)
-
     with gpuckpt.open(prefix) as ckpt:
-        monkeypatch.setattr(lazy_slice.ShardFiles, "read_into", read_then_truncate)
+        _preadv_calls(monkeypatch, after=lambda: os.truncate(data_file, 100))  # each read succeeds, then
         with pytest.raises(gpuckpt.FormatError, match="shrank from 4000 to 100 bytes") as info:
             ckpt.get_slice("r")[10:20]
         assert "tensor 'r'" in str(info.value)

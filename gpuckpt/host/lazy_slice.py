@@ -101,10 +101,9 @@ def read_region(shards: ShardFiles, entry: TensorEntry, dtype: np.dtype, selecti
             indices = np.arange(selection[axis].start, selection[axis].stop, selection[axis].step, dtype=np.int64)
             starts = np.add.outer(starts, indices * strides[axis])
         start_in_block = selection[block_from][0] * strides[block_from] if block_from < whole_from else 0
+        offsets = ((starts.reshape(-1) + start_in_block) * itemsize + entry.offset).tolist()
         flat = memoryview(out.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
-        for block, start in enumerate(starts.reshape(-1).tolist()):
-            dst = flat[block * block_bytes : (block + 1) * block_bytes]
-            shards.read_into(entry.shard_id, entry.offset + (start + start_in_block) * itemsize, dst, entry.name)
+        shards.read_runs(entry.shard_id, offsets, block_bytes, flat, entry.name)
         shards.check_not_shrunk(entry.shard_id, entry.name)  # no checksum covers a partial read
         return out
     _read_span(shards, entry, out, selection, strides[0] * itemsize)

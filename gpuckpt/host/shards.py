@@ -80,6 +80,16 @@ class ShardFiles:
                 )
             done += got
 
+    def read_runs(self, shard_id: int, offsets: list[int], length: int, dst: memoryview, tensor: str) -> None:
+        """Fill ``dst`` with ``length`` bytes from each of ``offsets`` in turn: many small reads
+        in a tight loop, each falling back to :meth:`read_into` (retry, then error) if short."""
+        fd = self._fd(shard_id)
+        preadv = os.preadv
+        for number, offset in enumerate(offsets):
+            piece = dst[number * length : (number + 1) * length]
+            if preadv(fd, [piece], offset) != length:
+                self.read_into(shard_id, offset, piece, tensor)
+
     def check_not_shrunk(self, shard_id: int, tensor: str | None = None) -> None:
         """Raise if the file is now shorter than when it was opened.
 
