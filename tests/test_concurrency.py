@@ -91,3 +91,43 @@ def test_interrupt_during_a_restore_stops_it_cleanly(prefix):
                 ckpt.restore(device=HostDevice(), progress=interrupt)
         assert len(ckpt.restore()) == 30  # still usable
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_close_during_a_read_never_closes_a_descriptor_in_use(prefix, monkeypatch):
+    """close() from another thread while a read is inside preadv: that read still reads this file
+    (its descriptor cannot be closed and its number reused by another file meanwhile); the
+    descriptors go when the read is done; anything that needs the files afterwards gets
+    ClosedCheckpointError."""
+    import os
+
+    before = len(os.listdir("/proc/self/fd"))
+    real = os.preadv
+    state = {}
+
+    with gpuckpt.open(prefix) as ckpt:
+        data_file = ckpt.data_files()[0]
+
+        def preadv_with_close(fd, buffers, offset):
+            if "same" in state:
+                return real(fd, buffers, offset)
+            ckpt.close()  # as another thread would, mid-read
+            squatters = [os.open("/dev/zero", os.O_RDONLY) for _ in range(3)]  # take any freed numbers
+            try:
+                got = real(fd, buffers, offset)
+            finally:
+                for squatter in squatters:
+                    os.close(squatter)
+            with open(data_file, "rb") as f:
+                f.seek(offset)
+                state["same"] = got > 0 and bytes(memoryview(buffers[0])[:got]) == f.read(got)
+            return got
+
+        monkeypatch.setattr(os, "preadv", preadv_with_close)
+        try:
+            ckpt.get_slice("t0")[:]
+        except gpuckpt.ClosedCheckpointError:
+            pass  # the size check after the read came after close()
+        with pytest.raises(gpuckpt.ClosedCheckpointError):
+            ckpt.get_slice("t1")[:]
+    assert state["same"]
+    assert len(os.listdir("/proc/self/fd")) == before

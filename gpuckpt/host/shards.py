@@ -10,11 +10,13 @@ is the one object a shrinking file can still turn into a SIGBUS (README: what gp
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import threading
+from collections.abc import Iterator
 
-from ..errors import CheckpointError, CheckpointNotFoundError, FormatError, describe
+from ..errors import CheckpointNotFoundError, ClosedCheckpointError, FormatError, describe
 
 
 class MissingShardError(CheckpointNotFoundError):
@@ -27,7 +29,12 @@ def data_filename(prefix: str, shard_id: int, num_shards: int) -> str:
 
 
 class ShardFiles:
-    """The open data files of one bundle, by shard id. Thread-safe; close() is idempotent."""
+    """The open data files of one bundle, by shard id. Thread-safe; close() is idempotent.
+
+    A close() while other threads are reading takes effect for every read that starts after it;
+    the descriptors themselves are closed once the reads in progress are done, so a number is
+    never reused by another file while a read still uses it.
+    """
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
@@ -36,6 +43,8 @@ class ShardFiles:
         self._sizes: dict[int, int] = {}
         self._maps: dict[int, mmap.mmap] = {}
         self._lock = threading.Lock()
+        self._reading_now = 0  # reads in progress: their descriptors must stay open
+        self._closed = False
 
     def open_shard(self, shard_id: int, num_shards: int) -> int:
         """Open one shard (once) and return its size; only shards the index uses are opened."""
@@ -60,35 +69,45 @@ class ShardFiles:
     def size(self, shard_id: int) -> int:
         return self._sizes[shard_id]
 
-    def _fd(self, shard_id: int) -> int:
-        fd = self._fds.get(shard_id)
-        if fd is None:
-            raise CheckpointError("checkpoint is closed")
-        return fd
+    @contextlib.contextmanager
+    def _reading(self, shard_id: int) -> Iterator[int]:
+        """The shard's descriptor, kept open until the block ends even if close() is called."""
+        with self._lock:
+            if self._closed:
+                raise ClosedCheckpointError("checkpoint is closed: " + describe(self.path(shard_id)))
+            fd = self._fds[shard_id]
+            self._reading_now += 1
+        try:
+            yield fd
+        finally:
+            with self._lock:
+                self._reading_now -= 1
+                if self._closed and self._reading_now == 0:
+                    self._close_files()
 
     def read_into(self, shard_id: int, offset: int, dst: memoryview, tensor: str | None = None) -> None:
         """Fill ``dst`` (a writable byte view) with the bytes at ``offset``; short reads are errors."""
-        fd = self._fd(shard_id)
-        done = 0
-        total = len(dst)
-        while done < total:
-            got = os.preadv(fd, [dst[done:]], offset + done)
-            if got <= 0:
-                raise FormatError(
-                    f"data file ended after {offset + done} bytes, {total - done} bytes short "
-                    "(truncated or replaced while open?): " + describe(self.path(shard_id), tensor, offset + done)
-                )
-            done += got
+        with self._reading(shard_id) as fd:
+            done = 0
+            total = len(dst)
+            while done < total:
+                got = os.preadv(fd, [dst[done:]], offset + done)
+                if got <= 0:
+                    raise FormatError(
+                        f"data file ended after {offset + done} bytes, {total - done} bytes short "
+                        "(truncated or replaced while open?): " + describe(self.path(shard_id), tensor, offset + done)
+                    )
+                done += got
 
     def read_runs(self, shard_id: int, offsets: list[int], length: int, dst: memoryview, tensor: str) -> None:
         """Fill ``dst`` with ``length`` bytes from each of ``offsets`` in turn: many small reads
         in a tight loop, each falling back to :meth:`read_into` (retry, then error) if short."""
-        fd = self._fd(shard_id)
-        preadv = os.preadv
-        for number, offset in enumerate(offsets):
-            piece = dst[number * length : (number + 1) * length]
-            if preadv(fd, [piece], offset) != length:
-                self.read_into(shard_id, offset, piece, tensor)
+        with self._reading(shard_id) as fd:
+            preadv = os.preadv
+            for number, offset in enumerate(offsets):
+                piece = dst[number * length : (number + 1) * length]
+                if preadv(fd, [piece], offset) != length:
+                    self.read_into(shard_id, offset, piece, tensor)
 
     def check_not_shrunk(self, shard_id: int, tensor: str | None = None) -> None:
         """Raise if the file is now shorter than when it was opened.
@@ -97,7 +116,8 @@ class ShardFiles:
         a short read (Linux does not order them). Checksummed reads catch that; unchecked ones
         (lazy slices, verify=False) call this after reading: it catches any truncation still in place.
         """
-        current = os.fstat(self._fd(shard_id)).st_size
+        with self._reading(shard_id) as fd:
+            current = os.fstat(fd).st_size
         if current < self._sizes[shard_id]:
             raise FormatError(
                 f"data file shrank from {self._sizes[shard_id]} to {current} bytes since it was opened: "
@@ -111,24 +131,30 @@ class ShardFiles:
         that shrank would kill the process with SIGBUS. (A file truncated after this check, while
         a view is alive, can still do that; ``preadv`` reads cannot.)
         """
-        with self._lock:
-            if self._sizes[shard_id] == 0:
-                return memoryview(b"")
-            self.check_not_shrunk(shard_id)
+        if self._sizes[shard_id] == 0:
+            return memoryview(b"")
+        self.check_not_shrunk(shard_id)
+        with self._reading(shard_id) as fd, self._lock:
             m = self._maps.get(shard_id)
             if m is None:
-                m = mmap.mmap(self._fds[shard_id], self._sizes[shard_id], prot=mmap.PROT_READ)
+                m = mmap.mmap(fd, self._sizes[shard_id], prot=mmap.PROT_READ)
                 self._maps[shard_id] = m
         return memoryview(m)
 
     def close(self) -> None:
         with self._lock:
-            for m in self._maps.values():
-                try:
-                    m.close()
-                except BufferError:
-                    pass  # zero-copy views handed out still use it; it is unmapped when they are freed
-            self._maps.clear()
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+            self._closed = True
+            if self._reading_now == 0:
+                self._close_files()
+
+    def _close_files(self) -> None:
+        """Unmap and close everything (the lock is held, and no read is in progress)."""
+        for m in self._maps.values():
+            try:
+                m.close()
+            except BufferError:
+                pass  # zero-copy views handed out still use it; it is unmapped when they are freed
+        self._maps.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
