@@ -34,6 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from report import machine_info, write_results  # noqa: E402
+from restore_host import large_arrays  # noqa: E402
 
 import gpuckpt  # noqa: E402
 
@@ -77,22 +78,10 @@ def best_of(repeat, fn):
     return min(times)
 
 
-def make_checkpoint(prefix: str, size_gb: float, count: int) -> dict:
-    import ml_dtypes
-
-    if os.path.exists(prefix + ".index"):
-        return {}
-    rng = np.random.default_rng(0)
-    weights = np.exp(rng.uniform(np.log(1e5), np.log(2e8), count))
-    sizes = (weights / weights.sum() * size_gb * 2**30).astype(np.int64)
-    kinds = [np.float32, ml_dtypes.bfloat16, np.float16]
-    tensors = {}
-    for i, nbytes in enumerate(sizes):
-        dtype = np.dtype(kinds[i % 3])
-        n = max(256, int(nbytes) // dtype.itemsize // 256 * 256)
-        tensors[f"layer_{i:04d}/w"] = rng.standard_normal(n, np.float32).astype(dtype).reshape(-1, 256)
-    gpuckpt.save(prefix, tensors)
-    return tensors
+def make_checkpoint(prefix: str, size_gb: float, count: int) -> None:
+    """The host benchmark's mixed fp32/bf16/fp16 tensors at this size, saved once."""
+    if not os.path.exists(prefix + ".index"):
+        gpuckpt.save(prefix, large_arrays(size_gb * 1024, count))
 
 
 def evict(paths):

@@ -428,16 +428,11 @@ def balance_by_bytes(entries: list[TensorEntry], devices: Sequence[Any]) -> list
         raise ValueError("device=[] names no device to balance the tensors over")
     loads = [0] * len(devices)
     groups: list[list[TensorEntry]] = [[] for _ in devices]
-    for entry in sorted(entries, key=_stored_bytes, reverse=True):
+    for entry in sorted(entries, key=lambda e: e.stored_bytes, reverse=True):
         lightest = loads.index(min(loads))
         groups[lightest].append(entry)
-        loads[lightest] += _stored_bytes(entry)
+        loads[lightest] += entry.stored_bytes
     return [(device, group) for device, group in zip(devices, groups, strict=True) if group]
-
-
-def _stored_bytes(entry: TensorEntry) -> int:
-    info = entry.dtype_info
-    return entry.num_elements * info.numpy.itemsize if info is not None and info.numpy is not None else entry.size
 
 
 def _read_index(path: str) -> bytes:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import math
 import queue
 import threading
 from collections.abc import Callable, Sequence
@@ -29,7 +28,7 @@ from .device import Device, Event
 from .dtypes import DTYPES
 from .errors import CheckpointError, UnsupportedError, describe
 from .format.bundle import TensorEntry
-from .format.crc import crc32c, crc32c_combine
+from .format.crc import PartChecksums, crc32c
 from .host.convert import kernel_for
 from .host.reader import HostReader, check_readable
 from .options import RestoreOptions
@@ -76,23 +75,13 @@ class _Parts:
     def __init__(self, target: _Target, bounds: list[tuple[int, int]]) -> None:
         self.target = target
         self.bounds = bounds
-        self.crcs = [0] * len(bounds)
+        self.checksums = PartChecksums(bounds)
         self.events: list[Event | None] = [None] * len(bounds)
-        self._remaining = len(bounds)
-        self._lock = threading.Lock()
 
     def done(self, part: int, crc: int, event: Event) -> bool:
         """Record a finished part; True for the caller that finished the last one."""
-        with self._lock:
-            self.crcs[part], self.events[part] = crc, event
-            self._remaining -= 1
-            return self._remaining == 0
-
-    def crc(self) -> int:
-        crc = self.crcs[0]
-        for (start, end), part_crc in zip(self.bounds[1:], self.crcs[1:], strict=True):
-            crc = crc32c_combine(crc, part_crc, end - start)
-        return crc
+        self.events[part] = event  # before recording: the last recorder then sees every event
+        return self.checksums.record(part, crc)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,7 +271,7 @@ class StagedRestore:
             plans[entry.name] = (dtype, kernel)
         needed = sum(
             (e.num_elements * plans[e.name][0].itemsize if e.name not in self.out else 0)
-            + (_stored_bytes(e) if plans[e.name][1] else 0)
+            + (e.stored_bytes if plans[e.name][1] else 0)
             for e in entries
         )
         if self.options.single_allocation:
@@ -314,7 +303,7 @@ class StagedRestore:
             elif kernel is None:
                 raw = self.device.byte_view(array)  # the bytes land in their final place
             else:
-                raw = self.device.empty((_stored_bytes(entry),), np.dtype(np.uint8))
+                raw = self.device.empty((entry.stored_bytes,), np.dtype(np.uint8))
             width = info.swap_bytes if swap else 0
             targets[entry.name] = _Target(entry, array, raw, kernel, width, full=full)
         return targets
@@ -451,7 +440,7 @@ class StagedRestore:
         for event in parts.events:
             if event is not None:
                 self.device.wait_event(stream, event)
-        target.crc = parts.crc()
+        target.crc = parts.checksums.combined()
         self._complete(target, stream)
         return True
 
@@ -589,13 +578,6 @@ def _quietly(step: Callable[[], None]) -> BaseException | None:
     except BaseException as exc:  # noqa: B036 - collected and reported by the caller
         return exc
     return None
-
-
-def _stored_bytes(entry: TensorEntry) -> int:
-    if entry.slices:
-        info = DTYPES[entry.dtype]
-        return math.prod(entry.shape) * info.itemsize
-    return entry.size
 
 
 def restore_to_device(

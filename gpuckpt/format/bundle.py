@@ -71,6 +71,15 @@ class TensorEntry(NamedTuple):
     def is_partitioned(self) -> bool:
         return bool(self.slices)
 
+    @property
+    def stored_bytes(self) -> int:
+        """The tensor's bytes in the data files: ``size``, or for a partitioned tensor the whole
+        shape's worth (what its slices add up to; 0 for strings, whose size varies)."""
+        if not self.slices:
+            return self.size
+        info = self.dtype_info
+        return self.num_elements * info.itemsize if info is not None else 0
+
 
 @dataclasses.dataclass(frozen=True)
 class BundleIndex:

@@ -7,6 +7,7 @@ slices, memoryviews of numpy arrays), so no copy is made to checksum.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import crc32c as _crc32c
@@ -76,6 +77,30 @@ def _zeros_operator(nbytes: int) -> tuple[int, ...]:
     if len(_operators) < 64:
         _operators[nbytes] = result
     return result
+
+
+class PartChecksums:
+    """The CRCs of consecutive parts ``[start, end)`` of one byte range, recorded by several threads
+    in any order; whoever records the last one is told so, and ``combined()`` is the whole's CRC."""
+
+    def __init__(self, bounds: list[tuple[int, int]]) -> None:
+        self.bounds = bounds
+        self._crcs = [0] * len(bounds)
+        self._remaining = len(bounds)
+        self._lock = threading.Lock()
+
+    def record(self, part: int, crc: int) -> bool:
+        """Record a part's CRC; True for the caller that recorded the last part."""
+        with self._lock:
+            self._crcs[part] = crc
+            self._remaining -= 1
+            return self._remaining == 0
+
+    def combined(self) -> int:
+        crc = self._crcs[0]
+        for (start, end), part_crc in zip(self.bounds[1:], self._crcs[1:], strict=True):
+            crc = crc32c_combine(crc, part_crc, end - start)
+        return crc
 
 
 def crc32c_combine(crc_a: int, crc_b: int, length_b: int) -> int:

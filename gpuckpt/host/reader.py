@@ -18,7 +18,7 @@ import numpy as np
 from ..dtypes import DTYPES
 from ..errors import ChecksumError, FormatError, UnsupportedError, describe
 from ..format.bundle import BundleIndex, TensorEntry, refused_reason
-from ..format.crc import crc32c, crc32c_combine, unmask
+from ..format.crc import PartChecksums, crc32c, unmask
 from ..format.slices import coverage_problem
 from ..gcpause import gc_paused
 from ..plan import DEFAULT_PLAN, PlanOptions, ReadGroup, pieces_of, plan_reads
@@ -45,22 +45,7 @@ class _BulkRead:
         size = entry.size
         step = split_bytes if split_bytes and size > 2 * split_bytes else max(size, 1)
         self.bounds = [(start, min(size, start + step)) for start in range(0, max(size, 1), step)]
-        self.crcs = [0] * len(self.bounds)
-        self._remaining = len(self.bounds)
-        self._lock = threading.Lock()
-
-    def part_done(self, part: int, crc: int) -> bool:
-        """Record a part's CRC; True for the caller that finished the last part."""
-        with self._lock:
-            self.crcs[part] = crc
-            self._remaining -= 1
-            return self._remaining == 0
-
-    def combined_crc(self) -> int:
-        crc = self.crcs[0]
-        for (start, end), part_crc in zip(self.bounds[1:], self.crcs[1:], strict=True):
-            crc = crc32c_combine(crc, part_crc, end - start)
-        return crc
+        self.checksums = PartChecksums(self.bounds)
 
 
 def _is_bulk(group: ReadGroup) -> bool:
@@ -130,9 +115,9 @@ class HostReader:
             self.shards.read_into(entry.shard_id, entry.offset + offset, chunk, bulk.tensor.name)
             if verify:
                 crc = crc32c(chunk, crc)
-        if bulk.part_done(part, crc):
+        if bulk.checksums.record(part, crc):
             if verify:
-                self.verify_crc(bulk.combined_crc(), entry, bulk.tensor)
+                self.verify_crc(bulk.checksums.combined(), entry, bulk.tensor)
             info = entry.dtype_info
             assert info is not None
             fix_in_place(bulk.array, info, self.index.header.big_endian)
