@@ -34,6 +34,12 @@ class UnsupportedError(CheckpointError, NotImplementedError):
     """A well-formed feature this reader deliberately does not handle (named in the message)."""
 
 
+class InvalidArgumentError(CheckpointError, TypeError, ValueError):
+    """An argument cannot be used as given (a dtype that is not one, a bad regular expression, a
+    malformed pair); raised before any file is read or written. Also a ``TypeError`` and a
+    ``ValueError``, so code catching what numpy or ``re`` would raise still catches it."""
+
+
 class DeviceUnavailableError(CheckpointError, RuntimeError):
     """The requested device cannot be used (no GPU, no CuPy, or a path not built yet)."""
 
