@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Any
+import functools
 
-import ml_dtypes
 import numpy as np
 
 
@@ -55,15 +54,22 @@ class DTypeInfo:
 
     ``swap_bytes`` is the unit that is byte-swapped for a bundle of the other endianness (0: none);
     complex types swap each component. ``narrow_bits`` is set for the 4- and 2-bit types, which are
-    stored one element per byte with only the low bits meaningful.
+    stored one element per byte with only the low bits meaningful. ``numpy_name`` names the numpy
+    type (``ml_dtypes.NAME`` for the types numpy lacks); :attr:`numpy` resolves it, importing
+    ml_dtypes only then, so that opening and listing a checkpoint never pays for that import.
     """
 
     dtype: DataType
-    numpy: np.dtype | None  # None for strings (object arrays of bytes)
+    numpy_name: str | None  # None for strings (object arrays of bytes)
     swap_bytes: int
+    itemsize: int  #: bytes per element in the data file (0 for strings, whose elements vary)
     narrow_bits: int = 0
     is_string: bool = False
-    itemsize: int = 0  #: bytes per element in the data file (0 for strings, whose elements vary)
+
+    @property
+    def numpy(self) -> np.dtype | None:
+        """The numpy dtype arrays of this type have (None for strings)."""
+        return None if self.numpy_name is None else numpy_dtype(self.numpy_name)
 
     @property
     def name(self) -> str:
@@ -73,12 +79,22 @@ class DTypeInfo:
     @property
     def as_numpy_dtype(self) -> type:
         """The numpy scalar type arrays of this dtype hold (``object`` for strings), as TF's DType has."""
-        return object if self.numpy is None else self.numpy.type
+        numpy = self.numpy
+        return object if numpy is None else numpy.type
 
 
-def _info(dt: DataType, np_type: Any, swap: int, narrow: int = 0) -> DTypeInfo:
-    np_dtype = None if np_type is None else np.dtype(np_type)
-    return DTypeInfo(dt, np_dtype, swap, narrow, dt == DataType.DT_STRING, 0 if np_dtype is None else np_dtype.itemsize)
+@functools.cache
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype called ``name``: a numpy type (``"float32"``) or ``"ml_dtypes.bfloat16"``."""
+    if name.startswith("ml_dtypes."):
+        import ml_dtypes  # costs ~0.4 s: only when an array of one of its types is made
+
+        return np.dtype(getattr(ml_dtypes, name.removeprefix("ml_dtypes.")))
+    return np.dtype(name)
+
+
+def _info(dt: DataType, numpy_name: str | None, itemsize: int, swap: int, narrow: int = 0) -> DTypeInfo:
+    return DTypeInfo(dt, numpy_name, swap, itemsize, narrow, dt == DataType.DT_STRING)
 
 
 D = DataType
@@ -90,38 +106,38 @@ _TF_NAMES = {
     D.DT_COMPLEX128: "complex128",
 }
 _INFOS = [
-    _info(D.DT_FLOAT, np.float32, 4),
-    _info(D.DT_DOUBLE, np.float64, 8),
-    _info(D.DT_INT32, np.int32, 4),
-    _info(D.DT_UINT8, np.uint8, 0),
-    _info(D.DT_INT16, np.int16, 2),
-    _info(D.DT_INT8, np.int8, 0),
-    _info(D.DT_STRING, None, 0),
-    _info(D.DT_COMPLEX64, np.complex64, 4),
-    _info(D.DT_INT64, np.int64, 8),
-    _info(D.DT_BOOL, np.bool_, 0),
+    _info(D.DT_FLOAT, "float32", 4, 4),
+    _info(D.DT_DOUBLE, "float64", 8, 8),
+    _info(D.DT_INT32, "int32", 4, 4),
+    _info(D.DT_UINT8, "uint8", 1, 0),
+    _info(D.DT_INT16, "int16", 2, 2),
+    _info(D.DT_INT8, "int8", 1, 0),
+    _info(D.DT_STRING, None, 0, 0),
+    _info(D.DT_COMPLEX64, "complex64", 8, 4),
+    _info(D.DT_INT64, "int64", 8, 8),
+    _info(D.DT_BOOL, "bool", 1, 0),
     # Quantized types: TF's Python reader returns their raw integer values.
-    _info(D.DT_QINT8, np.int8, 0),
-    _info(D.DT_QUINT8, np.uint8, 0),
-    _info(D.DT_QINT32, np.int32, 4),
-    _info(D.DT_BFLOAT16, ml_dtypes.bfloat16, 2),
-    _info(D.DT_QINT16, np.int16, 2),
-    _info(D.DT_QUINT16, np.uint16, 2),
-    _info(D.DT_UINT16, np.uint16, 2),
-    _info(D.DT_COMPLEX128, np.complex128, 8),
-    _info(D.DT_HALF, np.float16, 2),
-    _info(D.DT_UINT32, np.uint32, 4),
-    _info(D.DT_UINT64, np.uint64, 8),
-    _info(D.DT_FLOAT8_E5M2, ml_dtypes.float8_e5m2, 0),
-    _info(D.DT_FLOAT8_E4M3FN, ml_dtypes.float8_e4m3fn, 0),
-    _info(D.DT_FLOAT8_E4M3FNUZ, ml_dtypes.float8_e4m3fnuz, 0),
-    _info(D.DT_FLOAT8_E4M3B11FNUZ, ml_dtypes.float8_e4m3b11fnuz, 0),
-    _info(D.DT_FLOAT8_E5M2FNUZ, ml_dtypes.float8_e5m2fnuz, 0),
-    _info(D.DT_INT4, ml_dtypes.int4, 0, 4),
-    _info(D.DT_UINT4, ml_dtypes.uint4, 0, 4),
-    _info(D.DT_INT2, ml_dtypes.int2, 0, 2),
-    _info(D.DT_UINT2, ml_dtypes.uint2, 0, 2),
-    _info(D.DT_FLOAT4_E2M1FN, ml_dtypes.float4_e2m1fn, 0, 4),
+    _info(D.DT_QINT8, "int8", 1, 0),
+    _info(D.DT_QUINT8, "uint8", 1, 0),
+    _info(D.DT_QINT32, "int32", 4, 4),
+    _info(D.DT_BFLOAT16, "ml_dtypes.bfloat16", 2, 2),
+    _info(D.DT_QINT16, "int16", 2, 2),
+    _info(D.DT_QUINT16, "uint16", 2, 2),
+    _info(D.DT_UINT16, "uint16", 2, 2),
+    _info(D.DT_COMPLEX128, "complex128", 16, 8),
+    _info(D.DT_HALF, "float16", 2, 2),
+    _info(D.DT_UINT32, "uint32", 4, 4),
+    _info(D.DT_UINT64, "uint64", 8, 8),
+    _info(D.DT_FLOAT8_E5M2, "ml_dtypes.float8_e5m2", 1, 0),
+    _info(D.DT_FLOAT8_E4M3FN, "ml_dtypes.float8_e4m3fn", 1, 0),
+    _info(D.DT_FLOAT8_E4M3FNUZ, "ml_dtypes.float8_e4m3fnuz", 1, 0),
+    _info(D.DT_FLOAT8_E4M3B11FNUZ, "ml_dtypes.float8_e4m3b11fnuz", 1, 0),
+    _info(D.DT_FLOAT8_E5M2FNUZ, "ml_dtypes.float8_e5m2fnuz", 1, 0),
+    _info(D.DT_INT4, "ml_dtypes.int4", 1, 0, 4),
+    _info(D.DT_UINT4, "ml_dtypes.uint4", 1, 0, 4),
+    _info(D.DT_INT2, "ml_dtypes.int2", 1, 0, 2),
+    _info(D.DT_UINT2, "ml_dtypes.uint2", 1, 0, 2),
+    _info(D.DT_FLOAT4_E2M1FN, "ml_dtypes.float4_e2m1fn", 1, 0, 4),
 ]
 del D
 

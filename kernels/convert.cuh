@@ -1,18 +1,16 @@
 // Element conversions between TensorFlow's floating types, on bit patterns only.
 //
 // Shared by the CUDA kernels (convert.cu) and a host test harness (tests/harness/convert_host.cpp)
-// that checks every one against numpy/ml_dtypes bit for bit: every 8- and 16-bit input, and
+// that checks every one bit for bit against an independent float64 reference and against the
+// host implementation of the same rule (gpuckpt/host/floats.py): every 8- and 16-bit input, and
 // millions of float32/float64 inputs with NaN payloads, infinities, subnormals and rounding ties.
 // No floating-point arithmetic is used, so device flush-to-zero modes and fused operations cannot
 // change a result, and host and device agree by construction.
 //
-// Rounding is to nearest, ties to even. NaNs follow what numpy and ml_dtypes do on x86-64, which
-// differs by path (measured; see tests/test_kernels.py):
-//   f32->f16, f64->f16 (numpy): payload truncated, kept a NaN, not quieted
-//   f16->f32, f16->f64 (numpy): payload shifted, not quieted
-//   f32->f64, f64->f32 (C casts): quieted, payload shifted or truncated
-//   anything->bf16, bf16->f16, f8->anything (ml_dtypes): the canonical quiet NaN, sign kept
-//   bf16->f32: the bits shifted; bf16->f64 goes through f32; f64->bf16 through f32 (as ml_dtypes)
+// The rule (README, "Conversions"): finite values are rounded once, to nearest with ties to even;
+// subnormals are kept; overflow gives infinity; a NaN stays a NaN with its sign, quieted (top
+// mantissa bit set), carrying the leading bits of its payload (cut or zero-padded). float8_e4m3fn
+// has a single NaN, which becomes the target's quiet NaN with its sign.
 #pragma once
 #ifdef __CUDACC_RTC__  // NVRTC (cupy.RawModule) has no C headers
 typedef unsigned char uint8_t;
@@ -67,15 +65,11 @@ GPUCKPT_HD void unpack(uint64_t exp_field, uint64_t mant, int bias, int mbits, u
   }
 }
 
-// ---- to float16 (numpy's NaN rule) ----
+// ---- to float16 ----
 GPUCKPT_HD uint16_t f32_to_f16(uint32_t u) {
   const uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
   const uint32_t exp = (u >> 23) & 0xffu, mant = u & 0x7fffffu;
-  if (exp == 0xffu) {
-    if (!mant) return sign | 0x7c00u;
-    uint16_t nan = (uint16_t)(0x7c00u + (mant >> 13));
-    return sign | (nan == 0x7c00u ? 0x7c01u : nan);
-  }
+  if (exp == 0xffu) return sign | (mant ? (uint16_t)(0x7e00u | (mant >> 13)) : 0x7c00u);
   if (exp == 0 && mant == 0) return sign;
   uint64_t m;
   int e;
@@ -86,11 +80,7 @@ GPUCKPT_HD uint16_t f32_to_f16(uint32_t u) {
 GPUCKPT_HD uint16_t f64_to_f16(uint64_t u) {
   const uint16_t sign = (uint16_t)((u >> 48) & 0x8000u);
   const uint64_t exp = (u >> 52) & 0x7ffu, mant = u & 0xfffffffffffffull;
-  if (exp == 0x7ffu) {
-    if (!mant) return sign | 0x7c00u;
-    uint16_t nan = (uint16_t)(0x7c00u + (mant >> 42));
-    return sign | (nan == 0x7c00u ? 0x7c01u : nan);
-  }
+  if (exp == 0x7ffu) return sign | (mant ? (uint16_t)(0x7e00u | (mant >> 42)) : 0x7c00u);
   if (exp == 0 && mant == 0) return sign;
   uint64_t m;
   int e;
@@ -113,7 +103,7 @@ GPUCKPT_HD uint32_t f64_to_f32(uint64_t u) {
 GPUCKPT_HD uint32_t f16_to_f32(uint16_t h) {
   const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
   const uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
-  if (exp == 0x1fu) return sign | 0x7f800000u | (mant << 13);
+  if (exp == 0x1fu) return sign | (mant ? 0x7fc00000u | (mant << 13) : 0x7f800000u);
   if (exp == 0 && mant == 0) return sign;
   uint64_t m;
   int e;
@@ -121,7 +111,9 @@ GPUCKPT_HD uint32_t f16_to_f32(uint16_t h) {
   return sign | ((uint32_t)(e + 127) << 23) | (uint32_t)((m & 0x3ffu) << 13);
 }
 
-GPUCKPT_HD uint32_t bf16_to_f32(uint16_t b) { return (uint32_t)b << 16; }
+GPUCKPT_HD uint32_t bf16_to_f32(uint16_t b) {  // bfloat16 is the top half of a float32
+  return ((uint32_t)b << 16) | ((b & 0x7fffu) > 0x7f80u ? 0x00400000u : 0u);
+}
 
 // ---- to float64 ----
 GPUCKPT_HD uint64_t f32_to_f64(uint32_t u) {
@@ -137,28 +129,34 @@ GPUCKPT_HD uint64_t f32_to_f64(uint32_t u) {
 
 GPUCKPT_HD uint64_t f16_to_f64(uint16_t h) {
   const uint64_t sign = (uint64_t)(h & 0x8000u) << 48;
-  if ((h & 0x7c00u) == 0x7c00u && (h & 0x3ffu)) return sign | 0x7ff0000000000000ull | ((uint64_t)(h & 0x3ffu) << 42);
+  if ((h & 0x7c00u) == 0x7c00u && (h & 0x3ffu)) return sign | 0x7ff8000000000000ull | ((uint64_t)(h & 0x3ffu) << 42);
   return f32_to_f64(f16_to_f32(h));  // exact for every non-NaN
 }
 
 GPUCKPT_HD uint64_t bf16_to_f64(uint16_t b) { return f32_to_f64(bf16_to_f32(b)); }
 
-// ---- to bfloat16 (ml_dtypes: canonical NaN, round to nearest even) ----
+// ---- to bfloat16 ----
 GPUCKPT_HD uint16_t f32_to_bf16(uint32_t u) {
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)(((u >> 16) & 0x8000u) | 0x7fc0u);
-  return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x0040u);
+  return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);  // same exponent range: round the low half
 }
 
-GPUCKPT_HD uint16_t f64_to_bf16(uint64_t u) { return f32_to_bf16(f64_to_f32(u)); }
-
-GPUCKPT_HD uint16_t f16_to_bf16(uint16_t h) { return f32_to_bf16(f16_to_f32(h)); }
-
-GPUCKPT_HD uint16_t bf16_to_f16(uint16_t b) {
-  if ((b & 0x7fffu) > 0x7f80u) return (uint16_t)((b & 0x8000u) | 0x7e00u);
-  return f32_to_f16(bf16_to_f32(b));
+GPUCKPT_HD uint16_t f64_to_bf16(uint64_t u) {  // rounded once (through float32 would round twice)
+  const uint16_t sign = (uint16_t)((u >> 48) & 0x8000u);
+  const uint64_t exp = (u >> 52) & 0x7ffu, mant = u & 0xfffffffffffffull;
+  if (exp == 0x7ffu) return sign | (mant ? (uint16_t)(0x7fc0u | (mant >> 45)) : 0x7f80u);
+  if (exp == 0 && mant == 0) return sign;
+  uint64_t m;
+  int e;
+  unpack(exp, mant, 1023, 52, &m, &e);
+  return sign | (uint16_t)narrow_magnitude(m, e, 52, 8, 7);
 }
 
-// ---- from float8 (exact; ml_dtypes' canonical NaNs) ----
+GPUCKPT_HD uint16_t f16_to_bf16(uint16_t h) { return f32_to_bf16(f16_to_f32(h)); }  // f16->f32 is exact
+
+GPUCKPT_HD uint16_t bf16_to_f16(uint16_t b) { return f32_to_f16(bf16_to_f32(b)); }  // bf16->f32 is exact
+
+// ---- from float8 (exact) ----
 GPUCKPT_HD uint32_t f8e4m3fn_to_f32(uint8_t v) {
   const uint32_t sign = (uint32_t)(v & 0x80u) << 24;
   const uint32_t exp = (v >> 3) & 0xfu, mant = v & 0x7u;
@@ -171,7 +169,6 @@ GPUCKPT_HD uint32_t f8e4m3fn_to_f32(uint8_t v) {
 }
 
 GPUCKPT_HD uint32_t f8e5m2_to_f32(uint8_t v) {
-  if ((v & 0x7fu) > 0x7cu) return ((uint32_t)(v & 0x80u) << 24) | 0x7fc00000u;
   return f16_to_f32((uint16_t)((uint16_t)v << 8));  // e5m2 is the top byte of a float16
 }
 
@@ -181,8 +178,7 @@ GPUCKPT_HD uint16_t f8e4m3fn_to_f16(uint8_t v) {
 }
 
 GPUCKPT_HD uint16_t f8e5m2_to_f16(uint8_t v) {
-  if ((v & 0x7fu) > 0x7cu) return (uint16_t)(((uint16_t)(v & 0x80u) << 8) | 0x7e00u);
-  return (uint16_t)((uint16_t)v << 8);
+  return (uint16_t)(((uint16_t)v << 8) | ((v & 0x7fu) > 0x7cu ? 0x0200u : 0u));  // a NaN is quieted
 }
 
 GPUCKPT_HD uint16_t f8e4m3fn_to_bf16(uint8_t v) { return f32_to_bf16(f8e4m3fn_to_f32(v)); }

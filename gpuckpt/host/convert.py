@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 
-from ..dtypes import DTypeInfo
+from ..dtypes import DTypeInfo, numpy_dtype
+from ..errors import UnsupportedError
+from .floats import FORMATS, convert_bits
 
 
 def fix_in_place(array: np.ndarray, info: DTypeInfo, big_endian: bool) -> None:
@@ -24,15 +25,17 @@ def fix_in_place(array: np.ndarray, info: DTypeInfo, big_endian: bool) -> None:
         flat.view(np.uint8)[...] &= (1 << info.narrow_bits) - 1
 
 
-#: The numpy types behind the short names of kernels/conversions.def.
-KERNEL_TYPES = {
-    "f16": np.dtype(np.float16),
-    "bf16": np.dtype(ml_dtypes.bfloat16),
-    "f32": np.dtype(np.float32),
-    "f64": np.dtype(np.float64),
-    "f8e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
-    "f8e5m2": np.dtype(ml_dtypes.float8_e5m2),
+#: The numpy types (as :func:`~gpuckpt.dtypes.numpy_dtype` names them) behind the short names of
+#: kernels/conversions.def.
+KERNEL_TYPE_NAMES = {
+    "f16": "float16",
+    "bf16": "ml_dtypes.bfloat16",
+    "f32": "float32",
+    "f64": "float64",
+    "f8e4m3fn": "ml_dtypes.float8_e4m3fn",
+    "f8e5m2": "ml_dtypes.float8_e5m2",
 }
+_SHORT_NAMES = {name.removeprefix("ml_dtypes."): short for short, name in KERNEL_TYPE_NAMES.items()}
 
 
 def kernel_for(source: np.dtype, target: np.dtype) -> str | None:
@@ -40,8 +43,7 @@ def kernel_for(source: np.dtype, target: np.dtype) -> str | None:
     no kernel converts them)."""
     if source == target:
         return None
-    names = {dtype: name for name, dtype in KERNEL_TYPES.items()}
-    kernel = f"{names[source]}_to_{names[target]}"
+    kernel = f"{_SHORT_NAMES[np.dtype(source).name]}_to_{_SHORT_NAMES[np.dtype(target).name]}"
     if kernel not in conversion_names():
         raise KeyError(kernel)
     return kernel
@@ -62,8 +64,28 @@ _CONVERSIONS: tuple[str, ...] | None = None
 
 
 def reference_convert(kernel: str, raw: np.ndarray) -> np.ndarray:
-    """The numpy twin of a conversion kernel: ``raw`` bytes of the source type, converted exactly
-    as numpy/ml_dtypes ``astype`` does (the kernels match it bit for bit: tests/test_kernels.py)."""
+    """The host twin of a conversion kernel: ``raw`` (an array of the source type, or its bytes)
+    converted by the project's rule (gpuckpt/host/floats.py), as an array of the target type. The
+    kernels give the same bits (tests/test_kernels.py)."""
     source, target = kernel.split("_to_")
-    with np.errstate(invalid="ignore", over="ignore"):
-        return raw.view(KERNEL_TYPES[source]).astype(KERNEL_TYPES[target])
+    source_width = FORMATS[source].width // 8
+    bits = np.ascontiguousarray(raw).view(f"u{source_width}")
+    return convert_bits(source, target, bits).view(numpy_dtype(KERNEL_TYPE_NAMES[target]))
+
+
+def check_conversion(source: np.dtype, target: np.dtype, where: str) -> str | None:
+    """The kernel converting ``source`` to ``target`` (None: the same type), or UnsupportedError
+    ending with ``where`` (the file and tensor)."""
+    try:
+        return kernel_for(source, target)
+    except KeyError:
+        raise UnsupportedError(
+            f"no conversion from {source} to {target} (dtype= converts float16, bfloat16, float32, float64, "
+            f"float8_e4m3fn and float8_e5m2 to float16, bfloat16, float32 and float64): {where}"
+        ) from None
+
+
+def convert(array: np.ndarray, target: np.dtype, where: str) -> np.ndarray:
+    """``array`` converted to ``target`` by the project's rule (itself when the types agree)."""
+    kernel = check_conversion(array.dtype, target, where)
+    return array if kernel is None else reference_convert(kernel, array).reshape(array.shape)
