@@ -17,10 +17,18 @@ import numpy as np
 from .casting import DtypeChooser, dtype_chooser
 from .devices import CPU, device_name, resolve_device
 from .dtypes import dtype_name
-from .errors import CheckpointNotFoundError, ClosedCheckpointError, FormatError, TensorNotFoundError, describe
+from .errors import (
+    CheckpointNotFoundError,
+    ClosedCheckpointError,
+    FormatError,
+    InvalidArgumentError,
+    TensorNotFoundError,
+    describe,
+)
 from .format.bundle import BundleIndex, TensorEntry, parse_index
 from .format.object_graph import OBJECT_GRAPH_KEY, ObjectAttribute, StateKind, classify_name, decode_object_graph
 from .format.state import INDEX_SUFFIX, RESOLVE_ATTEMPTS, resolve_prefix
+from .host.convert import check_conversion, convert
 from .host.lazy_slice import LazyTensor, zero_copy_view
 from .host.reader import HostReader, ProgressCallback
 from .host.shards import ShardFiles, data_filename
@@ -135,6 +143,11 @@ class Checkpoint:
     def __contains__(self, name: object) -> bool:
         return name in self._index.tensors
 
+    def __getitem__(self, name: str) -> Any:
+        """``ckpt[name]`` is ``ckpt.get_tensor(name)``: the whole tensor, read and verified
+        (:class:`TensorNotFoundError`, a ``KeyError``, for a name the checkpoint lacks)."""
+        return self.get_tensor(name)
+
     def _entry(self, name: str) -> TensorEntry:
         entry = self._index.tensors.get(name)
         if entry is None:
@@ -195,7 +208,10 @@ class Checkpoint:
         if names is None:
             return list(self._index.tensors.values())
         if isinstance(names, str) or isinstance(names, re.Pattern):
-            pattern = re.compile(names)
+            try:
+                pattern = re.compile(names)
+            except re.error as exc:
+                raise InvalidArgumentError(f"names={names!r} is not a valid regular expression: {exc}") from None
             return [e for n, e in self._index.tensors.items() if pattern.fullmatch(n)]
         if callable(names):
             return [e for n, e in self._index.tensors.items() if names(n)]
@@ -321,12 +337,15 @@ class Checkpoint:
         )
 
     def _check_out(self, entries: list[TensorEntry], chooser: DtypeChooser | None, out: dict[str, Any]) -> None:
-        for entry in entries:  # every out= array is checked before anything is read
-            if entry.name not in out:
-                continue
+        """Refuse, before anything is read, an ``out=`` array that does not fit and a ``dtype=``
+        conversion that is not defined."""
+        for entry in entries:
             stored = self.info(entry.name).dtype
             wanted = chooser(entry.name, stored) if chooser is not None and stored is not None else stored
-            check_out_array(out[entry.name], entry, np.dtype(wanted), self._index.path)
+            if stored is not None and wanted is not None:
+                check_conversion(stored, wanted, describe(self._index.path, entry.name))
+            if entry.name in out:
+                check_out_array(out[entry.name], entry, np.dtype(wanted), self._index.path)
 
     def _restore_host(
         self,
@@ -360,14 +379,10 @@ class Checkpoint:
             threading.Thread(target=run, name="gpuckpt-restore", daemon=True).start()
         return future
 
-    @staticmethod
-    def _finish_host_array(name: str, array: Any, chooser: DtypeChooser | None, out: dict[str, Any]) -> Any:
+    def _finish_host_array(self, name: str, array: Any, chooser: DtypeChooser | None, out: dict[str, Any]) -> Any:
         """Cast a host array as ``dtype=`` asks, and move it into ``out`` if one was given."""
         if chooser is not None and array.dtype != object:
-            wanted = chooser(name, array.dtype)
-            if wanted != array.dtype:
-                with np.errstate(invalid="ignore", over="ignore"):
-                    array = array.astype(wanted)
+            array = convert(array, chooser(name, array.dtype), describe(self._index.path, name))
         if name in out:
             out[name][...] = array
             array = out[name]
