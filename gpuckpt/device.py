@@ -212,7 +212,10 @@ class HostDevice:
         stream.submit(run)
 
     def byteswap(self, width: int, array: np.ndarray, stream: HostStream) -> None:
-        stream.submit(lambda: array.view(f"u{width}").byteswap(inplace=True))
+        def run() -> None:  # not a lambda: numpy 1.26's stubs type byteswap(inplace=True) as returning the array
+            array.view(f"u{width}").byteswap(inplace=True)
+
+        stream.submit(run)
 
     def place(
         self,

@@ -228,3 +228,14 @@ def test_lowest_constraints_pin_exactly_the_declared_lower_bounds():
                 assert match, f"constraints/lowest.txt: {line!r} is not an exact pin"
                 pinned[_name(match.group(1))] = match.group(2)
     assert pinned == declared
+
+
+def test_ci_runs_the_readme_test_command_verbatim_then_the_lowest_versions():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    commands = re.search(r"```sh\n(.*?)```", readme, re.S).group(1).splitlines()
+    assert "pytest" in commands[1], commands
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        ci = f.read()
+    assert commands[1] in ci
+    assert "-c constraints/lowest.txt" in ci and ".venv-lowest/bin/python -m pytest" in ci
