@@ -5,17 +5,80 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
+import re
 
-from google.protobuf import text_format
-
-from .._proto import checkpoint_state_pb2
-from ..errors import CheckpointNotFoundError, FormatError, describe
+from ..errors import CheckpointNotFoundError, FormatError, UnsupportedError, describe
+from .table import FOOTER_SIZE, MAGIC
 
 STATE_FILENAME = "checkpoint"
 INDEX_SUFFIX = ".index"
 SAVED_MODEL_VARIABLES = os.path.join("variables", "variables")
 RESOLVE_ATTEMPTS = 3  # state-file reads while a writer replaces the latest checkpoint
 MAX_STATE_BYTES = 64 << 20  # a state file is a few lines; refuse to parse anything absurd
+TABLE_MAGIC = MAGIC.to_bytes(8, "little")  # the last 8 bytes of every table file (FORMAT.md 2.2)
+FILE_URI = "file://"
+_URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def local_path(path: str | os.PathLike[str]) -> str:
+    """The local path that ``path`` names: itself, or for a ``file://`` URI the path it holds, as
+    TensorFlow's file system reads it (``file:///abs/ckpt`` is ``/abs/ckpt``; nothing is
+    percent-decoded). A URI of another scheme (``gs://``, ``s3://``, ``hdfs://``...) raises
+    :class:`UnsupportedError`: gpuckpt reads local files only."""
+    text = os.fspath(path)
+    match = _URI_SCHEME.match(text)
+    if match is None:
+        return text
+    scheme = match.group(0)[:-3]
+    if scheme.lower() != "file":
+        raise UnsupportedError(
+            f"gpuckpt reads local files only, not {scheme}:// URIs (copy the checkpoint to a local "
+            f"directory first): {text!r}"
+        )
+    rest = text[len(FILE_URI) :]
+    host, slash, tail = rest.partition("/")
+    if host not in ("", "localhost"):
+        raise UnsupportedError(
+            f"a file:// URI names a local path (file:///abs/path), not host {host!r}; "
+            f"did you mean {FILE_URI + '/' + rest!r}?: {text!r}"
+        )
+    return slash + tail
+
+
+def is_v1_checkpoint(path: str) -> bool:
+    """Whether ``path`` is a file ending like a table: the old V1 format (TensorSliceReader) keeps
+    a checkpoint in one such file named by the prefix itself, with no ``.index`` (FORMAT.md 8)."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < FOOTER_SIZE:
+                return False
+            f.seek(size - len(TABLE_MAGIC))
+            return f.read(len(TABLE_MAGIC)) == TABLE_MAGIC
+    except OSError:
+        return False
+
+
+def _v1_files(prefix: str) -> list[str]:
+    """The V1 table files a prefix names: itself, or the shards a V1 pattern
+    (``model.ckpt-?????-of-00002``, as TF's state file records it) matches."""
+    if os.path.isfile(prefix):
+        return [prefix] if is_v1_checkpoint(prefix) else []
+    if any(c in prefix for c in "*?["):  # a pattern: TF globs the prefix
+        return [p for p in sorted(glob.glob(prefix)) if is_v1_checkpoint(p)]
+    return [p for p in sorted(glob.glob(glob.escape(prefix) + "-[0-9]*-of-[0-9]*")) if is_v1_checkpoint(p)]
+
+
+def _refuse_v1(prefix: str, shown: str) -> None:
+    files = _v1_files(prefix)
+    if files:
+        named = f"{shown!r} is" if shown != files[0] else "this is"
+        more = f" (and {len(files) - 1} more shard(s))" if len(files) > 1 else ""
+        raise UnsupportedError(
+            f"{named} a TensorFlow V1 checkpoint (TensorSliceReader format: a table file with no .index), "
+            "which gpuckpt does not read; convert it to V2 with TensorFlow (restore it with a "
+            f"tf.compat.v1.train.Saver and save it with the default write_version){more}: " + describe(files[0])
+        )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -37,7 +100,7 @@ def read_state(directory: str | os.PathLike[str], filename: str = STATE_FILENAME
     directory = os.fspath(directory)
     path = os.path.join(directory, filename)
     try:
-        with open(path, "rb") as f:
+        with open(local_path(path), "rb") as f:
             raw = f.read(MAX_STATE_BYTES + 1)
     except (FileNotFoundError, NotADirectoryError):
         return None
@@ -48,6 +111,10 @@ def read_state(directory: str | os.PathLike[str], filename: str = STATE_FILENAME
 
 def parse_state(raw: bytes, directory: str, path: str) -> CheckpointState:
     """Parse the text of a state file found at ``path`` in ``directory``."""
+    from google.protobuf import text_format  # protobuf is imported on first use, not by `import gpuckpt`
+
+    from .._proto import checkpoint_state_pb2
+
     proto = checkpoint_state_pb2.CheckpointState()
     try:
         text_format.Parse(raw.decode("utf-8"), proto)
@@ -77,6 +144,10 @@ def encode_state(
         relative = os.path.relpath(path, directory)
         return path if relative.startswith(os.pardir) else relative
 
+    from google.protobuf import text_format
+
+    from .._proto import checkpoint_state_pb2
+
     proto = checkpoint_state_pb2.CheckpointState(
         model_checkpoint_path=stored(latest),
         all_model_checkpoint_paths=[stored(p) for p in all_paths],
@@ -98,9 +169,10 @@ def latest_checkpoint(directory: str | os.PathLike[str], latest_filename: str | 
     if state is None:
         return None
     prefix = state.model_checkpoint_path
-    if os.path.exists(prefix + INDEX_SUFFIX) or glob.glob(glob.escape(prefix) + INDEX_SUFFIX):
+    local = local_path(prefix)  # relative paths in a file:// directory's state file are URIs too, as in TF
+    if os.path.exists(local + INDEX_SUFFIX) or glob.glob(glob.escape(local) + INDEX_SUFFIX):
         return prefix
-    if glob.glob(prefix):  # a V1 checkpoint (TF globs, so "model.ckpt-?????-of-00002" matches)
+    if glob.glob(local):  # a V1 checkpoint (TF globs, so "model.ckpt-?????-of-00002" matches)
         return prefix
     return None
 
@@ -110,9 +182,12 @@ def resolve_prefix(path: str | os.PathLike[str]) -> str:
 
     Accepted: a prefix (``model.ckpt-200``), a path ending in ``.index``, a directory holding a
     ``checkpoint`` state file (its latest checkpoint), or a SavedModel directory
-    (``variables/variables``). Raises :class:`CheckpointNotFoundError` listing every place tried.
+    (``variables/variables``); any of them also as a ``file://`` URI. Raises
+    :class:`CheckpointNotFoundError` listing every place tried, :class:`UnsupportedError` for a
+    V1 checkpoint (a table file named by the prefix itself) and for URIs of other schemes.
     """
-    text = os.fspath(path)
+    shown = os.fspath(path)
+    text = local_path(shown)
     tried: list[str] = []
     if text.endswith(INDEX_SUFFIX) and os.path.isfile(text):
         return text[: -len(INDEX_SUFFIX)]
@@ -132,8 +207,12 @@ def resolve_prefix(path: str | os.PathLike[str]) -> str:
             latest = latest_checkpoint(text)
             if latest is not None and os.path.isfile(latest + INDEX_SUFFIX):
                 return latest
+            if latest is not None:
+                _refuse_v1(latest, latest)
             named.append(state.model_checkpoint_path)
             tried.append(state.model_checkpoint_path + INDEX_SUFFIX + " (named by the state file)")
             if len(named) == RESOLVE_ATTEMPTS:
                 break
-    raise CheckpointNotFoundError(f"no TensorFlow checkpoint found at {text!r}; tried: " + ", ".join(tried))
+    else:
+        _refuse_v1(text, shown)
+    raise CheckpointNotFoundError(f"no TensorFlow checkpoint found at {shown!r}; tried: " + ", ".join(tried))

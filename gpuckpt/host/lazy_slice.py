@@ -160,10 +160,15 @@ class LazyTensor:
     def __getitem__(self, key: Any) -> np.ndarray:
         index: BundleIndex = self._reader.index
         tensor = self._tensor
+        selection, int_axes = _normalize(key, tensor.shape)  # the same keys, and errors, for every dtype
         if self._info.is_string:
             # Strings have variable-length elements: locating one means decoding the lengths anyway.
-            return np.array(self._reader.read([tensor])[tensor.name][key], copy=True)
-        selection, int_axes = _normalize(key, tensor.shape)
+            picked = self._reader.read([tensor])[tensor.name][key]
+            if not isinstance(picked, np.ndarray):  # an element: a 0-d object array of it, as for numbers
+                single = np.empty((), dtype=object)
+                single[()] = picked
+                return single
+            return picked.copy()  # owns its memory: not a view of the whole tensor
         kept_shape = tuple(len(s) for axis, s in enumerate(selection) if axis not in int_axes)
         out: np.ndarray
         if not tensor.slices:

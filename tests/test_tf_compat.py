@@ -1,0 +1,313 @@
+"""The drop-in API (``gpuckpt.load_checkpoint``, ``CheckpointReader``, ``list_variables``,
+``latest_checkpoint``) against TensorFlow's own reader, on checkpoints TensorFlow wrote: the gaps
+TensorFlow's reader tests found (dtype maps, ``file://`` URIs, assignment maps, V1 checkpoints,
+``debug_string``, ``ckpt[name]``, string slices)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+from bundle_builder import make_bundle
+from conftest import FIXTURE_PREFIXES, assert_bit_exact, fixture_path, tf_or_skip
+
+import gpuckpt
+from gpuckpt.dtypes import DataType
+
+pytestmark = pytest.mark.tf
+
+
+def _tf2_checkpoint(tf, prefix):
+    """A TF2 checkpoint holding a DT_VARIANT tensor (a dataset iterator's state), strings of
+    every rank up to 3, an empty tensor and a scalar."""
+    iterator = iter(tf.data.Dataset.range(10))
+    next(iterator)
+    words = np.array([b"", b"a", b"bb", b"ccc" * 50, b"\x00\xff", b"x" * 300], dtype=object)
+    checkpoint = tf.train.Checkpoint(
+        it=iterator,
+        w=tf.Variable(np.arange(6, dtype=np.float32).reshape(2, 3)),
+        s0=tf.Variable(b"hello"),
+        s1=tf.Variable(words),
+        s2=tf.Variable(words.reshape(2, 3)),
+        s3=tf.Variable(np.concatenate([words, words[::-1]]).reshape(2, 3, 2)),
+        empty=tf.Variable(np.zeros((0, 4), np.float16)),
+        step=tf.Variable(np.int64(7)),
+    )
+    return checkpoint.write(prefix)
+
+
+@pytest.fixture(scope="module")
+def tf2_prefix(tmp_path_factory):
+    tf = tf_or_skip()
+    return _tf2_checkpoint(tf, str(tmp_path_factory.mktemp("tf2") / "model"))
+
+
+def _v(name):
+    return f"{name}/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+# -- get_variable_to_dtype_map ----------------------------------------------------------------------
+
+
+def test_dtype_map_names_variant_like_tensorflow(tf2_prefix):
+    tf = tf_or_skip()
+    theirs = tf.train.load_checkpoint(tf2_prefix).get_variable_to_dtype_map()
+    with gpuckpt.load_checkpoint(tf2_prefix) as reader:
+        ours = reader.get_variable_to_dtype_map()
+    assert sorted(ours) == sorted(theirs)
+    assert theirs["it/.ATTRIBUTES/ITERATOR_STATE"] == tf.variant
+    for name, dtype in ours.items():
+        assert dtype.name == theirs[name].name, name
+        assert dtype == theirs[name] and theirs[name] == dtype and not dtype != theirs[name], name
+        assert hash(dtype) == hash(theirs[name]), name
+        assert dtype.as_datatype_enum == theirs[name].as_datatype_enum, name
+        assert str(dtype) == str(theirs[name]), name
+        if theirs[name] != tf.variant:
+            assert dtype.as_numpy_dtype == theirs[name].as_numpy_dtype, name
+            assert dtype == theirs[name].as_numpy_dtype and dtype == np.dtype(theirs[name].as_numpy_dtype), name
+    with pytest.raises(gpuckpt.UnsupportedError, match="variant"):
+        _ = ours["it/.ATTRIBUTES/ITERATOR_STATE"].as_numpy_dtype
+
+
+def test_dtype_map_names_resource_like_tensorflow(tmp_path):
+    """No saver writes DT_RESOURCE, but an index may name it: TF lists it as ``tf.resource``."""
+    tf = tf_or_skip()
+    bundle = make_bundle({"r": np.zeros(3, np.int8), "w": np.ones(2, np.float32)})
+    bundle.entries[b"r"].dtype = DataType.DT_RESOURCE
+    prefix = bundle.write(str(tmp_path / "resource"))
+    theirs = tf.train.load_checkpoint(prefix).get_variable_to_dtype_map()
+    ours = gpuckpt.load_checkpoint(prefix).get_variable_to_dtype_map()
+    assert theirs["r"] == tf.resource
+    assert ours["r"].name == "resource" and ours["r"] == theirs["r"] and ours["r"] == "resource"
+    assert ours["w"] == np.float32 and ours["w"] == "float32" and ours["w"] == theirs["w"]
+
+
+def _probes(tf):
+    import ml_dtypes
+
+    numpy_types = [
+        np.float16, np.float32, np.float64, np.longdouble, np.int8, np.int16, np.int32, np.int64, np.uint8,
+        np.uint16, np.uint32, np.uint64, np.bool_, np.complex64, np.complex128, np.object_, np.bytes_, np.str_,
+        np.longlong, np.ulonglong, np.intc, np.datetime64, np.void,
+        ml_dtypes.bfloat16, ml_dtypes.float8_e5m2, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e4m3fnuz,
+        ml_dtypes.float8_e4m3b11fnuz, ml_dtypes.float8_e5m2fnuz, ml_dtypes.int4, ml_dtypes.uint4,
+        ml_dtypes.int2, ml_dtypes.uint2, ml_dtypes.float4_e2m1fn,
+    ]  # fmt: skip
+    probes = list(numpy_types) + [np.dtype(t) for t in numpy_types]
+    probes += [np.dtype(">f4"), np.dtype("S5"), np.dtype("U3"), np.dtype([("x", "i1")])]
+    probes += [np.dtype([(q, f)]) for q, f in [("qint8", "i1"), ("quint8", "u1"), ("qint16", "<i2"),
+                                               ("quint16", "<u2"), ("qint32", "<i4"), ("qint8", "u1")]]  # fmt: skip
+    names = [tf.as_dtype(v).name for v in list(range(1, 34))]
+    probes += names + [n + "_ref" for n in names] + ["half", "float", "double", "DT_FLOAT", "f4", "tf.float32", ""]
+    probes += list(range(0, 36)) + [101, 120, 121, 133, 1.0, 2.5, True, False, np.int64(3), np.float32(2.0)]
+    probes += [np.float32(0.5), np.array([1.5], np.float32), np.array([1], np.int8), np.zeros((), object)]
+    probes += [None, object(), object, float, bool, int, str, bytes, complex]
+    probes += [tf.as_dtype(v) for v in range(1, 34)] + [tf.float32._as_ref]
+    return probes
+
+
+def test_dtype_equality_and_hash_as_tf_dtype():
+    """For every type a checkpoint can hold, ``==``/``!=``/``hash`` agree with ``tf.DType`` against
+    every kind of value ``tf.as_dtype`` takes (and some it refuses)."""
+    tf = tf_or_skip()
+    from gpuckpt.compat import DType
+
+    probes = _probes(tf)
+    for value in range(1, 34):
+        ours, theirs = DType(value), tf.as_dtype(value)
+        assert ours.name == theirs.name and ours.as_datatype_enum == theirs.as_datatype_enum
+        assert hash(ours) == hash(theirs) == value
+        assert DType(value) is ours and pickle.loads(pickle.dumps(ours)) is ours
+        assert {theirs: 1}[ours] == 1 and {ours: 1}[theirs] == 1 and {ours: 1}[value] == 1
+        for probe in probes:
+            assert (ours == probe) == (theirs == probe), (theirs, probe)
+            assert (ours != probe) == (theirs != probe), (theirs, probe)
+            assert (probe == ours) == (probe == theirs), (probe, theirs)
+        if value in gpuckpt.dtypes.DTYPES:
+            assert ours.as_numpy_dtype == gpuckpt.dtypes.DTYPES[value].as_numpy_dtype  # as before
+            if not theirs.is_quantized:
+                assert ours.as_numpy_dtype == theirs.as_numpy_dtype
+
+
+# -- file:// URIs and other schemes -----------------------------------------------------------------
+
+
+def test_file_uris_read_like_tensorflow(tmp_path):
+    tf = tf_or_skip()
+    run = tmp_path / "run"
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(v=tf.Variable([1.0, 2.0])), str(run), max_to_keep=2)
+    prefix = manager.save()
+    for uri in (f"file://{prefix}", f"file://{run}", f"file://localhost{prefix}"):
+        expected = tf.train.list_variables(uri)
+        assert gpuckpt.list_variables(uri) == expected, uri
+        with gpuckpt.load_checkpoint(uri) as reader:
+            theirs = tf.train.load_checkpoint(uri)
+            assert reader.get_variable_to_shape_map() == theirs.get_variable_to_shape_map()
+            assert_bit_exact(reader.get_tensor(_v("v")), theirs.get_tensor(_v("v")))
+        with gpuckpt.open(uri) as ckpt:
+            assert ckpt.prefix == prefix
+    for directory in (f"file://{run}", f"file://localhost{run}", f"file://{tmp_path}"):
+        assert gpuckpt.latest_checkpoint(directory) == tf.train.latest_checkpoint(directory), directory
+    assert gpuckpt.latest_checkpoint(f"file://{run}") == f"file://{prefix}"
+
+
+@pytest.mark.parametrize("uri", ["gs://bucket/train/ckpt-1", "s3://bucket/ckpt", "hdfs://namenode/ckpt", "HTTP://x/y"])
+def test_other_uri_schemes_are_named_unsupported(uri):
+    """TF fails on these here too (no network or no file system for the scheme); gpuckpt says
+    at once that it reads local files only, naming the path."""
+    for call in (gpuckpt.open, gpuckpt.load_checkpoint, gpuckpt.list_variables, gpuckpt.latest_checkpoint):
+        with pytest.raises(gpuckpt.UnsupportedError, match="local files only") as caught:
+            call(uri)
+        assert uri in str(caught.value)
+
+
+def test_file_uri_with_a_host_is_refused(tmp_path):
+    with pytest.raises(gpuckpt.UnsupportedError, match="did you mean") as caught:
+        gpuckpt.open(f"file://tmp{tmp_path}/ckpt")
+    assert f"file://tmp{tmp_path}/ckpt" in str(caught.value)
+
+
+# -- assignment maps ----------------------------------------------------------------------------------
+
+
+def test_assignment_map_name_to_scope_refused_as_tensorflow_does(tmp_path):
+    tf = tf_or_skip()
+    v1 = tf.compat.v1
+    prefix = str(tmp_path / "model.ckpt")
+    graph = tf.Graph()
+    with graph.as_default():
+        v1.get_variable("var1", initializer=np.ones(3, np.float32))
+        saver = v1.train.Saver()
+        with v1.Session(graph=graph) as session:
+            session.run(v1.global_variables_initializer())
+            saver.save(session, prefix)
+    for old in ("var1", "absent"):
+        graph = tf.Graph()
+        with graph.as_default():
+            v1.get_variable("scope/var1", shape=[3])
+            with pytest.raises(ValueError, match="should map to scope only"):
+                v1.train.init_from_checkpoint(prefix, {old: "scope/"})
+        sources = [(prefix, {old: "scope/"})]
+        for call, args in ((gpuckpt.restore_many, (sources,)), (gpuckpt.merge, (str(tmp_path / "out" / "m"), sources))):
+            with pytest.raises(gpuckpt.InvalidArgumentError, match="to a scope.*scope only") as caught:
+                call(*args)
+            assert isinstance(caught.value, ValueError) and repr(old) in str(caught.value)
+    assert not os.path.exists(tmp_path / "out" / "m.index")
+    # The maps TF accepts still work, and give TF's values.
+    assert list(gpuckpt.restore_many([(prefix, {"var1": "scope/var1"})])) == ["scope/var1"]
+    assert list(gpuckpt.restore_many([(prefix, {"/": "scope/"})])) == ["scope/var1"]
+
+
+# -- V1 checkpoints -----------------------------------------------------------------------------------
+
+
+def _save_v1(tf, directory, sharded):
+    v1 = tf.compat.v1
+    graph = tf.Graph()
+    with graph.as_default():
+        v1.get_variable("a", initializer=np.arange(6, dtype=np.float32).reshape(2, 3))
+        v1.get_variable("b", initializer=np.int64(7))
+        saver = v1.train.Saver(write_version=v1.train.SaverDef.V1, sharded=sharded)
+        with v1.Session(graph=graph) as session:
+            session.run(v1.global_variables_initializer())
+            return saver.save(session, os.path.join(directory, "model.ckpt"), global_step=3)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_v1_checkpoint_is_named_unsupported(tmp_path, sharded):
+    tf = tf_or_skip()
+    saved = _save_v1(tf, str(tmp_path), sharded)
+    files = sorted(os.listdir(tmp_path))
+    assert not any(f.endswith(".index") for f in files)  # V1: the prefix (or its shards) is the table
+    table = str(tmp_path / ("model.ckpt-3-00000-of-00001" if sharded else "model.ckpt-3"))
+    assert os.path.basename(table) in files
+    assert tf.train.load_checkpoint(str(tmp_path)).get_variable_to_shape_map() == {"a": [2, 3], "b": []}
+    assert gpuckpt.latest_checkpoint(tmp_path) == tf.train.latest_checkpoint(str(tmp_path)) == saved
+    for path in (saved, str(tmp_path), f"file://{tmp_path}", str(tmp_path / "model.ckpt-3")):
+        for call in (gpuckpt.open, gpuckpt.load_checkpoint, gpuckpt.list_variables):
+            with pytest.raises(gpuckpt.UnsupportedError, match="V1 checkpoint") as caught:
+                call(path)
+            assert not isinstance(caught.value, FileNotFoundError)
+            assert table in str(caught.value), (path, str(caught.value))
+
+
+def test_a_file_that_is_not_a_table_is_still_not_found(tmp_path):
+    (tmp_path / "model.ckpt").write_bytes(b"not a checkpoint" * 10)
+    with pytest.raises(gpuckpt.CheckpointNotFoundError):
+        gpuckpt.open(tmp_path / "model.ckpt")
+
+
+# -- debug_string -------------------------------------------------------------------------------------
+
+
+def test_debug_string_as_tensorflow(tf2_prefix):
+    tf = tf_or_skip()
+    prefixes = [tf2_prefix] + [fixture_path(p) for p in FIXTURE_PREFIXES]
+    for prefix in prefixes:
+        theirs = tf.train.load_checkpoint(prefix).debug_string()
+        with gpuckpt.load_checkpoint(prefix) as reader:
+            assert reader.debug_string() == theirs, prefix
+    # A partitioned variable: listed as TF lists it, by its slices' raw keys, not by its name.
+    theirs = tf.train.load_checkpoint(fixture_path("tf1_partitioned/model.ckpt-3")).debug_string()
+    assert b"\x00pv\x00\x01\x01\x02\x80\x84\x80\x83 (DT_FLOAT) [4,3]\n" in theirs
+    assert not any(line.startswith(b"pv ") for line in theirs.splitlines())
+
+
+def test_debug_string_lines(tf2_prefix):
+    with gpuckpt.load_checkpoint(tf2_prefix) as reader:
+        lines = reader.debug_string().decode().splitlines()
+    assert lines == sorted(lines)  # no partitioned tensors here: key order is name order
+    assert "it/.ATTRIBUTES/ITERATOR_STATE (DT_VARIANT) [3]" in lines
+    assert f"{_v('empty')} (DT_HALF) [0,4]" in lines and f"{_v('step')} (DT_INT64) []" in lines
+
+
+# -- ckpt[name] ---------------------------------------------------------------------------------------
+
+
+def test_getitem_is_get_tensor(tf2_prefix):
+    tf = tf_or_skip()
+    reader = tf.train.load_checkpoint(tf2_prefix)
+    with gpuckpt.open(tf2_prefix) as ckpt:
+        for name in ckpt.keys():
+            if name.startswith("it/"):
+                with pytest.raises(gpuckpt.UnsupportedError):
+                    ckpt[name]
+                continue
+            assert_bit_exact(ckpt[name], reader.get_tensor(name), name)
+            assert_bit_exact(ckpt[name], ckpt.get_tensor(name), name)
+        with pytest.raises(KeyError):
+            ckpt["no/such/tensor"]
+
+
+# -- string slices ------------------------------------------------------------------------------------
+
+STRING_KEYS = {
+    0: [(), ...],
+    1: [0, -1, 5, slice(None), slice(1, 4), slice(None, None, -2), slice(4, 1, -1), slice(3, 3), ...],
+    2: [0, (1, 2), (-1, slice(None)), (slice(None), 1), (slice(None, None, -1), slice(0, 3, 2)), (..., 0), ...],
+    3: [1, (0, 2, 1), (1, ..., 0), (slice(None), 1, slice(None)), (slice(0, 2), slice(None, None, -1), 1), ...],
+}
+
+
+@pytest.mark.parametrize("rank", sorted(STRING_KEYS))
+def test_string_slices_of_every_rank(tf2_prefix, rank):
+    """``get_slice`` of a string tensor gives object arrays of ``bytes`` (0-d for one element), as
+    ``get_tensor`` does, equal to TF's tensor indexed the same way."""
+    tf = tf_or_skip()
+    name = _v(f"s{rank}")
+    full = tf.train.load_checkpoint(tf2_prefix).get_tensor(name)
+    full = np.array(full, dtype=object) if isinstance(full, bytes) else full
+    assert full.ndim == rank
+    with gpuckpt.open(tf2_prefix) as ckpt:
+        lazy = ckpt.get_slice(name)
+        assert lazy.dtype == object and lazy.shape == full.shape
+        for key in STRING_KEYS[rank]:
+            expected = full[key]
+            expected = expected if isinstance(expected, np.ndarray) else np.array(expected, dtype=object)
+            got = lazy[key]
+            assert_bit_exact(got, expected, f"{name}[{key!r}]")
+            assert got.base is None  # owns its memory, not a view of the whole tensor
+        with pytest.raises(IndexError):
+            lazy[(0,) * (rank + 1)]
