@@ -26,7 +26,7 @@ from .casting import dtype_chooser
 from .checkpoint import Checkpoint
 from .checkpoint import open as open_checkpoint
 from .dtypes import DTYPES
-from .errors import TensorNotFoundError, UnsupportedError, describe
+from .errors import InvalidArgumentError, TensorNotFoundError, UnsupportedError, describe
 from .format.bundle import TensorEntry, encode_name
 from .format.object_graph import OBJECT_GRAPH_KEY, StateKind
 from .format.slices import slice_key
@@ -42,6 +42,16 @@ def map_names(names: Iterable[str], assignment_map: Mapping[str, str] | None, wh
     names = list(names)
     if assignment_map is None:
         return {n: [n] for n in names}
+    for old, new in sorted(assignment_map.items()):  # every entry's form, before any name is looked up
+        if not old.endswith("/") and new.endswith("/"):  # TensorFlow's init_from_checkpoint refuses it too
+            raise InvalidArgumentError(
+                f"assignment map entry {old!r}: {new!r} maps the tensor name {old!r} to a scope; a name "
+                "should map to a name, and a scope to scope only: 'scope/': 'other_scope/': " + where
+            )
+        if old.endswith("/") and not new.endswith("/"):
+            raise InvalidArgumentError(
+                f"assignment map entry {old!r}: {new!r} maps a scope to a name; use 'scope/': 'other/': " + where
+            )
     present = set(names)
     mapped: dict[str, list[str]] = {}
     for old, new in sorted(assignment_map.items()):
@@ -52,8 +62,6 @@ def map_names(names: Iterable[str], assignment_map: Mapping[str, str] | None, wh
                 )
             mapped.setdefault(old, []).append(new)
             continue
-        if not new.endswith("/"):
-            raise ValueError(f"assignment map entry {old!r}: {new!r} maps a scope to a name; use 'scope/': 'other/'")
         source_scope = "" if old == "/" else old
         target_scope = "" if new == "/" else new
         hits = [n for n in names if n.startswith(source_scope)]
