@@ -106,9 +106,11 @@ def test_dtype_info_itemsizes_match_numpy():
 
 def test_import_open_and_ls_do_not_import_ml_dtypes():
     """ml_dtypes costs ~0.4 s to import: opening, listing and restoring a checkpoint of numpy
-    types never import it; the first bfloat16 array does."""
+    types never import it; the first bfloat16 array does. ``import gpuckpt`` alone imports
+    neither crc32c nor the protobuf modules (benchmarks/startup.py times it)."""
     code = (
         "import sys, gpuckpt, gpuckpt.cli\n"
+        "assert not {'ml_dtypes', 'crc32c', 'gpuckpt._proto.tensor_bundle_pb2'} & set(sys.modules), 'imported'\n"
         "ck = gpuckpt.open(sys.argv[1]); ck.restore(); [ck.info(k) for k in ck.keys()]\n"
         "assert 'ml_dtypes' not in sys.modules, 'imported by open/restore'\n"
         "assert gpuckpt.cli.main(['ls', sys.argv[1]]) == 0\n"

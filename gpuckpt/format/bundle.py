@@ -11,11 +11,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from google.protobuf.message import DecodeError
 
-from .._proto import tensor_bundle_pb2, tensor_shape_pb2
 from ..dtypes import DTYPES, REFUSED, DTypeInfo, dtype_name
 from ..errors import FormatError, UnsupportedError, describe
 from ..gcpause import gc_paused
@@ -106,7 +105,7 @@ def encode_name(name: str) -> bytes:
 def _parse_header(key: bytes, value: bytes, path: str) -> BundleHeader:
     if key != b"":
         raise FormatError(f"index has no bundle header (first key is {key!r}, expected ''): " + describe(path))
-    proto = tensor_bundle_pb2.BundleHeaderProto()
+    proto = _protos().BundleHeaderProto()
     try:
         proto.ParseFromString(value)
     except DecodeError as exc:
@@ -114,7 +113,7 @@ def _parse_header(key: bytes, value: bytes, path: str) -> BundleHeader:
     version = proto.version
     header = BundleHeader(
         num_shards=proto.num_shards,
-        big_endian=proto.endianness == tensor_bundle_pb2.BundleHeaderProto.BIG,
+        big_endian=proto.endianness == _protos().BundleHeaderProto.BIG,
         producer=version.producer,
         min_consumer=version.min_consumer,
         bad_consumers=tuple(version.bad_consumers),
@@ -139,6 +138,8 @@ def _parse_header(key: bytes, value: bytes, path: str) -> BundleHeader:
 
 def _parse_shape(serialized: bytes, name: str, path: str) -> tuple[int, ...]:
     """Decode and check one serialized TensorShapeProto (FORMAT.md 3.5)."""
+    from .._proto import tensor_shape_pb2
+
     proto = tensor_shape_pb2.TensorShapeProto()
     try:
         proto.ParseFromString(serialized)
@@ -183,7 +184,7 @@ class _EntryParser:
         tensors: dict[str, TensorEntry] = {}
         slice_entries: dict[bytes, TensorEntry] = {}
         partitioned: list[TensorEntry] = []
-        rules, shard_bytes, from_string = self.rules, self.shard_bytes, _LazyEntry.FromString
+        rules, shard_bytes, from_string = self.rules, self.shard_bytes, _protos().BundleEntryProtoLazyShape.FromString
         for key, value in items:
             name = key.decode("utf-8", "surrogateescape")
             try:
@@ -271,9 +272,6 @@ class _EntryParser:
         return TensorEntry(name, dtype, shape, 0, 0, 0, 0, slices)
 
 
-_LazyEntry = tensor_bundle_pb2.BundleEntryProtoLazyShape
-
-
 def _check_partitioned(index: BundleIndex, partitioned: list[TensorEntry]) -> None:
     for entry in partitioned:
         for tensor_slice in entry.slices:
@@ -330,16 +328,16 @@ WRITER_VERSION = 1  # version.producer written by TF's BundleWriter
 
 
 def encode_header(num_shards: int, big_endian: bool = False) -> bytes:
-    proto = tensor_bundle_pb2.BundleHeaderProto(num_shards=num_shards)
+    proto = _protos().BundleHeaderProto(num_shards=num_shards)
     if big_endian:
-        proto.endianness = tensor_bundle_pb2.BundleHeaderProto.BIG
+        proto.endianness = _protos().BundleHeaderProto.BIG
     proto.version.producer = WRITER_VERSION
     return proto.SerializeToString()
 
 
 def encode_entry(entry: TensorEntry) -> bytes:
     """Serialize an entry as TF does: zero fields omitted, shape always present, fixed32 crc."""
-    proto = tensor_bundle_pb2.BundleEntryProto(dtype=entry.dtype)  # type: ignore[arg-type]
+    proto = _protos().BundleEntryProto(dtype=entry.dtype)  # type: ignore[arg-type]
     proto.shape.SetInParent()
     for d in entry.shape:
         proto.shape.dim.add(size=d)
@@ -357,3 +355,10 @@ def encode_entry(entry: TensorEntry) -> bytes:
     proto.size = entry.size
     proto.crc32c = entry.masked_crc32c
     return proto.SerializeToString()
+
+
+def _protos() -> Any:
+    """The bundle's protobuf module, imported on first parse rather than by ``import gpuckpt``."""
+    from .._proto import tensor_bundle_pb2
+
+    return tensor_bundle_pb2

@@ -10,15 +10,26 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-import crc32c as _crc32c
-
 _MASK_DELTA = 0xA282EAD8
 _U32 = 0xFFFFFFFF
 
 
 def crc32c(data: Any, crc: int = 0) -> int:
     """CRC-32C of ``data``, continuing from ``crc`` (0 is the CRC of the empty string)."""
-    return _crc32c.crc32c(data, crc)
+    return (_backend or _load_backend())(data, crc)
+
+
+_backend: Any = None
+
+
+def _load_backend() -> Any:
+    """The ``crc32c`` package's function, imported on first use: the package reads its own version
+    from importlib.metadata at import, ~20 ms that ``import gpuckpt`` should not pay."""
+    global _backend
+    from crc32c import crc32c as backend
+
+    _backend = backend
+    return backend
 
 
 def mask(crc: int) -> int:
