@@ -131,10 +131,9 @@ def seeds() -> dict[str, list[bytes]]:
         _read("keras_adam", "ckpt-2.index"),
         built.index_bytes(),
     ]
-    import pickle
+    from conftest import EXPECTED  # tests/ is on sys.path; its loader reads expected.pkl under numpy 1.x too
 
-    with open(os.path.join(FIXTURES, "expected.pkl"), "rb") as f:
-        graph = pickle.load(f)["keras_adam/ckpt-2"]["tensors"]["_CHECKPOINTABLE_OBJECT_GRAPH"]
+    graph = EXPECTED["keras_adam/ckpt-2"]["tensors"]["_CHECKPOINTABLE_OBJECT_GRAPH"]
     RESTORE.setup()
     return {
         "restore": [RESTORE.seed_index],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -25,7 +26,7 @@ def machine_info() -> dict:
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "numpy": np.__version__,
-        "crc32c": crc_module.__version__,
+        "crc32c": importlib.metadata.version("crc32c"),  # crc32c 2.4 has no __version__
         "hardware_crc32c": bool(getattr(crc_module, "hardware_based", False)),
         "platform": platform.platform(),
     }
