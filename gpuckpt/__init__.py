@@ -14,6 +14,7 @@ from .compat import CheckpointReader, list_variables, load_checkpoint
 from .dtypes import DataType, DTypeInfo
 from .errors import (
     CheckpointError,
+    CheckpointExistsError,
     CheckpointNotFoundError,
     ChecksumError,
     ClosedCheckpointError,
@@ -38,6 +39,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Checkpoint",
     "CheckpointError",
+    "CheckpointExistsError",
     "CheckpointNotFoundError",
     "CheckpointReader",
     "ChecksumError",

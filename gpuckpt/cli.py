@@ -4,12 +4,12 @@
     gpuckpt inspect PATH [--json]                  header, data files, object graph, .meta summary
     gpuckpt verify PATH                            every checksum; exit 3 naming damaged tensors
     gpuckpt restore PATH [--device cpu] [...]      restore everything, with a timing breakdown
-    gpuckpt bench PATH [--repeat N]                warm and cold restore against the baselines here
+    gpuckpt bench PATH [--repeat N] [--json]       warm and cold restore against the baselines here
     gpuckpt merge OUT SRC[=MAP] ... [...]          one checkpoint from several (MAP: old:new,...)
 
 Without arguments it lists and restores the small Keras checkpoint bundled with the package.
-Exit codes: 0 success; 1 an error (one line; the traceback with --debug); 2 bad usage;
-3 ``verify`` found damaged tensors.
+Exit codes: 0 success; 1 an error (one line; the traceback with --debug); 2 bad usage (also a
+bad regular expression, dtype or device); 3 ``verify`` found damaged tensors or data files.
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any
 
-from . import CheckpointError
+from . import CheckpointError, CheckpointExistsError, InvalidArgumentError
 from . import open as open_checkpoint
 from .checkpoint import Checkpoint
 from .format.meta import MetaGraphSummary, find_meta, read_meta
@@ -31,14 +32,35 @@ from .format.object_graph import OBJECT_GRAPH_KEY
 
 SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples", "keras_adam")
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DAMAGED = 0, 1, 2, 3
+DEVICE_FORMS = "cpu, cuda, cuda:N or auto"
 
 
+# -- formatting -------------------------------------------------------------------------------------
 def _human(nbytes: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if nbytes < 1024 or unit == "GiB":
             return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
         nbytes /= 1024
     return str(nbytes)
+
+
+def _rate(nbytes: float, seconds: float) -> str:
+    """Throughput in the decimal unit that keeps the figure readable: GB/s, MB/s, kB/s or B/s."""
+    if seconds <= 0:
+        return "- B/s"
+    rate = nbytes / seconds
+    for unit, scale in (("GB/s", 1e9), ("MB/s", 1e6), ("kB/s", 1e3)):
+        if rate >= scale:
+            return f"{rate / scale:.2f} {unit}"
+    return f"{rate:.0f} B/s"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds * 1e6:.0f} µs" if seconds < 1e-3 else f"{seconds * 1e3:.1f} ms"
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
 
 
 def _progress(enabled: bool, label: str) -> Callable[[int, int], None] | None:
@@ -57,9 +79,66 @@ def _progress(enabled: bool, label: str) -> Callable[[int, int], None] | None:
     return show
 
 
-def _rows(ckpt: Checkpoint, pattern: str | None) -> list[dict[str, Any]]:
-    import re
+# -- argument types: a bad value is bad usage (exit 2), reported by argparse ------------------------
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive whole number (at least 1)")
+    return value
 
+
+def _device(text: str) -> str:
+    if text in ("cpu", "auto") or re.fullmatch(r"cuda(:\d+)?", text):
+        return text
+    raise argparse.ArgumentTypeError(f"unknown device {text!r}; expected {DEVICE_FORMS}")
+
+
+def _regex(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid regular expression: {exc}") from None
+    return text
+
+
+def _cast(text: str) -> tuple[str, str]:
+    """``REGEX=DTYPE`` (split at the last ``=``: a dtype has none), both checked here."""
+    from .casting import dtype_chooser
+
+    pattern, sep, dtype = text.rpartition("=")
+    if not sep or not pattern or not dtype:
+        raise argparse.ArgumentTypeError(f"{text!r} is not REGEX=DTYPE (e.g. 'model/.*=bfloat16')")
+    _regex(pattern)
+    try:
+        dtype_chooser({pattern: dtype})
+    except (TypeError, ValueError, re.error) as exc:  # InvalidArgumentError is both
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+    return pattern, dtype
+
+
+def _source(text: str) -> tuple[str, dict[str, str] | None]:
+    """``PATH`` or ``PATH=old:new,old_scope/:new_scope/``."""
+    if os.path.exists(text) or os.path.exists(text + ".index"):
+        return text, None  # a path that itself contains "="
+    path, sep, mapping = text.partition("=")
+    if not path:
+        raise argparse.ArgumentTypeError(f"{text!r} names no checkpoint before '='")
+    if not sep:
+        return path, None
+    pairs = {}
+    for item in mapping.split(","):
+        old, colon, new = item.partition(":")
+        if not colon or not old or not new:
+            raise argparse.ArgumentTypeError(f"bad assignment map item {item!r} in {text!r}; expected old:new")
+        pairs[old] = new
+    return path, pairs
+
+
+# -- ls, inspect ------------------------------------------------------------------------------------
+def _rows(ckpt: Checkpoint, pattern: str | None) -> list[dict[str, Any]]:
     regex = re.compile(pattern) if pattern else None
     rows = []
     for name in ckpt.keys():
@@ -81,12 +160,15 @@ def _rows(ckpt: Checkpoint, pattern: str | None) -> list[dict[str, Any]]:
 
 
 def _print_rows(rows: list[dict[str, Any]]) -> None:
+    """One line a tensor, every column as wide as its widest value."""
     width = max((len(r["name"]) for r in rows), default=0)
+    dtype_width = max((len(r["dtype"]) for r in rows), default=0)
+    shape_width = max((len(str(r["shape"])) for r in rows), default=0)
     for r in rows:
         where = "partitioned" if r["partitioned"] else f"shard {r['shard']}"
         print(
-            f"  {r['name']:<{width}}  {r['dtype']:<10} {str(r['shape']):<16} {_human(r['bytes']):>10}  "
-            f"{r['kind']:<14} {where}"
+            f"  {r['name']:<{width}}  {r['dtype']:<{dtype_width}}  {str(r['shape']):<{shape_width}}  "
+            f"{_human(r['bytes']):>10}  {r['kind']:<14} {where}"
         )
 
 
@@ -96,7 +178,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(rows, indent=1))
             return EXIT_OK
-        print(f"{ckpt.prefix}: {len(rows)} of {len(ckpt)} tensors, {_human(sum(r['bytes'] for r in rows))}")
+        print(f"{ckpt.prefix}: {len(rows)} of {_count(len(ckpt), 'tensor')}, {_human(sum(r['bytes'] for r in rows))}")
         _print_rows(rows)
     return EXIT_OK
 
@@ -168,7 +250,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             return EXIT_OK
         print(f"{report['prefix']}")
         print(
-            f"  index {_human(index_bytes)}; {len(ckpt)} tensors, {_human(tensor_bytes)}; {report['endianness']}-endian"
+            f"  index {_human(index_bytes)}; {_count(len(ckpt), 'tensor')}, {_human(tensor_bytes)}; "
+            f"{report['endianness']}-endian"
         )
         for shard in shards:
             size = "MISSING" if shard["bytes"] is None else _human(shard["bytes"])
@@ -192,28 +275,118 @@ def summary_as_dict(summary: MetaGraphSummary) -> dict[str, Any]:
     return data
 
 
+# -- verify -----------------------------------------------------------------------------------------
+def _open_for_verify(path: str) -> tuple[Checkpoint, dict[int, int | None]]:
+    """Open a checkpoint whose data files may be missing or short, for ``verify`` to report them.
+
+    ``gpuckpt.open`` refuses such a checkpoint (every byte range is checked against its file at
+    open); here the index is still validated in full, but each data file's size is recorded
+    (None: missing) instead of checked, and every range is then checked tensor by tensor.
+    """
+    from .checkpoint import _default_threads, _read_index
+    from .devices import CPU
+    from .format.bundle import parse_index
+    from .format.state import INDEX_SUFFIX, resolve_prefix
+    from .host.shards import MissingShardError, ShardFiles
+    from .options import RestoreOptions
+
+    prefix = resolve_prefix(path)
+    shards = ShardFiles(prefix)
+    sizes: dict[int, int | None] = {}
+
+    def recorded(shard_id: int, num_shards: int) -> int:
+        try:
+            sizes[shard_id] = shards.open_shard(shard_id, num_shards)
+        except MissingShardError:
+            sizes[shard_id] = None
+        return sys.maxsize  # every range "fits": verify checks them against ``sizes``
+
+    try:
+        index = parse_index(_read_index(prefix + INDEX_SUFFIX), prefix + INDEX_SUFFIX, recorded)
+    except BaseException:
+        shards.close()
+        raise
+    return Checkpoint(prefix, index, shards, CPU, True, _default_threads(), RestoreOptions.from_env()), sizes
+
+
+def _range_damage(ckpt: Checkpoint, name: str, sizes: dict[int, int | None]) -> str | None:
+    """Why a tensor's bytes cannot be read (its data file missing or too short), or None."""
+    entry = ckpt.index.tensors[name]
+    parts = [ckpt.index.slice_entry(entry, s) for s in entry.slices] if entry.slices else [entry]
+    files = ckpt.data_files()
+    for part in parts:
+        size = sizes.get(part.shard_id)
+        file = files[part.shard_id]
+        if part.shard_id in sizes and size is None:
+            return f"data file {file!r} is missing"
+        if size is not None and part.offset + part.size > size:
+            return (
+                f"data file {file!r} is {size} bytes, {part.offset + part.size - size} bytes short of this tensor's "
+                f"bytes [{part.offset}, {part.offset + part.size})"
+            )
+    return None
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
+    from .errors import FormatError
+
+    try:
+        ckpt, sizes = _open_for_verify(args.path)
+    except FormatError as exc:  # the index itself is damaged
+        print(f"DAMAGED index: {exc}", file=sys.stderr)
+        print(f"{args.path}: the index is damaged; no tensor can be read")
+        return EXIT_DAMAGED
     damaged: list[str] = []
     checked = 0
-    with open_checkpoint(args.path) as ckpt:
+    with ckpt:
+        bad_files = [
+            f"{file} ({why})"
+            for shard, file in enumerate(ckpt.data_files())
+            if shard in sizes and (why := _short(ckpt, shard, sizes)) is not None
+        ]
         progress = _progress(not args.quiet, "verify")
         total = sum(ckpt.info(n).nbytes for n in ckpt.keys())
         for name in ckpt.keys():
-            try:
-                ckpt.get_tensor(name, verify=True)
-            except CheckpointError as exc:
+            problem = _range_damage(ckpt, name, sizes)
+            if problem is None:
+                try:
+                    ckpt.get_tensor(name, verify=True)
+                except CheckpointError as exc:
+                    problem = str(exc)
+            if problem is not None:
                 damaged.append(name)
-                print(f"DAMAGED {name}: {exc}", file=sys.stderr)
+                print(f"DAMAGED {name}: {problem}", file=sys.stderr)
             checked += ckpt.info(name).nbytes
             if progress is not None:
                 progress(checked, total)
-        if damaged:
-            print(f"{ckpt.prefix}: {len(damaged)} of {len(ckpt)} tensors damaged: {', '.join(damaged)}")
+        files = f"; damaged data files: {', '.join(bad_files)}" if bad_files else ""
+        if damaged or bad_files:
+            print(
+                f"{ckpt.prefix}: {len(damaged)} of {_count(len(ckpt), 'tensor')} damaged: {', '.join(damaged)}{files}"
+            )
             return EXIT_DAMAGED
-        print(f"{ckpt.prefix}: all {len(ckpt)} tensors verified ({_human(total)})")
+        print(f"{ckpt.prefix}: all {_count(len(ckpt), 'tensor')} verified ({_human(total)})")
     return EXIT_OK
 
 
+def _short(ckpt: Checkpoint, shard: int, sizes: dict[int, int | None]) -> str | None:
+    """How a data file is damaged (missing, or shorter than the index needs), or None."""
+    size = sizes[shard]
+    if size is None:
+        return "missing"
+    needed = max(
+        (
+            part.offset + part.size
+            for entry in ckpt.index.tensors.values()
+            for part in ([ckpt.index.slice_entry(entry, s) for s in entry.slices] if entry.slices else [entry])
+            if part.shard_id == shard
+        ),
+        default=0,
+    )
+    return f"{size} bytes, the index needs {needed}" if needed > size else None
+
+
+# -- restore, bench ---------------------------------------------------------------------------------
 def cmd_restore(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     with open_checkpoint(args.path, device=args.device, verify=not args.no_verify, threads=args.threads) as ckpt:
@@ -221,19 +394,25 @@ def cmd_restore(args: argparse.Namespace) -> int:
         if args.list:
             rows = _rows(ckpt, None)
             print(
-                f"{ckpt.prefix}: {len(rows)} tensors, {_human(sum(r['bytes'] for r in rows))} "
-                f"in {ckpt.num_shards} data file(s)"
+                f"{ckpt.prefix}: {_count(len(rows), 'tensor')}, {_human(sum(r['bytes'] for r in rows))} "
+                f"in {_count(ckpt.num_shards, 'data file')}"
             )
             _print_rows(rows)
         start = time.perf_counter()
         arrays = ckpt.restore(args.filter, progress=_progress(not args.quiet, "restore"))
         elapsed = time.perf_counter() - start
         total = sum(ckpt.info(n).nbytes for n in arrays)
-    rate = total / elapsed / 1e9 if elapsed > 0 else float("inf")
+        if not arrays and args.filter is not None:
+            print(
+                f"gpuckpt: error: --filter {args.filter!r} matches no tensor name (whole names; "
+                f"{_count(len(ckpt), 'tensor')} in {ckpt.prefix}; 'gpuckpt ls' lists them)",
+                file=sys.stderr,
+            )
+            return EXIT_ERROR
     checked = "not verified" if args.no_verify else "crc32c verified"
     print(
-        f"opened in {opened * 1e3:.1f} ms; restored {len(arrays)} tensors ({_human(total)}) to {ckpt.device} "
-        f"in {elapsed * 1e3:.1f} ms = {rate:.2f} GB/s, {checked}"
+        f"opened in {_duration(opened)}; restored {_count(len(arrays), 'tensor')} ({_human(total)}) to {ckpt.device} "
+        f"in {_duration(elapsed)} = {_rate(total, elapsed)}, {checked}"
     )
     return EXIT_OK
 
@@ -252,13 +431,24 @@ def _evict(paths: list[str]) -> bool:
     return True
 
 
+def _import_tensorflow() -> Any:
+    """TensorFlow for the baseline, or None; quiet (its C++ log lines would go to stderr twice)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # its notice is about numerics, none here
+    try:
+        import tensorflow as tf
+    except ImportError:
+        return None
+    return tf
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import numpy as np
 
-    with open_checkpoint(args.path) as ckpt:
+    with open_checkpoint(args.path, device=args.device) as ckpt:
         files = [f for f in ckpt.data_files() if os.path.exists(f)] + [ckpt.prefix + ".index"]
         total = sum(ckpt.info(n).nbytes for n in ckpt.keys())
-        prefix = ckpt.prefix
+        prefix, device = ckpt.prefix, ckpt.device
 
     def timed(fn: Callable[[], Any], cold: bool = False) -> float:
         best = float("inf")
@@ -296,9 +486,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if _evict(files):
         results["cold_gpuckpt_s"] = timed(ours, cold=True)
         results["cold_read_floor_s"] = timed(floor, cold=True)
-    try:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        import tensorflow as tf
+    tf = _import_tensorflow()
+    if tf is not None:
 
         def theirs() -> None:
             reader = tf.train.load_checkpoint(prefix)
@@ -306,54 +495,50 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 reader.get_tensor(name)
 
         results["warm_tensorflow_s"] = timed(theirs)
-    except ImportError:
-        pass
-    print(f"{prefix}: {_human(total)} in {len(files) - 1} data file(s), best of {args.repeat}, device {args.device}")
+    out: IO[str] = sys.stderr if args.json else sys.stdout  # with --json, stdout is the JSON alone
+    print(
+        f"{prefix}: {_human(total)} in {_count(len(files) - 1, 'data file')}, best of {args.repeat}, device {device}",
+        file=out,
+    )
     for key, seconds in results.items():
         ratio = f"  ({seconds / results['warm_gpuckpt_s']:.2f}x gpuckpt warm)" if key != "warm_gpuckpt_s" else ""
-        print(f"  {key[:-2]:<22} {seconds * 1e3:9.1f} ms  {total / seconds / 1e9:6.2f} GB/s{ratio}")
+        print(f"  {key[:-2]:<22} {_duration(seconds):>10}  {_rate(total, seconds):>11}{ratio}", file=out)
     if args.json:
-        print(json.dumps({"prefix": prefix, "bytes": total, **results}))
+        print(json.dumps({"prefix": prefix, "bytes": total, "device": device, "repeat": args.repeat, **results}))
     return EXIT_OK
 
 
-def _parse_source(text: str) -> tuple[str, dict[str, str] | None]:
-    path, sep, mapping = text.partition("=")
-    if not sep:
-        return path, None
-    pairs = {}
-    for item in mapping.split(","):
-        old, colon, new = item.partition(":")
-        if not colon or not old or not new:
-            raise argparse.ArgumentTypeError(f"bad assignment map item {item!r}; expected old:new")
-        pairs[old] = new
-    return path, pairs
-
-
+# -- merge ------------------------------------------------------------------------------------------
 def cmd_merge(args: argparse.Namespace) -> int:
+    from .format.state import latest_checkpoint
     from .merge import merge
 
-    casts = {}
-    for item in args.cast or []:
-        pattern, sep, dtype = item.rpartition("=")
-        if not sep:
-            raise argparse.ArgumentTypeError(f"bad --cast {item!r}; expected REGEX=DTYPE")
-        casts[pattern] = dtype
     start = time.perf_counter()
-    out = merge(
-        args.out,
-        [_parse_source(s) for s in args.sources],
-        skip_optimizer=args.skip_optimizer,
-        skip_counters=args.skip_counters,
-        dtypes=casts,
-        max_shard_bytes=args.max_shard_bytes,
-        overwrite=args.overwrite,
-        progress=_progress(not args.quiet, "merge"),
-    )
+    try:
+        out = merge(
+            args.out,
+            args.sources,
+            skip_optimizer=args.skip_optimizer,
+            skip_counters=args.skip_counters,
+            dtypes=dict(args.cast or []),
+            max_shard_bytes=args.max_shard_bytes,
+            update_state=args.update_state,
+            overwrite=args.overwrite,
+            progress=_progress(not args.quiet, "merge"),
+        )
+    except CheckpointExistsError:
+        print(
+            f"gpuckpt: error: a checkpoint already exists at {args.out!r} (pass --overwrite to replace it)",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+    directory = os.path.dirname(os.path.abspath(out))
+    recorded = latest_checkpoint(directory) == os.path.abspath(out)
     with open_checkpoint(out) as ckpt:
         print(
-            f"{out}: {len(ckpt)} tensors from {len(args.sources)} checkpoint(s) "
-            f"in {(time.perf_counter() - start) * 1e3:.1f} ms"
+            f"{out}: {_count(len(ckpt), 'tensor')} from {_count(len(args.sources), 'checkpoint')} "
+            f"in {_duration(time.perf_counter() - start)}"
+            + (f"; the latest in {os.path.join(directory, 'checkpoint')}" if recorded else "")
         )
     return EXIT_OK
 
@@ -365,71 +550,122 @@ def cmd_default(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="gpuckpt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="gpuckpt",
+        description=(__doc__ or "").replace("``", ""),  # the docstring's reStructuredText quoting
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=cmd_default, device="cpu", threads=None, no_verify=False, filter=None)
     sub = parser.add_subparsers(title="commands")
+    path_help = "a checkpoint: prefix, PREFIX.index, directory with a checkpoint state file, or SavedModel"
+    device_help = f"{DEVICE_FORMS} (default cpu)"
 
     p = sub.add_parser("ls", help="list tensors")
-    p.add_argument("path")
-    p.add_argument("--filter", "-e", help="only names matching this regular expression")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("path", help=path_help)
+    p.add_argument("--filter", "-e", type=_regex, metavar="REGEX", help="only names this regular expression finds")
+    p.add_argument("--json", action="store_true", help="print a JSON list of rows instead of the table")
     p.set_defaults(func=cmd_ls)
 
     p = sub.add_parser("inspect", help="header, data files, object graph, .meta summary")
-    p.add_argument("path")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("path", help=path_help)
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of the text")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("verify", help="check every tensor's checksum")
-    p.add_argument("path")
+    p = sub.add_parser("verify", help="check every tensor's checksum and every data file; exit 3 on damage")
+    p.add_argument("path", help=path_help)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("restore", help="restore every tensor and report the time")
-    p.add_argument("path")
-    p.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:N")
-    p.add_argument("--threads", type=int, default=None, help="reader threads (default min(4, cores))")
+    p.add_argument("path", help=path_help)
+    p.add_argument("--device", type=_device, default="cpu", help=device_help)
+    p.add_argument(
+        "--threads", type=_positive_int, default=None, metavar="N", help="reader threads (default min(4, cores))"
+    )
     p.add_argument("--no-verify", action="store_true", help="skip crc32c checks")
-    p.add_argument("--filter", "-e", help="only names matching this regular expression (whole name)")
+    p.add_argument(
+        "--filter",
+        "-e",
+        type=_regex,
+        metavar="REGEX",
+        help="only names this regular expression matches whole; exit 1 when it matches none",
+    )
     p.add_argument("--list", action="store_true", help="list the tensors first")
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("bench", help="restore latency and throughput, warm and cold, against baselines")
-    p.add_argument("path")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, auto")
-    p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("path", help=path_help)
+    p.add_argument("--device", type=_device, default="cpu", help=device_help)
+    p.add_argument(
+        "--repeat",
+        type=_positive_int,
+        default=3,
+        metavar="N",
+        help="runs of each timing; the best is shown (default 3)",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="stdout is one JSON document of the figures (the table goes to stderr)"
+    )
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("merge", help="write one checkpoint from several")
-    p.add_argument("out", help="output prefix")
+    p.add_argument("out", help="output prefix, e.g. merged/ckpt")
     p.add_argument(
         "sources",
         nargs="+",
+        type=_source,
         metavar="SRC[=MAP]",
         help="a checkpoint, optionally with an assignment map old:new,old_scope/:new_scope/",
     )
     p.add_argument("--skip-optimizer", action="store_true", help="leave out optimizer slots and state")
     p.add_argument("--skip-counters", action="store_true", help="leave out save counters and global steps")
-    p.add_argument("--cast", action="append", metavar="REGEX=DTYPE", help="cast matching floating tensors")
-    p.add_argument("--max-shard-bytes", type=int, default=None)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--cast",
+        action="append",
+        type=_cast,
+        metavar="REGEX=DTYPE",
+        help="cast floating tensors whose new name "
+        "matches REGEX (whole name) to DTYPE, e.g. 'model/.*=bfloat16'; repeatable",
+    )
+    p.add_argument(
+        "--max-shard-bytes", type=_positive_int, default=None, metavar="N", help="start a new data file past N bytes"
+    )
+    p.add_argument(
+        "--update-state",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="record OUT as the latest checkpoint in its directory's checkpoint state file (default: when the "
+        "directory is new or empty, or already has one)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at OUT")
     p.set_defaults(func=cmd_merge)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or bad usage (2): argparse has printed why
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     if not hasattr(args, "list"):
         args.list = False
     try:
         return int(args.func(args))
-    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError, argparse.ArgumentTypeError) as exc:
+    except KeyboardInterrupt:
+        print("gpuckpt: interrupted", file=sys.stderr)
+        return 130
+    except (CheckpointError, OSError, ValueError, TypeError) as exc:
         if args.debug:
             traceback.print_exc()
         message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
         print(f"gpuckpt: error: {message}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, InvalidArgumentError) else EXIT_ERROR
+    except Exception as exc:  # a bug here: still one line, the traceback with --debug
+        if args.debug:
+            traceback.print_exc()
+        print(
+            f"gpuckpt: internal error: {type(exc).__name__}: {exc} (--debug shows the traceback; please report it)",
+            file=sys.stderr,
+        )
         return EXIT_ERROR

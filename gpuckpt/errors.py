@@ -49,6 +49,10 @@ class WriteError(CheckpointError, OSError):
     of the attempt was removed and any earlier checkpoint is intact."""
 
 
+class CheckpointExistsError(CheckpointError, FileExistsError):
+    """A checkpoint already exists where one was to be written (``overwrite=True`` replaces it)."""
+
+
 class ClosedCheckpointError(CheckpointError, RuntimeError):
     """A method was called on a ``Checkpoint`` after it was closed."""
 

@@ -30,6 +30,7 @@ from .errors import InvalidArgumentError, TensorNotFoundError, UnsupportedError,
 from .format.bundle import TensorEntry, encode_name
 from .format.object_graph import OBJECT_GRAPH_KEY, StateKind
 from .format.slices import slice_key
+from .format.state import STATE_FILENAME
 from .writer import Payload, array_payload, tf_dtype_of, write_bundle
 
 Source = tuple[str | os.PathLike[str], Mapping[str, str] | None]
@@ -42,16 +43,6 @@ def map_names(names: Iterable[str], assignment_map: Mapping[str, str] | None, wh
     names = list(names)
     if assignment_map is None:
         return {n: [n] for n in names}
-    for old, new in sorted(assignment_map.items()):  # every entry's form, before any name is looked up
-        if not old.endswith("/") and new.endswith("/"):  # TensorFlow's init_from_checkpoint refuses it too
-            raise InvalidArgumentError(
-                f"assignment map entry {old!r}: {new!r} maps the tensor name {old!r} to a scope; a name "
-                "should map to a name, and a scope to scope only: 'scope/': 'other_scope/': " + where
-            )
-        if old.endswith("/") and not new.endswith("/"):
-            raise InvalidArgumentError(
-                f"assignment map entry {old!r}: {new!r} maps a scope to a name; use 'scope/': 'other/': " + where
-            )
     present = set(names)
     mapped: dict[str, list[str]] = {}
     for old, new in sorted(assignment_map.items()):
@@ -62,6 +53,8 @@ def map_names(names: Iterable[str], assignment_map: Mapping[str, str] | None, wh
                 )
             mapped.setdefault(old, []).append(new)
             continue
+        if not new.endswith("/"):
+            raise ValueError(f"assignment map entry {old!r}: {new!r} maps a scope to a name; use 'scope/': 'other/'")
         source_scope = "" if old == "/" else old
         target_scope = "" if new == "/" else new
         hits = [n for n in names if n.startswith(source_scope)]
@@ -70,6 +63,37 @@ def map_names(names: Iterable[str], assignment_map: Mapping[str, str] | None, wh
         for name in hits:
             mapped.setdefault(name, []).append(target_scope + name[len(source_scope) :])
     return mapped
+
+
+def check_sources(sources: object) -> list[tuple[str | os.PathLike[str], Mapping[str, str] | None]]:
+    """The sources as a list of ``(path, assignment_map)`` pairs, or InvalidArgumentError naming
+    the first item that is not one; checked before any file is opened."""
+    if isinstance(sources, (str, bytes, os.PathLike)) or not isinstance(sources, Iterable):
+        raise InvalidArgumentError(
+            f"sources must be a list of (checkpoint, assignment_map) pairs, not {type(sources).__name__} {sources!r}"
+        )
+    checked = []
+    for number, item in enumerate(sources):
+        where = f"sources[{number}] = {item!r}"
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise InvalidArgumentError(
+                f"{where} is not a (checkpoint, assignment_map) pair; use (path, None) to take every tensor"
+            )
+        path, assignment_map = item
+        if not isinstance(path, (str, os.PathLike)):
+            raise InvalidArgumentError(f"{where}: the checkpoint must be a path, not {type(path).__name__}")
+        if assignment_map is not None:
+            if not isinstance(assignment_map, Mapping):
+                raise InvalidArgumentError(
+                    f"{where}: the assignment map must be a mapping or None, not {type(assignment_map).__name__}"
+                )
+            for old, new in assignment_map.items():
+                if not isinstance(old, str) or not isinstance(new, str) or not old or not new:
+                    raise InvalidArgumentError(
+                        f"{where}: assignment map entry {old!r}: {new!r} must map a non-empty name to a non-empty name"
+                    )
+        checked.append((path, assignment_map))
+    return checked
 
 
 def _selected(ckpt: Checkpoint, skip_optimizer: bool, skip_counters: bool) -> list[str]:
@@ -88,6 +112,7 @@ class _Plan:
         self.checkpoints: list[Checkpoint] = []
         self.items: list[tuple[Checkpoint, str, str]] = []
         taken: dict[str, str] = {}
+        sources = check_sources(sources)
         try:
             for path, assignment_map in sources:
                 ckpt = open_checkpoint(path)
@@ -122,9 +147,14 @@ def restore_many(
 
     ``dtypes`` casts floating tensors whose new name matches a regular expression
     (``{".*": "bfloat16"}``); integer, boolean and string tensors keep their type.
+
+    Raises
+    ------
+    InvalidArgumentError : a source that is not a ``(checkpoint, assignment_map)`` pair, or a
+        ``dtypes`` entry that is not a regular expression and a dtype; before any file is opened.
     """
-    plan = _Plan(sources, skip_optimizer, skip_counters)
     chooser = dtype_chooser(dtypes)
+    plan = _Plan(sources, skip_optimizer, skip_counters)
     try:
         result: dict[str, np.ndarray] = {}
         for ckpt in plan.checkpoints:
@@ -156,9 +186,23 @@ def merge(
     Tensors that are not cast are copied as their stored bytes (checksum checked, never decoded);
     partitioned tensors keep their slices. Name collisions raise ``ValueError`` naming both sources.
     Writing is crash-safe as in :func:`gpuckpt.save`.
+
+    ``update_state``: record the result in its directory's ``checkpoint`` state file, so that
+    ``gpuckpt.open(directory)`` (and TF's ``latest_checkpoint``) finds it. None (the default) does
+    so when the directory already has a state file, or when it is new (absent or empty before
+    this call); a directory holding other files but no state file is left without one.
+
+    Raises
+    ------
+    InvalidArgumentError : as in :func:`restore_many`.
+    CheckpointExistsError : a checkpoint exists at ``out_prefix`` and ``overwrite`` is False.
     """
-    plan = _Plan(sources, skip_optimizer, skip_counters)
     chooser = dtype_chooser(dtypes)
+    plan = _Plan(sources, skip_optimizer, skip_counters)
+    if update_state is None:
+        directory = os.path.dirname(os.path.abspath(os.fspath(out_prefix)))
+        update_state = not os.path.isdir(directory) or not os.listdir(directory)
+        update_state = update_state or os.path.exists(os.path.join(directory, STATE_FILENAME))
     try:
         payloads: list[Payload] = []
         partitioned: list[TensorEntry] = []

@@ -20,7 +20,7 @@ import numpy as np
 
 from .download import contiguous_bytes, stream_to_host
 from .dtypes import DTYPES
-from .errors import DeviceUnavailableError, UnsupportedError, WriteError
+from .errors import CheckpointExistsError, DeviceUnavailableError, UnsupportedError, WriteError
 from .format.bundle import TensorEntry, encode_entry, encode_header, encode_name
 from .format.crc import crc32c, mask
 from .format.slices import Extent, TensorSlice, check_extents, coverage_problem, slice_key, slice_shape
@@ -280,10 +280,10 @@ def save(
         when the directory already has one).
     max_to_keep : with the state file, keep at most this many checkpoints listed and delete the
         files of older ones it drops, as ``tf.train.CheckpointManager`` does.
-    overwrite : replace an existing checkpoint at ``prefix`` (otherwise ``FileExistsError``). It
-        is removed (index first) only once every new file is written, so a failed write (disk
-        full) leaves it intact; a crash during the renames that follow leaves no checkpoint
-        there, never a mixed one.
+    overwrite : replace an existing checkpoint at ``prefix`` (otherwise ``CheckpointExistsError``,
+        also a ``FileExistsError``). It is removed (index first) only once every new file is
+        written, so a failed write (disk full) leaves it intact; a crash during the renames that
+        follow leaves no checkpoint there, never a mixed one.
     progress : called as ``progress(bytes_written, bytes_total)`` as the data files are written.
 
     Notes
@@ -324,7 +324,7 @@ def write_bundle(
     directory = os.path.dirname(os.path.abspath(prefix))
     index_path = prefix + ".index"
     if os.path.exists(index_path) and not overwrite:
-        raise FileExistsError(f"a checkpoint already exists at {prefix!r} (pass overwrite=True to replace it)")
+        raise CheckpointExistsError(f"a checkpoint already exists at {prefix!r} (pass overwrite=True to replace it)")
     num_shards = _assign_shards(payloads, max_shard_bytes)
     keys = [p.key for p in payloads] + [encode_name(e.name) for e in partitioned]
     if len(set(keys)) != len(keys):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from conftest import fixture_path, tf_or_skip
 
 import gpuckpt
+from gpuckpt.format.object_graph import OBJECT_GRAPH_KEY
 from gpuckpt.merge import map_names
 
 
@@ -120,3 +123,69 @@ def test_merge_of_object_based_checkpoint_drops_the_object_graph(tmp_path):
     with gpuckpt.open(merged) as ckpt:
         assert "_CHECKPOINTABLE_OBJECT_GRAPH" not in ckpt
         assert len(ckpt.keys()) == 5  # four model variables and the save counter
+
+
+@pytest.mark.parametrize(
+    "sources, needle",
+    [
+        ([fixture_path("sharded")], r"sources\[0\] = '.*sharded' is not a \(checkpoint, assignment_map\) pair"),
+        (fixture_path("sharded"), r"sources must be a list of \(checkpoint, assignment_map\) pairs, not str"),
+        ([(fixture_path("sharded"), None), (fixture_path("sharded"), "dev0/")], r"sources\[1\].*must be a mapping"),
+        ([(7, None)], r"sources\[0\].*the checkpoint must be a path, not int"),
+        ([(fixture_path("sharded"), {"dev0/": ""})], r"sources\[0\].*non-empty"),
+    ],
+)
+def test_sources_that_are_not_pairs_are_refused_by_name(tmp_path, sources, needle):
+    with pytest.raises(gpuckpt.InvalidArgumentError, match=needle):
+        gpuckpt.restore_many(sources)
+    with pytest.raises(gpuckpt.InvalidArgumentError, match=needle):
+        gpuckpt.merge(str(tmp_path / "m"), sources)
+    assert not list(tmp_path.iterdir())
+
+
+def test_merge_onto_an_existing_checkpoint_is_a_checkpoint_error(tmp_path):
+    out = gpuckpt.merge(str(tmp_path / "m"), [(fixture_path("sharded"), None)])
+    with pytest.raises(gpuckpt.CheckpointExistsError, match="pass overwrite=True") as caught:
+        gpuckpt.merge(out, [(fixture_path("sharded"), None)])
+    assert isinstance(caught.value, gpuckpt.CheckpointError) and isinstance(caught.value, FileExistsError)
+    with pytest.raises(gpuckpt.CheckpointExistsError):
+        gpuckpt.save(out, {"x": np.zeros(2)})
+    gpuckpt.merge(out, [(fixture_path("keras_adam"), None)], overwrite=True)
+
+
+def test_merge_records_a_new_directory_in_its_state_file(tmp_path):
+    out = gpuckpt.merge(str(tmp_path / "new" / "m"), [(fixture_path("sharded"), None)])
+    assert gpuckpt.latest_checkpoint(tmp_path / "new") == os.path.abspath(out)
+    with gpuckpt.open(tmp_path / "new") as ckpt:
+        assert len(ckpt) == 6
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "other.txt").write_text("x")
+    gpuckpt.merge(str(tmp_path / "busy" / "m"), [(fixture_path("sharded"), None)])
+    assert gpuckpt.latest_checkpoint(tmp_path / "busy") is None  # not new: no state file unasked
+    gpuckpt.merge(str(tmp_path / "none" / "m"), [(fixture_path("sharded"), None)], update_state=False)
+    assert gpuckpt.latest_checkpoint(tmp_path / "none") is None
+
+
+@pytest.mark.parametrize("name", ["keras_adam", "tf1_partitioned"])
+def test_merged_checkpoint_keeps_every_kind_without_the_object_graph(tmp_path, name):
+    merged = gpuckpt.merge(str(tmp_path / "m"), [(fixture_path(name), None)])
+    with gpuckpt.open(fixture_path(name)) as original, gpuckpt.open(merged) as ckpt:
+        assert OBJECT_GRAPH_KEY not in ckpt
+        assert {n: ckpt.kind(n) for n in ckpt.keys()} == {
+            n: original.kind(n) for n in original.keys() if n != OBJECT_GRAPH_KEY
+        }
+
+
+def test_renamed_counters_stay_counters(tmp_path):
+    merged = gpuckpt.merge(
+        str(tmp_path / "m"),
+        [
+            (fixture_path("tf1_partitioned"), {"global_step": "tower0/global_step", "pv": "tower0/pv"}),
+            (fixture_path("keras_adam"), {"/": "tower1/"}),
+        ],
+    )
+    with gpuckpt.open(merged) as ckpt:
+        assert ckpt.kind("tower0/global_step") == gpuckpt.StateKind.COUNTER
+        assert ckpt.kind("tower1/save_counter/.ATTRIBUTES/VARIABLE_VALUE") == gpuckpt.StateKind.COUNTER
+        assert ckpt.kind("tower1/optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE") == gpuckpt.StateKind.OPTIMIZER
+        assert ckpt.kind("tower0/pv") == gpuckpt.StateKind.MODEL

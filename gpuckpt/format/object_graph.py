@@ -142,14 +142,36 @@ _TF1_OPTIMIZER_NAMES = ("beta1_power", "beta2_power")
 _TF1_COUNTER_NAMES = ("global_step",)
 
 
+_ATTRIBUTES_MARK = "/.ATTRIBUTES/"
+
+
 def classify_name(name: str) -> StateKind:
-    """Best-effort kind of a TF1 name-based key, from the conventions of TF1's optimizers."""
+    """Best-effort kind of a key in a checkpoint without an object graph, from its name alone.
+
+    TF1 name-based keys follow TF1's optimizers' conventions (``w/Adam``, ``beta1_power``,
+    ``global_step``, also under a scope). Object-based keys whose graph is gone (a ``gpuckpt
+    merge`` output drops it) are read from their path: ``.OPTIMIZER_SLOT`` marks a slot,
+    ``save_counter`` is the counter, anything under an ``optimizer`` object is optimizer state
+    (its ``iter`` / ``_iterations`` step counter included, as the object graph says) except the
+    model variables a Keras 3 optimizer tracks (``optimizer/_trainable_variables/N``).
+    """
     if name == OBJECT_GRAPH_KEY:
         return StateKind.OBJECT_GRAPH
+    if OPTIMIZER_SLOT_MARK in name:
+        return StateKind.OPTIMIZER_SLOT
+    if _ATTRIBUTES_MARK in name:
+        path = name.split(_ATTRIBUTES_MARK)[0].split("/")
+        if path[-1] == "save_counter":
+            return StateKind.COUNTER
+        for number, part in enumerate(path[:-1]):
+            if part == _OPTIMIZER_EDGE:  # Keras 3 optimizers also track the model's variables
+                return StateKind.MODEL if path[number + 1] == "_trainable_variables" else StateKind.OPTIMIZER
+        return StateKind.MODEL
     if name.endswith(_TF1_SLOT_SUFFIXES):
         return StateKind.OPTIMIZER_SLOT
-    if name.split("/")[-1] in _TF1_OPTIMIZER_NAMES:
+    last = name.split("/")[-1]
+    if last in _TF1_OPTIMIZER_NAMES:
         return StateKind.OPTIMIZER
-    if name in _TF1_COUNTER_NAMES:
+    if last in _TF1_COUNTER_NAMES:
         return StateKind.COUNTER
     return StateKind.MODEL
