@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,8 +17,6 @@ from conftest import FIXTURE_PREFIXES, assert_bit_exact, fixture_path, tf_or_ski
 
 import gpuckpt
 from gpuckpt.dtypes import DataType
-
-pytestmark = pytest.mark.tf
 
 
 def _tf2_checkpoint(tf, prefix):
@@ -51,6 +51,7 @@ def _v(name):
 # -- get_variable_to_dtype_map ----------------------------------------------------------------------
 
 
+@pytest.mark.tf
 def test_dtype_map_names_variant_like_tensorflow(tf2_prefix):
     tf = tf_or_skip()
     theirs = tf.train.load_checkpoint(tf2_prefix).get_variable_to_dtype_map()
@@ -71,6 +72,7 @@ def test_dtype_map_names_variant_like_tensorflow(tf2_prefix):
         _ = ours["it/.ATTRIBUTES/ITERATOR_STATE"].as_numpy_dtype
 
 
+@pytest.mark.tf
 def test_dtype_map_names_resource_like_tensorflow(tmp_path):
     """No saver writes DT_RESOURCE, but an index may name it: TF lists it as ``tf.resource``."""
     tf = tf_or_skip()
@@ -108,6 +110,7 @@ def _probes(tf):
     return probes
 
 
+@pytest.mark.tf
 def test_dtype_equality_and_hash_as_tf_dtype():
     """For every type a checkpoint can hold, ``==``/``!=``/``hash`` agree with ``tf.DType`` against
     every kind of value ``tf.as_dtype`` takes (and some it refuses)."""
@@ -131,9 +134,25 @@ def test_dtype_equality_and_hash_as_tf_dtype():
                 assert ours.as_numpy_dtype == theirs.as_numpy_dtype
 
 
+def test_dtype_map_and_names_never_import_ml_dtypes():
+    """Listing dtypes, their names and comparing them needs no ml_dtypes (``import gpuckpt`` does
+    not import it); only asking for a type it holds does."""
+    code = (
+        "import sys, numpy as np, gpuckpt\n"
+        f"reader = gpuckpt.load_checkpoint({fixture_path('raw/all_dtypes')!r})\n"
+        "dtypes = reader.get_variable_to_dtype_map()\n"
+        "assert dtypes['bfloat16'].name == 'bfloat16' and dtypes['bfloat16'] == 'bfloat16'\n"
+        "assert dtypes['float32'] == np.float32 and dtypes['bfloat16'] != np.float32 and reader.debug_string()\n"
+        "assert 'ml_dtypes' not in sys.modules\n"
+        "assert dtypes['bfloat16'].as_numpy_dtype.__name__ == 'bfloat16'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 # -- file:// URIs and other schemes -----------------------------------------------------------------
 
 
+@pytest.mark.tf
 def test_file_uris_read_like_tensorflow(tmp_path):
     tf = tf_or_skip()
     run = tmp_path / "run"
@@ -172,6 +191,7 @@ def test_file_uri_with_a_host_is_refused(tmp_path):
 # -- assignment maps ----------------------------------------------------------------------------------
 
 
+@pytest.mark.tf
 def test_assignment_map_name_to_scope_refused_as_tensorflow_does(tmp_path):
     tf = tf_or_skip()
     v1 = tf.compat.v1
@@ -216,6 +236,7 @@ def _save_v1(tf, directory, sharded):
 
 
 @pytest.mark.parametrize("sharded", [False, True])
+@pytest.mark.tf
 def test_v1_checkpoint_is_named_unsupported(tmp_path, sharded):
     tf = tf_or_skip()
     saved = _save_v1(tf, str(tmp_path), sharded)
@@ -242,6 +263,7 @@ def test_a_file_that_is_not_a_table_is_still_not_found(tmp_path):
 # -- debug_string -------------------------------------------------------------------------------------
 
 
+@pytest.mark.tf
 def test_debug_string_as_tensorflow(tf2_prefix):
     tf = tf_or_skip()
     prefixes = [tf2_prefix] + [fixture_path(p) for p in FIXTURE_PREFIXES]
@@ -255,6 +277,7 @@ def test_debug_string_as_tensorflow(tf2_prefix):
     assert not any(line.startswith(b"pv ") for line in theirs.splitlines())
 
 
+@pytest.mark.tf
 def test_debug_string_lines(tf2_prefix):
     with gpuckpt.load_checkpoint(tf2_prefix) as reader:
         lines = reader.debug_string().decode().splitlines()
@@ -266,6 +289,7 @@ def test_debug_string_lines(tf2_prefix):
 # -- ckpt[name] ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.tf
 def test_getitem_is_get_tensor(tf2_prefix):
     tf = tf_or_skip()
     reader = tf.train.load_checkpoint(tf2_prefix)
@@ -292,6 +316,7 @@ STRING_KEYS = {
 
 
 @pytest.mark.parametrize("rank", sorted(STRING_KEYS))
+@pytest.mark.tf
 def test_string_slices_of_every_rank(tf2_prefix, rank):
     """``get_slice`` of a string tensor gives object arrays of ``bytes`` (0-d for one element), as
     ``get_tensor`` does, equal to TF's tensor indexed the same way."""
