@@ -63,6 +63,7 @@ def test_public_api_names():
         "TensorNotFoundError",
         "UnsupportedError",
         "DeviceUnavailableError",
+        "CheckpointExistsError",
     ]:
         assert hasattr(gpuckpt, name), name
     assert issubclass(gpuckpt.FormatError, ValueError)
@@ -70,11 +71,13 @@ def test_public_api_names():
     assert issubclass(gpuckpt.TensorNotFoundError, KeyError)
     assert issubclass(gpuckpt.UnsupportedError, NotImplementedError)
     assert issubclass(gpuckpt.DeviceUnavailableError, RuntimeError)
+    assert issubclass(gpuckpt.CheckpointExistsError, FileExistsError)
     for cls in (
         gpuckpt.FormatError,
         gpuckpt.TensorNotFoundError,
         gpuckpt.UnsupportedError,
         gpuckpt.DeviceUnavailableError,
+        gpuckpt.CheckpointExistsError,
     ):
         assert issubclass(cls, gpuckpt.CheckpointError)
 
