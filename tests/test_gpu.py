@@ -1,11 +1,15 @@
-"""Real GPU tests: every dtype and conversion against the host path bit for bit, out=, device maps,
-async restore, out-of-memory and leaks. Marked ``gpu``; skipped where no GPU and CuPy are found."""
+"""The GPU tests: every dtype and conversion against the host path bit for bit, out=, device maps,
+async restore, out-of-memory and leaks, run through the real ``gpuckpt.cuda.CudaDevice``. On a
+machine with a GPU and CuPy they use them; elsewhere (CI) on the CuPy double in tests/cupy_double,
+which keeps CuPy's and CUDA's rules (dtype checks, stream ordering, the memory pool, several
+devices). Marked ``gpu``."""
 
 from __future__ import annotations
 
 import gc
 import os
 
+import cupy_double
 import ml_dtypes
 import numpy as np
 import pytest
@@ -15,7 +19,21 @@ from conftest import fixture_path
 import gpuckpt
 from gpuckpt.cuda import cuda_available
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU and CuPy")]
+pytestmark = [pytest.mark.gpu]
+REAL_GPU = cuda_available()  # decided before the double can be installed
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cupy_backend():
+    """The real CuPy on a GPU, else the double with two devices, for this module's tests."""
+    if REAL_GPU:
+        import cupy
+
+        yield cupy
+        return
+    with cupy_double.installed(device_count=2) as cupy:
+        yield cupy
+
 
 FLOATS = [np.float32, np.float64, np.float16, ml_dtypes.bfloat16]
 
@@ -52,6 +70,11 @@ def _same(device_array, host_array, name):
 
 
 FLOAT8 = ["float8_e4m3fn", "float8_e5m2"]
+
+
+def _defect(number, what):
+    """Marks a test that the defect fails (issue 10, part 2); removed by the commit fixing it."""
+    return pytest.mark.xfail(strict=True, reason=f"issue 10 defect {number}: {what}")
 
 
 @pytest.mark.parametrize("single_allocation", [False, True])
@@ -98,6 +121,7 @@ def test_big_endian_and_partitioned_on_gpu(tmp_path):
         _same(ckpt.get_tensor("pv", device="cuda"), ckpt.get_tensor("pv"), "pv")
 
 
+@_defect(1, "float8 cannot be a CuPy array")
 def test_out_async_and_dlpack(bundle):
     import cupy
 
@@ -115,6 +139,7 @@ def test_out_async_and_dlpack(bundle):
         assert tensor.data_ptr() == result["float32"].data.ptr  # no copy
 
 
+@_defect(5, "events recorded outside the device context")
 def test_device_map_over_available_gpus(bundle):
     import cupy
 
@@ -128,6 +153,7 @@ def test_device_map_over_available_gpus(bundle):
             _same(balanced[name], value, name)
 
 
+@_defect(1, "float8 cannot be a CuPy array")
 @pytest.mark.parametrize("where", ["before_start", "mid_restore"])
 def test_out_of_memory_is_typed_and_leaks_nothing(bundle, monkeypatch, where):
     """Refused by the free-memory check, or (check blinded) by the allocator part-way through."""
@@ -196,6 +222,7 @@ def test_eight_threads_restore_to_the_gpu_at_once(bundle):
             _same(result[name], value, name)
 
 
+@_defect(1, "float8 cannot be a CuPy array")
 def test_interrupt_and_truncation_mid_device_restore_release_everything(bundle, tmp_path):
     import shutil
 
