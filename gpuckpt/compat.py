@@ -45,6 +45,7 @@ _QUANTIZED = {
     "quint16": ("<u2", DataType.DT_QUINT16),
     "qint32": ("<i4", DataType.DT_QINT32),
 }
+_QUANTIZED_VALUES = frozenset(value for _, value in _QUANTIZED.values())
 
 
 def _enum_of_numpy(dtype: np.dtype) -> int | None:
@@ -65,6 +66,8 @@ def _enum_of(other: object) -> int | None:
     """What ``tf.as_dtype(other)`` would give, as an enum value; None where it raises."""
     if isinstance(other, DType):
         return other.as_datatype_enum
+    if isinstance(other, DTypeInfo):  # what get_variable_to_dtype_map gave before DType
+        return int(other.dtype)
     if isinstance(other, np.dtype):
         found = _enum_of_numpy(other)
         if found is not None:
@@ -148,6 +151,36 @@ class DType:
     @property
     def is_numpy_compatible(self) -> bool:
         return self._value in DTYPES
+
+    @property
+    def size(self) -> int:
+        """Bytes per element as TF counts them (0 for strings, variant and resource)."""
+        info = DTYPES.get(self._value)
+        return 0 if info is None else info.itemsize
+
+    @property
+    def is_quantized(self) -> bool:
+        return self._value in _QUANTIZED_VALUES
+
+    @property
+    def is_floating(self) -> bool:
+        return self.name.startswith(("float", "bfloat")) and self._value in DTYPES
+
+    @property
+    def is_complex(self) -> bool:
+        return self.name.startswith("complex") and self._value in DTYPES
+
+    @property
+    def is_integer(self) -> bool:
+        return self.name.startswith(("int", "uint")) and self._value in DTYPES
+
+    @property
+    def is_unsigned(self) -> bool:
+        return self.name.startswith("uint") and self._value in DTYPES
+
+    @property
+    def is_bool(self) -> bool:
+        return self._value == DataType.DT_BOOL
 
     @property
     def as_numpy_dtype(self) -> type:

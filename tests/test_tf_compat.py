@@ -121,6 +121,12 @@ def test_dtype_equality_and_hash_as_tf_dtype():
     for value in range(1, 34):
         ours, theirs = DType(value), tf.as_dtype(value)
         assert ours.name == theirs.name and ours.as_datatype_enum == theirs.as_datatype_enum
+        for attribute in ("is_floating", "is_integer", "is_complex", "is_bool", "is_quantized", "is_unsigned"):
+            assert getattr(ours, attribute) == getattr(theirs, attribute), (theirs, attribute)
+        assert ours.size == theirs.size and ours.is_numpy_compatible == theirs.is_numpy_compatible, theirs
+        assert ours.base_dtype is ours and str(ours) == str(theirs)
+        if value in gpuckpt.dtypes.DTYPES:
+            assert ours == gpuckpt.dtypes.DTYPES[value]  # what the map gave before
         assert hash(ours) == hash(theirs) == value
         assert DType(value) is ours and pickle.loads(pickle.dumps(ours)) is ours
         assert {theirs: 1}[ours] == 1 and {ours: 1}[theirs] == 1 and {ours: 1}[value] == 1
