@@ -67,20 +67,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=15, help="runs of each command; the best is kept")
     parser.add_argument("--out", help="result JSON (default benchmarks/results/startup-<machine>.json)")
     parser.add_argument("--machine", help="name of this machine in the result file name")
+    parser.add_argument("--skip-tf", action="store_true", help="leave out the TensorFlow baseline (~4 s a run)")
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
 
     times = {}
     for label, command in commands().items():
+        if args.skip_tf and "TensorFlow" in label:
+            continue
         times[label] = best_time(command, min(args.repeat, 3) if "TensorFlow" in label else args.repeat)
         shown = "not available" if times[label] is None else f"{times[label] * 1000:8.1f} ms"
         print(f"{label:48s} {shown}", flush=True)
     floor = times["python -c pass (floor)"]
+    assert floor is not None and times["import numpy (floor)"] is not None
     numpy_floor = times["import numpy (floor)"]
     print()
     for label, target in TARGETS.items():
         value = times[label]
+        if value is None:
+            print(f"{label}: failed")
+            continue
         verdict = "meets" if value is not None and value <= target else "misses"
         print(f"{label}: {value:.3f} s, {verdict} the {target} s target; {value / numpy_floor:.2f}x import numpy")
     results = {

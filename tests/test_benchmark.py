@@ -94,3 +94,22 @@ def test_coverage_guided_fuzz_smoke(tmp_path, capsys):
     report = capsys.readouterr().out
     assert "inputs tried: 5000" in report and "failures: 0" in report
     assert int(report.split("coverage: ")[1].split(" edges")[0]) > 100  # the parsers were instrumented
+
+
+def test_startup_benchmark_smoke(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import startup
+
+    out = tmp_path / "startup.json"
+    assert startup.main(["--repeat", "1", "--skip-tf", "--out", str(out)]) == 0
+    seconds = json.loads(out.read_text())["seconds"]
+    assert seconds["import gpuckpt"] > 0 and seconds["gpuckpt ls SAMPLE"] > 0
+
+
+def test_convert_benchmark_smoke(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import convert_host
+
+    out = tmp_path / "convert.json"
+    assert convert_host.main(["--mb", "1", "--repeat", "1", "--out", str(out)]) == 0
+    assert "f64_to_bf16" in json.loads(out.read_text())["conversions"]
