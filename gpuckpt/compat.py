@@ -45,6 +45,7 @@ _QUANTIZED = {
     "quint16": ("<u2", DataType.DT_QUINT16),
     "qint32": ("<i4", DataType.DT_QINT32),
 }
+_DATATYPE_VALUES = frozenset(int(t) for t in DataType)
 _QUANTIZED_VALUES = frozenset(value for _, value in _QUANTIZED.values())
 
 
@@ -248,7 +249,8 @@ class CheckpointReader:
         lines = []
         for key, entry in sorted(entries, key=lambda item: item[0]):
             shape = ",".join(str(d) for d in entry.shape)
-            lines.append(b"%s (%s) [%s]\n" % (key, dtype_name(entry.dtype).encode(), shape.encode()))
+            enum_name = DataType(entry.dtype).name if entry.dtype in _DATATYPE_VALUES else ""  # as TF's DataType_Name
+            lines.append(b"%s (%s) [%s]\n" % (key, enum_name.encode(), shape.encode()))
         return b"".join(lines)
 
     def close(self) -> None:

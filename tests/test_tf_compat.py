@@ -284,6 +284,21 @@ def test_debug_string_as_tensorflow(tf2_prefix):
 
 
 @pytest.mark.tf
+def test_debug_string_of_an_unknown_dtype_as_tensorflow(tmp_path):
+    """A future dtype this reader does not know: TF prints an empty enum name; the dtype map
+    still names it (TF's raises TypeError there)."""
+    tf = tf_or_skip()
+    bundle = make_bundle({"u": np.zeros(3, np.int8), "w": np.ones(2, np.float32)})
+    bundle.entries[b"u"].dtype = 77
+    prefix = bundle.write(str(tmp_path / "unknown"))
+    with gpuckpt.load_checkpoint(prefix) as reader:
+        assert (
+            reader.debug_string() == tf.train.load_checkpoint(prefix).debug_string() == b"u () [3]\nw (DT_FLOAT) [2]\n"
+        )
+        assert "77" in reader.get_variable_to_dtype_map()["u"].name
+
+
+@pytest.mark.tf
 def test_debug_string_lines(tf2_prefix):
     with gpuckpt.load_checkpoint(tf2_prefix) as reader:
         lines = reader.debug_string().decode().splitlines()
