@@ -94,7 +94,7 @@ def _enum_of(other: object) -> int | None:
     if held is not None:
         try:
             return _enum_of_numpy(np.dtype(held))
-        except TypeError:
+        except (TypeError, ValueError):  # a .dtype numpy cannot read: not a dtype TF would take
             return None
     return None
 
