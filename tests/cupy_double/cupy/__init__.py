@@ -230,6 +230,9 @@ class ndarray:
     def __getitem__(self, key: Any) -> ndarray:
         """Basic indexing (integers and slices with positive steps): a view."""
         key = key if isinstance(key, tuple) else (key,)
+        if Ellipsis in key:
+            at = key.index(Ellipsis)
+            key = key[:at] + (slice(None),) * (len(self._shape) - len(key) + 1) + key[at + 1 :]
         key = key + (slice(None),) * (len(self._shape) - len(key))
         offset, shape, strides = 0, [], []
         for k, extent, stride in zip(key, self._shape, self._strides, strict=True):
