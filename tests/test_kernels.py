@@ -16,6 +16,7 @@ import ctypes
 import os
 import shutil
 import subprocess
+import sys
 import zlib
 
 import float_reference
@@ -235,17 +236,18 @@ def _load_nvrtc():
 
 @pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
 def test_kernels_compile_with_nvrtc_as_cupy_rawmodule_does(arch):
-    """The runtime path: NVRTC (what cupy.RawModule uses) compiles the same source text the CUDA
-    backend builds, with its #line prefix and include path, without system headers."""
+    """The fallback path: NVRTC (what cupy.RawModule(code=...) uses) compiles the expanded source
+    the CUDA backend builds when the shipped fatbin cannot load, with no include path and no
+    system headers."""
     nvrtc = _load_nvrtc()
     if nvrtc is None:
         pytest.skip("libnvrtc is not installed (pip install nvidia-cuda-nvrtc)")
-    from gpuckpt.kernel_sources import kernel_dir, read_source
+    from gpuckpt.kernel_sources import expanded_source
 
-    source = ('#line 1 "convert.cu"\n' + read_source("convert.cu")).encode()
+    source = expanded_source("convert.cu").encode()
     program = ctypes.c_void_p()
     assert nvrtc.nvrtcCreateProgram(ctypes.byref(program), source, b"convert.cu", 0, None, None) == 0
-    options = [f"-I{kernel_dir()}".encode(), b"--std=c++14", f"--gpu-architecture={arch}".encode()]
+    options = [b"--std=c++14", f"--gpu-architecture={arch}".encode()]
     array = (ctypes.c_char_p * len(options))(*options)
     status = nvrtc.nvrtcCompileProgram(program, len(options), array)
     size = ctypes.c_size_t()
@@ -260,3 +262,40 @@ def test_kernels_compile_with_nvrtc_as_cupy_rawmodule_does(arch):
     assert status == 0, log.value.decode(errors="replace")
     for name in conversions() + ["swap2", "swap4", "swap8"]:
         assert f".entry gpuckpt_{name}(".encode() in ptx.value, name
+
+
+def test_shipped_fatbin_matches_the_sources():
+    """kernels/convert.fatbin was built from the kernels/ sources as they are now: its manifest's
+    hash of the expanded sources matches, and where the pinned nvcc is installed (the dev extra),
+    rebuilding gives the same bytes. An edit to convert.cuh without `python tools/build_kernels.py`
+    fails here."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import build_kernels
+
+    assert build_kernels.check(build_kernels.find_tool("nvcc")) == []
+
+
+def test_shipped_fatbin_covers_every_architecture_and_kernel():
+    cuobjdump = _cuda_tool("cuobjdump")
+    if cuobjdump is None:
+        pytest.skip("cuobjdump is not installed (pip install -e '.[dev]' brings NVIDIA's wheel)")
+    fatbin = os.path.join(KERNELS, "convert.fatbin")
+    listing = subprocess.run([cuobjdump, "-lelf", "-lptx", fatbin], capture_output=True, text=True, check=True).stdout
+    for arch in ("sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120"):
+        assert f".{arch}.cubin" in listing, arch
+    assert "sm_120.ptx" in listing  # PTX for GPUs newer than the newest cubin
+    symbols = subprocess.run([cuobjdump, "-symbols", fatbin], capture_output=True, text=True, check=True).stdout
+    for name in conversions() + ["swap2", "swap4", "swap8"]:
+        assert symbols.count(f"gpuckpt_{name}") >= 7, name
+
+
+def test_expanded_source_inlines_every_local_include():
+    """What NVRTC compiles when the fatbin cannot load: the whole text, headers inlined, so CuPy's
+    cache (keyed by the source string) sees an edit to any of them."""
+    from gpuckpt.kernel_sources import expanded_source, read_source
+
+    text = expanded_source("convert.cu")
+    assert '#include "' not in text
+    assert read_source("convert.cuh").splitlines()[-3] in text
+    assert "X(f64_to_bf16, uint64_t, uint16_t, f64_to_bf16)" in text
+    assert text.startswith('#line 1 "convert.cu"')
