@@ -31,6 +31,7 @@ from .format.bundle import TensorEntry, encode_name
 from .format.object_graph import OBJECT_GRAPH_KEY, StateKind
 from .format.slices import slice_key
 from .format.state import STATE_FILENAME
+from .host.convert import convert
 from .writer import Payload, array_payload, tf_dtype_of, write_bundle
 
 Source = tuple[str | os.PathLike[str], Mapping[str, str] | None]
@@ -43,6 +44,16 @@ def map_names(names: Iterable[str], assignment_map: Mapping[str, str] | None, wh
     names = list(names)
     if assignment_map is None:
         return {n: [n] for n in names}
+    for old, new in sorted(assignment_map.items()):  # every entry's form, before any name is looked up
+        if not old.endswith("/") and new.endswith("/"):  # TensorFlow's init_from_checkpoint refuses it too
+            raise InvalidArgumentError(
+                f"assignment map entry {old!r}: {new!r} maps the tensor name {old!r} to a scope; a name "
+                "should map to a name, and a scope to scope only: 'scope/': 'other_scope/': " + where
+            )
+        if old.endswith("/") and not new.endswith("/"):
+            raise InvalidArgumentError(
+                f"assignment map entry {old!r}: {new!r} maps a scope to a name; use 'scope/': 'other/': " + where
+            )
     present = set(names)
     mapped: dict[str, list[str]] = {}
     for old, new in sorted(assignment_map.items()):
@@ -53,8 +64,6 @@ def map_names(names: Iterable[str], assignment_map: Mapping[str, str] | None, wh
                 )
             mapped.setdefault(old, []).append(new)
             continue
-        if not new.endswith("/"):
-            raise ValueError(f"assignment map entry {old!r}: {new!r} maps a scope to a name; use 'scope/': 'other/'")
         source_scope = "" if old == "/" else old
         target_scope = "" if new == "/" else new
         hits = [n for n in names if n.startswith(source_scope)]
@@ -163,7 +172,7 @@ def restore_many(
             for old, new in wanted:
                 array = arrays[old]
                 target = chooser(new, array.dtype) if chooser is not None else array.dtype
-                result[new] = array if target == array.dtype else array.astype(target)
+                result[new] = convert(array, target, describe(ckpt.prefix, old))
         return result
     finally:
         plan.close()
@@ -241,8 +250,8 @@ def _raw_payload(ckpt: Checkpoint, entry: TensorEntry, key: bytes, new_name: str
 def _decoded_payload(ckpt: Checkpoint, old: str, new: str, target: np.dtype | None) -> Payload:
     """A tensor decoded (byte-swapped, cast) and encoded again: only when bytes cannot be copied."""
     array = ckpt.get_tensor(old)
-    if target is not None and target != array.dtype:
-        array = array.astype(target)
+    if target is not None:
+        array = convert(array, target, describe(ckpt.prefix, old))
     if array.dtype != object and DTYPES.get(tf_dtype_of(array)) is None:
         raise UnsupportedError(f"cannot write dtype {array.dtype}: " + describe(ckpt.prefix, old))
     return array_payload(encode_name(new), new, array)

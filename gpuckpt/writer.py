@@ -9,6 +9,7 @@ only once all its data is durable; then the ``checkpoint`` state file is replace
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import secrets
@@ -29,8 +30,12 @@ from .format.table import build_table
 from .host.shards import data_filename
 from .host.strings import encode_strings
 
-# numpy dtype -> TF DataType value: the plain types win where several TF types share a numpy dtype.
-_TF_DTYPE = {info.numpy: value for value, info in sorted(DTYPES.items(), reverse=True) if info.numpy is not None}
+
+@functools.cache
+def _tf_dtypes() -> dict[np.dtype, int]:
+    """numpy dtype -> TF DataType value: the plain types win where several TF types share a numpy
+    dtype. Built on first use: it needs ml_dtypes, which ``import gpuckpt`` does not import."""
+    return {info.numpy: value for value, info in sorted(DTYPES.items(), reverse=True) if info.numpy is not None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +93,7 @@ def tf_dtype_of(array: np.ndarray) -> int:
     if array.dtype == object or array.dtype.kind in "SU":
         return 7
     native = array.dtype.newbyteorder("=") if array.dtype.byteorder in "<>" else array.dtype
-    value = _TF_DTYPE.get(native)
+    value = _tf_dtypes().get(native)
     if value is None:
         raise UnsupportedError(f"cannot save numpy dtype {array.dtype} in a TensorFlow checkpoint")
     return value

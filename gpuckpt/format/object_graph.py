@@ -11,11 +11,14 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
+from typing import TYPE_CHECKING
 
 from google.protobuf.message import DecodeError
 
-from .._proto import trackable_object_graph_pb2
 from ..errors import FormatError, describe
+
+if TYPE_CHECKING:
+    from .._proto import trackable_object_graph_pb2
 
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 OPTIMIZER_SLOT_MARK = "/.OPTIMIZER_SLOT/"
@@ -44,6 +47,8 @@ class ObjectAttribute:
 
 
 def _parse(serialized: bytes, path: str) -> trackable_object_graph_pb2.TrackableObjectGraph:
+    from .._proto import trackable_object_graph_pb2  # imported on first use, not by `import gpuckpt`
+
     graph = trackable_object_graph_pb2.TrackableObjectGraph()
     try:
         graph.ParseFromString(serialized)
