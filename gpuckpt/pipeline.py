@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import queue
 import threading
 from collections.abc import Callable, Sequence
@@ -530,7 +531,7 @@ class StagedRestore:
             error = exc
             self._abort.set()
             for stream in streams:  # let queued work finish before its memory is let go
-                _quietly(self.device.record(stream).synchronize)
+                _quietly(functools.partial(self._drain, stream))
             targets.clear()  # device memory of a failed restore goes back to the allocator
         finally:
             fault: BaseException | None = None
@@ -547,6 +548,10 @@ class StagedRestore:
             # Finished only now, so whoever waits on the future finds every buffer released; a
             # device fault in queued work means the results cannot be trusted.
             future._finish(error if error is not None else fault)
+
+    def _drain(self, stream: Any) -> None:
+        """Wait for everything queued on ``stream`` so far."""
+        self.device.record(stream).synchronize()
 
     def _stage_partitioned(self, target: _Target, free: queue.Queue[_Slot], stream: Any) -> None:
         """Each saved slice through the staging slots into a device buffer of its own, checked,

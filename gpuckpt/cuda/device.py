@@ -3,6 +3,10 @@
 Pinned host memory from ``cupy.cuda.alloc_pinned_memory``; copies with ``cudaMemcpyAsync`` on
 non-blocking streams; events from ``Stream.record``; the conversion kernels of kernels/convert.cu
 compiled once per device with ``cupy.RawModule``.
+
+Every CUDA call runs with this device current (``with cupy.cuda.Device(index)``): the calling
+thread may be a reader thread, whose current device is 0, and CUDA binds events, kernel
+launches and module loads to the current device.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ class CudaDevice:
         self.index = index
         self.name = f"cuda:{index}"
         self._module: Any = None
+        self._functions: dict[str, Any] = {}  # kernel name -> RawKernel (it caches per device)
         self._pinned: dict[int, Any] = {}  # id(buffer) -> the PinnedMemoryPointer keeping it alive
 
     @classmethod
@@ -109,35 +114,48 @@ class CudaDevice:
 
     def copy_to_device(self, dst: Any, dst_offset: int, src: np.ndarray, nbytes: int, stream: Any) -> None:
         if nbytes:
-            cupy.cuda.runtime.memcpyAsync(
-                dst.data.ptr + dst_offset, src.ctypes.data, nbytes, cupy.cuda.runtime.memcpyHostToDevice, stream.ptr
-            )
+            with self._device():
+                cupy.cuda.runtime.memcpyAsync(
+                    dst.data.ptr + dst_offset, src.ctypes.data, nbytes, cupy.cuda.runtime.memcpyHostToDevice, stream.ptr
+                )
 
     def copy_to_host(self, dst: np.ndarray, src: Any, src_offset: int, nbytes: int, stream: Any) -> None:
         if nbytes:
-            cupy.cuda.runtime.memcpyAsync(
-                dst.ctypes.data, src.data.ptr + src_offset, nbytes, cupy.cuda.runtime.memcpyDeviceToHost, stream.ptr
-            )
+            with self._device():
+                cupy.cuda.runtime.memcpyAsync(
+                    dst.ctypes.data, src.data.ptr + src_offset, nbytes, cupy.cuda.runtime.memcpyDeviceToHost, stream.ptr
+                )
 
     def record(self, stream: Any) -> CudaEvent:
-        return CudaEvent(stream.record())
+        # Stream.record makes its Event on the calling thread's current device, and an event
+        # recorded on another device's stream fails (cudaErrorInvalidResourceHandle): reader
+        # threads start on device 0, so the event is made inside this device.
+        with self._device():
+            return CudaEvent(stream.record())
 
     def wait_event(self, stream: Any, event: CudaEvent) -> None:
-        stream.wait_event(event.event)
+        with self._device():
+            stream.wait_event(event.event)
 
-    def _kernels(self) -> Any:
+    def _function(self, name: str) -> Any:
+        """Kernel ``name``, looked up with this device current: RawModule loads its module on the
+        device current at the lookup (once per device), so a lookup elsewhere would load it on
+        whatever device the calling thread has (GPU 0 for a reader thread)."""
         with self._lock:
             if self._module is None:
                 source = '#line 1 "convert.cu"\n' + read_source("convert.cu")
+                self._module = cupy.RawModule(code=source, options=(f"-I{kernel_dir()}", "--std=c++14"))
+            function = self._functions.get(name)
+            if function is None:
                 with self._device():
-                    self._module = cupy.RawModule(code=source, options=(f"-I{kernel_dir()}", "--std=c++14"))
-            return self._module
+                    function = self._functions[name] = self._module.get_function(f"gpuckpt_{name}")
+            return function
 
     def _launch(self, name: str, args: tuple[Any, ...], n: int, stream: Any) -> None:
         if n == 0:
             return
         grid = min(_MAX_GRID, (n + _BLOCK - 1) // _BLOCK)
-        kernel = self._kernels().get_function(f"gpuckpt_{name}")
+        kernel = self._function(name)
         with self._device(), stream:  # a RawKernel launches on the current stream
             kernel((grid,), (_BLOCK,), args + (np.uint64(n),))
 
