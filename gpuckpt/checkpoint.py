@@ -314,6 +314,7 @@ class Checkpoint:
         """Start a restore and return at once: ``future.result()`` for everything,
         ``future.ready(name)`` / ``future.wait(name)`` per tensor as it arrives."""
         self._check_open()
+        _check_threads(threads)
         entries = self._select(names)
         verify = self.verify if verify is None else verify
         chooser = dtype_chooser(dtype)
@@ -504,6 +505,7 @@ def open(  # noqa: A001 - the name is the API
     FormatError, UnsupportedError : the index is corrupt, or of a version or kind not supported.
     """
     chosen = resolve_device(device)
+    _check_threads(threads)
     prefix = resolve_prefix(path)
     for attempt in range(1, RESOLVE_ATTEMPTS + 1):
         try:
@@ -516,3 +518,10 @@ def open(  # noqa: A001 - the name is the API
     return Checkpoint(
         prefix, index, shards, chosen, verify, threads or _default_threads(), options or RestoreOptions.from_env()
     )
+
+
+def _check_threads(threads: object) -> None:
+    """``threads=`` is None (the default) or a positive integer; anything else is refused, never
+    silently replaced by the default."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise InvalidArgumentError(f"threads={threads!r}: give a positive number of reader threads, or None")

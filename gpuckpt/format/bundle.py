@@ -255,9 +255,11 @@ class _EntryParser:
         if limit is None:
             limit = self.shard_bytes[shard_id] = self.shard_size(shard_id, self.num_shards)
         if offset + size > limit:
+            data_file = f"{path.removesuffix('.index')}.data-{shard_id:05d}-of-{self.num_shards:05d}"  # FORMAT.md 1.1
             raise FormatError(
-                f"tensor bytes [{offset}, {offset + size}) run past the end of data shard {shard_id} "
-                f"({limit} bytes): " + describe(path, name, offset)
+                f"data file {data_file!r} is too short (truncated?): it has {limit} bytes, and tensor bytes "
+                f"[{offset}, {offset + size}) of data shard {shard_id} run past its end: "
+                + describe(path, name, offset)
             )
 
     def _partitioned(self, name: str, dtype: int, shape: tuple[int, ...], proto: object) -> TensorEntry:
