@@ -16,7 +16,7 @@ import numpy as np
 
 from .casting import DtypeChooser, dtype_chooser
 from .devices import CPU, device_name, resolve_device
-from .dtypes import dtype_name
+from .dtypes import dtype_name, numpy_dtype
 from .errors import (
     CheckpointNotFoundError,
     ClosedCheckpointError,
@@ -45,12 +45,18 @@ class TensorInfo:
     """What the index says about one tensor; available without reading any data."""
 
     name: str
-    dtype: np.dtype | None  #: numpy dtype of the restored array (object for strings; None if unreadable)
     tf_dtype: str  #: TensorFlow's name for the dtype, e.g. "float32", "bfloat16", "string"
     shape: tuple[int, ...]
     nbytes: int  #: bytes stored in the data files (all slices, for a partitioned tensor)
     shard_id: int | None  #: data file holding it (None when partitioned across slices)
     partitioned: bool
+    numpy_name: str | None  #: what :attr:`dtype` resolves ("object" for strings; None if unreadable)
+
+    @property
+    def dtype(self) -> np.dtype | None:
+        """numpy dtype of the restored array (object for strings; None if unreadable). Resolved
+        when asked, so listing a checkpoint of bfloat16 tensors does not import ml_dtypes."""
+        return None if self.numpy_name is None else numpy_dtype(self.numpy_name)
 
 
 def _default_threads() -> int:
@@ -166,7 +172,7 @@ class Checkpoint:
             nbytes = entry.size
         return TensorInfo(
             name=name,
-            dtype=None if info is None else (np.dtype(object) if info.is_string else info.numpy),
+            numpy_name=None if info is None else ("object" if info.is_string else info.numpy_name),
             tf_dtype=info.name if info is not None else dtype_name(entry.dtype),
             shape=entry.shape,
             nbytes=nbytes,

@@ -123,6 +123,19 @@ def test_import_open_and_ls_do_not_import_ml_dtypes():
     assert result.returncode == 0, result.stderr
 
 
+def test_listing_bfloat16_tensors_does_not_import_ml_dtypes(floats_bundle):
+    prefix, _ = floats_bundle
+    code = (
+        "import sys, gpuckpt, gpuckpt.cli\n"
+        "ck = gpuckpt.open(sys.argv[1]); infos = [ck.info(k) for k in ck.keys()]\n"
+        "assert gpuckpt.cli.main(['ls', sys.argv[1]]) == 0 and 'ml_dtypes' not in sys.modules\n"
+        "assert {i.tf_dtype for i in infos} >= {'bfloat16'} and 'ml_dtypes' not in sys.modules\n"
+        "assert [i.dtype.name for i in infos if i.tf_dtype == 'bfloat16'] == ['bfloat16']\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, prefix], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+
+
 @pytest.mark.tf
 def test_tf_cast_differs_only_by_flushing_subnormals_and_rounding_through_float32():
     """The README's account of tf.cast on the CPU, measured: every value where it differs from
