@@ -12,8 +12,9 @@ against an independent float64 reference on every 8- and 16-bit input and millio
   6.2.3 recommends and as x86 and CUDA hardware convert between float32 and float64;
   float8_e4m3fn has one NaN and no payload: it becomes the target's quiet NaN with that sign.
 
-Only integer numpy operations are used, so neither the floating-point environment (flush-to-zero
-set by some native library) nor the installed numpy or ml_dtypes version can change a result.
+Only integer numpy operations are used (and ``frexp`` of integers below 2**53, to count their bits,
+which is exact), so neither the floating-point environment (flush-to-zero set by some native
+library) nor the installed numpy or ml_dtypes version can change a result.
 """
 
 from __future__ import annotations
