@@ -14,7 +14,10 @@ checks the device restore against the host restore bit for bit, then times on on
 * cold cache (files evicted with posix_fadvise) against the raw file read speed.
 
 Reports GB/s and ratios, peak host memory growth against the staging size, the device and its PCIe
-link, and writes a JSON file (default benchmarks/results/gpu-<device>.json).
+link, and writes a JSON file (default benchmarks/results/gpu-<device>.json). The file is rewritten
+after every stage, with ``stages_done``, each stage's wall time in ``stage_seconds`` and
+``complete`` false until the last: a run stopped at its time limit (tools/gpu_session.sh) still
+leaves what it measured.
 """
 
 from __future__ import annotations
@@ -117,8 +120,38 @@ def main(argv=None) -> int:
 
     import cupy
 
+    results = {
+        "device": device_description(),
+        "machine": machine_info(),
+        "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "complete": False,
+        "stages_done": [],
+        "stage_seconds": {},
+    }
+    stage_start = [time.perf_counter()]
+
+    def done(stage: str) -> None:
+        """``stage`` is measured: record its wall time and rewrite the JSON with what is known."""
+        now = time.perf_counter()
+        results["stages_done"].append(stage)
+        results["stage_seconds"][stage] = round(now - stage_start[0], 3)
+        stage_start[0] = now
+        if "bytes" in results:  # GB/s of every time measured so far
+            results.update(
+                {k[:-2] + "_GBps": results["bytes"] / v / 1e9 for k, v in results.items() if k.endswith("_s") and v}
+            )
+        # Written aside, then renamed: a run killed at its time limit never leaves half a file.
+        path = write_results(
+            results, args.out and args.out + ".part", "gpu", machine=results["device"].get("name", "gpu")
+        )
+        if args.out:
+            os.replace(path, args.out)
+        print(f"stage {stage}: {results['stage_seconds'][stage]:.1f} s", flush=True)
+
+    done("start")
     prefix = os.path.join(args.work_dir, f"gpu-{args.size_gb:g}gb-{args.tensors}t", "ckpt")
     make_checkpoint(prefix, args.size_gb, args.tensors)
+    done("checkpoint_written")
     with gpuckpt.open(prefix) as ckpt:
         files = ckpt.data_files() + [prefix + ".index"]
         total = sum(ckpt.info(n).nbytes for n in ckpt.keys())
@@ -158,24 +191,23 @@ def main(argv=None) -> int:
         with gpuckpt.open(prefix) as c:
             return {n: cupy.asarray(c.get_tensor(n)) for n in c.keys()}
 
-    results = {
-        "device": device_description(),
-        "machine": machine_info(),
-        "bytes": total,
-        "tensors": len(names),
-        "staging_bytes": options.staging_bytes,
-        "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-    }
+    results.update({"bytes": total, "tensors": len(names), "staging_bytes": options.staging_bytes})
+    done("checked_and_warm")
     results["floor_pinned_h2d_s"] = best_of(args.repeat, floor)
+    done("floor")
     target = cupy.empty(0, cupy.uint8)  # give the floor's device buffer back before the restores
     with PeakMemory() as peak:
         results["gpuckpt_verified_s"] = best_of(args.repeat, restore(True))
     results["peak_host_growth_bytes"] = peak.growth
+    done("verified")
     results["gpuckpt_unverified_s"] = best_of(args.repeat, restore(False))
+    done("unverified")
     # One device allocation carved into every tensor, against one cudaMalloc per tensor (the pool
     # is emptied before each run, as in a fresh process).
     results["gpuckpt_verified_single_allocation_s"] = best_of(args.repeat, restore(True, single_allocation=True))
+    done("single_allocation")
     results["naive_s"] = best_of(1, naive)
+    done("naive")
     try:
         import safetensors.torch
         import torch
@@ -200,6 +232,10 @@ def main(argv=None) -> int:
         results["safetensors_s"] = best_of(args.repeat, lambda: safetensors.torch.load_file(st_path, device="cuda"))
     except ImportError:
         results["safetensors_s"] = None
+    except Exception as exc:  # a baseline that breaks (torch's CUDA, disk space) must not lose the rest
+        results["safetensors_s"] = None
+        results["safetensors_error"] = f"{type(exc).__name__}: {exc}"
+    done("safetensors")
 
     def cold():
         evict(files)
@@ -213,7 +249,9 @@ def main(argv=None) -> int:
                     pass
 
     results["cold_gpuckpt_s"] = best_of(1, cold)
+    done("cold")
     results["cold_raw_read_s"] = best_of(1, raw_read)
+    done("cold_raw_read")
 
     gbps = {k[:-2] + "_GBps": total / v / 1e9 for k, v in results.items() if k.endswith("_s") and v}
     results.update(gbps)
@@ -229,8 +267,9 @@ def main(argv=None) -> int:
         "cold_vs_raw_read": results["cold_raw_read_s"] / results["cold_gpuckpt_s"],
         "host_growth_vs_staging": peak.growth / options.staging_bytes,
     }
+    results["complete"] = True
+    done("ratios")
     print(json.dumps(results, indent=2))
-    write_results(results, args.out, "gpu", machine=results["device"].get("name", "gpu"))
     return 0
 
 
