@@ -1,9 +1,10 @@
 // CUDA kernels: dtype conversion of restored tensors on the device, and byte swapping for
 // big-endian bundles. Raw bytes are copied to the GPU first, then converted here, so the host to
-// device copy stays a plain DMA. The element functions live in convert.cuh (checked on the host
-// against numpy/ml_dtypes bit for bit); these kernels only apply them with grid-stride loops.
-// Loaded once per device by gpuckpt/cuda/kernels.py through cupy.RawModule, which prepends
-// `#line 1 "convert.cu"` so compiler messages point here.
+// device copy stays a plain DMA. The element functions live in convert.cuh (checked on the host,
+// bit for bit, against the project's conversion rule); these kernels only apply them with
+// grid-stride loops. Shipped compiled as convert.fatbin (tools/build_kernels.py) and loaded once
+// per device by gpuckpt/cuda/kernels.py through cupy.RawModule(path=...); where that cannot load,
+// NVRTC compiles the expanded source (gpuckpt/kernel_sources.py), whose #line directives point here.
 #include "convert.cuh"
 
 #define X(name, src_t, dst_t, fn)                                                          \
