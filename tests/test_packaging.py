@@ -219,7 +219,7 @@ def test_lowest_constraints_pin_exactly_the_declared_lower_bounds():
     declared = {}
     for requirement in project["dependencies"] + project["optional-dependencies"]["test"]:
         specifiers = requirement.split(";")[0]
-        lower = re.search(r">=\s*([0-9][^,\s]*)", specifiers)
+        lower = re.search(r"(?:>=|==)\s*([0-9][^,\s]*)", specifiers)  # an exact pin is its own lower bound
         assert lower, f"{requirement!r}: every runtime and test dependency needs a lower bound"
         declared[_name(requirement)] = lower.group(1)
     pinned = {}

@@ -1,0 +1,405 @@
+"""Name mappings: from a checkpoint's TensorFlow names to another framework's parameter names.
+
+A :class:`NameMap` is an ordered list of rules; the first rule whose regular expression matches the
+whole checkpoint name decides:
+
+* :func:`rule` ``(pattern, target, transpose=..., reshape=..., dtype=...)`` maps the name to
+  ``match.expand(target)`` (``\\1``, ``\\g<name>``: the captured layer indices and names), with
+  the transforms applied to the tensor in this order: reshape, transpose, dtype;
+* :func:`skip` drops the names it matches, by pattern or by :class:`~gpuckpt.StateKind`
+  (optimizer slots, optimizer state, counters, the object graph), and records why.
+
+A name no rule matches is *unmapped*: :meth:`NameMap.plan` lists it, and the loaders report it
+(``strict=True`` refuses it); nothing is dropped silently. Two checkpoint names mapped to one
+target name are an :class:`~gpuckpt.InvalidArgumentError` naming both.
+
+Rules can also be written as JSON (``gpuckpt convert --map FILE``)::
+
+    {"rules": [
+      {"skip_kinds": ["optimizer_slot", "optimizer", "counter", "object_graph"]},
+      {"skip": ".*/adam_[mv]", "why": "AdamWeightDecay slots"},
+      {"match": "bert/encoder/layer_(\\\\d+)/attention/self/(query|key|value)/kernel",
+       "to": "bert.encoder.layer.\\\\1.attention.self.\\\\2.weight", "transpose": true}
+    ]}
+
+This module is framework-neutral: it decides names and shapes. :mod:`gpuckpt.torch` applies the
+transforms to tensors on their device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Union
+
+from .errors import InvalidArgumentError
+from .format.object_graph import StateKind, classify_name
+
+#: ``reshape="target"``: reshape to the shape the target already has.
+TARGET_SHAPE = "target"
+#: ``reshape="squeeze"``: drop every axis of size 1 (GPT-2's ``[1, nx, nf]`` Conv1D kernels become
+#: ``[nx, nf]``, as ``numpy.squeeze`` does in transformers' loader).
+SQUEEZE = "squeeze"
+
+#: The kinds that are not a model's weights: what a loader skips unless a rule says otherwise.
+NOT_MODEL_KINDS = (StateKind.OPTIMIZER_SLOT, StateKind.OPTIMIZER, StateKind.COUNTER, StateKind.OBJECT_GRAPH)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One mapping rule: the checkpoint names ``pattern`` matches (whole names) get the name
+    ``target`` expands to; or, with ``skip`` set, are dropped for that reason."""
+
+    pattern: re.Pattern[str] | None  #: None: the rule matches by kind only
+    target: str | None = None  #: a ``re.Match.expand`` template; None for a skip rule
+    transpose: tuple[int, ...] | bool = False  #: True reverses the axes (``a.T``); a tuple permutes them
+    reshape: tuple[int, ...] | str | None = None  #: a shape, or "target" for the target's own shape
+    dtype: str | None = None  #: cast to this dtype (by name, e.g. "float16", "int64") after the read
+    skip: str | None = None  #: the reason names matched by this rule are skipped
+    kinds: frozenset[StateKind] = frozenset()  #: skip rules: the kinds they skip
+
+    @property
+    def is_skip(self) -> bool:
+        return self.skip is not None
+
+    @property
+    def has_transform(self) -> bool:
+        """Whether the tensor is changed beyond a reshape (reshapes of contiguous memory are views)."""
+        return bool(self.transpose) or self.dtype is not None
+
+    def matches(self, name: str, kind: StateKind | None) -> re.Match[str] | bool | None:
+        if self.kinds and kind is not None and kind in self.kinds:
+            return True
+        if self.pattern is not None:
+            return self.pattern.fullmatch(name)
+        return None
+
+    def axes(self, ndim: int) -> tuple[int, ...] | None:
+        """The permutation the transpose applies to an array of ``ndim`` axes (None: none)."""
+        if self.transpose is True:
+            return tuple(range(ndim - 1, -1, -1))
+        if not self.transpose:
+            return None
+        axes = tuple(self.transpose)
+        if sorted(axes) != list(range(ndim)):
+            raise InvalidArgumentError(f"transpose={axes} is not a permutation of {ndim} axes")
+        return axes
+
+    def reshaped_shape(self, shape: Sequence[int], target_shape: Sequence[int] | None) -> tuple[int, ...]:
+        """The shape after this rule's reshape alone (before its transpose). ``"target"`` reshapes
+        so that the final shape, after the transpose, is ``target_shape``."""
+        shape = tuple(int(d) for d in shape)
+        if self.reshape is None:
+            return shape
+        if self.reshape == SQUEEZE:
+            return tuple(d for d in shape if d != 1)
+        if self.reshape == TARGET_SHAPE:
+            if target_shape is None:
+                raise InvalidArgumentError('reshape="target" needs the target\'s shape')
+            final = tuple(int(d) for d in target_shape)
+            axes = self.axes(len(final))
+            wanted = final if axes is None else tuple(final[axes.index(i)] for i in range(len(final)))
+        else:
+            assert isinstance(self.reshape, tuple)
+            wanted = self.reshape
+        if _count(wanted) != _count(shape):
+            raise InvalidArgumentError(f"cannot reshape {list(shape)} ({_count(shape)} elements) to {list(wanted)}")
+        return wanted
+
+    def result_shape(self, shape: Sequence[int], target_shape: Sequence[int] | None = None) -> tuple[int, ...]:
+        """The shape a tensor of ``shape`` has after this rule's reshape and transpose
+        (``target_shape``: the target's shape, for ``reshape="target"``); InvalidArgumentError when
+        the reshape cannot apply to that many elements."""
+        shape = self.reshaped_shape(shape, target_shape)
+        axes = self.axes(len(shape))
+        return shape if axes is None else tuple(shape[a] for a in axes)
+
+    def describe(self) -> str:
+        if self.is_skip:
+            what = self.pattern.pattern if self.pattern is not None else ""
+            kinds = ",".join(sorted(k.value for k in self.kinds))
+            return f"skip {what or 'kinds=' + kinds} ({self.skip})"
+        extras = [f"transpose={self.transpose}" if self.transpose else ""]
+        extras += [f"reshape={self.reshape}" if self.reshape else "", f"dtype={self.dtype}" if self.dtype else ""]
+        suffix = " ".join(e for e in extras if e)
+        assert self.pattern is not None
+        return f"{self.pattern.pattern} -> {self.target}" + (f" [{suffix}]" if suffix else "")
+
+
+def _count(shape: Sequence[int]) -> int:
+    total = 1
+    for d in shape:
+        total *= int(d)
+    return total
+
+
+def _compile(pattern: str | re.Pattern[str]) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except (re.error, TypeError) as exc:
+        raise InvalidArgumentError(f"mapping pattern {pattern!r} is not a regular expression: {exc}") from None
+
+
+def rule(
+    pattern: str | re.Pattern[str],
+    target: str,
+    *,
+    transpose: bool | Sequence[int] = False,
+    reshape: Sequence[int] | str | None = None,
+    dtype: Any = None,
+) -> Rule:
+    """A rule mapping the names ``pattern`` matches (whole names) to ``match.expand(target)``."""
+    compiled = _compile(pattern)
+    if not isinstance(target, str):
+        raise InvalidArgumentError(f"mapping target {target!r} for {compiled.pattern!r} is not a string")
+    if reshape is not None and reshape not in (TARGET_SHAPE, SQUEEZE):
+        if isinstance(reshape, str):
+            raise InvalidArgumentError(f'reshape={reshape!r}: a shape, "target" or "squeeze"')
+        reshape = tuple(int(d) for d in reshape)
+    if not isinstance(transpose, bool):
+        transpose = tuple(int(a) for a in transpose)
+    if dtype is not None:
+        dtype = _dtype_name(dtype)
+    _check_template(compiled, target)
+    return Rule(compiled, target, transpose, reshape, dtype)
+
+
+_GROUP_REFERENCE = re.compile(r"\\(?:(\d+)|g<([^>]*)>)")
+
+
+def _check_template(pattern: re.Pattern[str], target: str) -> None:
+    """A template referring to a group the pattern lacks is refused here, not at the first match."""
+    for number, named in _GROUP_REFERENCE.findall(target):
+        ref = number or named
+        ok = int(ref) <= pattern.groups if ref.isdigit() else ref in pattern.groupindex
+        if not ok:
+            raise InvalidArgumentError(
+                f"mapping target {target!r} refers to group {ref!r}, which {pattern.pattern!r} does not have"
+            )
+
+
+def skip(pattern: str | re.Pattern[str] | None = None, *, kinds: Iterable[Any] = (), why: str | None = None) -> Rule:
+    """A rule dropping the names ``pattern`` matches and/or the keys of the given kinds."""
+    kind_set = frozenset(StateKind(k) for k in kinds)
+    if pattern is None and not kind_set:
+        raise InvalidArgumentError("a skip rule needs a pattern or kinds")
+    compiled = _compile(pattern) if pattern is not None else None
+    reason = why or (f"kind {', '.join(sorted(k.value for k in kind_set))}" if kind_set else f"matches {pattern!r}")
+    return Rule(compiled, None, skip=reason, kinds=kind_set)
+
+
+def _dtype_name(dtype: Any) -> str:
+    name = getattr(dtype, "name", None) if not isinstance(dtype, str) else dtype
+    if name is None:  # torch.float16 and numpy scalar types
+        text = str(dtype)
+        name = text.removeprefix("torch.") if text.startswith("torch.") else getattr(dtype, "__name__", text)
+    return str(name).removeprefix("ml_dtypes.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mapped:
+    """A checkpoint name and where it goes."""
+
+    source: str
+    target: str
+    rule: Rule | None  #: None for a plain name-to-name entry
+
+
+@dataclasses.dataclass(frozen=True)
+class MappingPlan:
+    """What a :class:`NameMap` does with a checkpoint's names."""
+
+    mapped: dict[str, Mapped]  #: by checkpoint name
+    skipped: dict[str, str]  #: checkpoint name -> why
+    unmapped: list[str]  #: no rule matched: reported, never dropped silently
+
+    def by_target(self) -> dict[str, Mapped]:
+        return {m.target: m for m in self.mapped.values()}
+
+
+KindOf = Callable[[str], StateKind]
+
+
+class NameMap:
+    """Ordered rules from checkpoint names to target names; the first matching rule decides.
+
+    ``NameMap(rules, prefix=...)``: ``prefix`` is prepended to every mapped target (presets use it
+    for a base model's attribute, e.g. ``"bert."`` in ``BertForPreTraining``). ``fallback`` is
+    what an unmatched name becomes: None leaves it unmapped (reported); a function gives its
+    target name (e.g. ``lambda n: n.replace("/", ".")``).
+    """
+
+    def __init__(
+        self,
+        rules: Iterable[Rule] = (),
+        *,
+        prefix: str = "",
+        fallback: Callable[[str], str | None] | None = None,
+        name: str = "custom",
+    ) -> None:
+        self.rules = list(rules)
+        for r in self.rules:
+            if not isinstance(r, Rule):
+                raise InvalidArgumentError(f"mapping rule {r!r} is not a Rule (use gpuckpt.mapping.rule/skip)")
+        self.prefix = prefix
+        self.fallback = fallback
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<NameMap {self.name!r}: {len(self.rules)} rules, prefix={self.prefix!r}>"
+
+    def with_prefix(self, prefix: str) -> NameMap:
+        return NameMap(self.rules, prefix=prefix, fallback=self.fallback, name=self.name)
+
+    def bind(self, target_names: Iterable[str]) -> NameMap:
+        """This map adapted to a target's names (presets choose their prefix here); as is by default."""
+        return self
+
+    def lookup(self, name: str, kind: StateKind | None = None) -> Mapped | str | None:
+        """Where ``name`` goes: a :class:`Mapped`, the reason it is skipped (str), or None (unmapped)."""
+        for r in self.rules:
+            match = r.matches(name, kind)
+            if not match:
+                continue
+            if r.is_skip:
+                if match is True and kind is not None:  # matched by kind: say which
+                    return f"kind {kind.value}"
+                return r.skip
+            assert r.target is not None
+            expanded = match.expand(r.target) if isinstance(match, re.Match) else r.target
+            return Mapped(name, self.prefix + expanded, r)
+        if self.fallback is not None:
+            target = self.fallback(name)
+            if target is not None:
+                return Mapped(name, self.prefix + target, None)
+        return None
+
+    def plan(self, names: Iterable[str], kind: KindOf | None = None, where: str = "") -> MappingPlan:
+        """Apply the rules to every name (``kind``: ``Checkpoint.kind``, for the kind skip rules;
+        without it, the kind is read from the name alone, as for a checkpoint without an object graph)."""
+        if kind is None:
+            kind = classify_name
+        mapped: dict[str, Mapped] = {}
+        skipped: dict[str, str] = {}
+        unmapped: list[str] = []
+        owners: dict[str, str] = {}
+        for name in names:
+            result = self.lookup(name, kind(name) if kind is not None else None)
+            if result is None:
+                unmapped.append(name)
+            elif isinstance(result, str):
+                skipped[name] = result
+            else:
+                if result.target in owners:
+                    raise InvalidArgumentError(
+                        f"{owners[result.target]!r} and {name!r} both map to {result.target!r}"
+                        + (f": {where}" if where else "")
+                    )
+                owners[result.target] = name
+                mapped[name] = result
+        return MappingPlan(mapped, skipped, unmapped)
+
+    # -- files ---------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, spec: Mapping[str, Any], name: str = "custom") -> NameMap:
+        """A map from its JSON form: ``{"prefix": "...", "rules": [...]}`` (see the module docs)."""
+        if not isinstance(spec, Mapping) or not isinstance(spec.get("rules"), list):
+            raise InvalidArgumentError('a mapping file holds {"rules": [...]} (and optionally "prefix")')
+        unknown = set(spec) - {"rules", "prefix", "preset"}
+        if unknown:
+            raise InvalidArgumentError(f"unknown mapping keys {sorted(unknown)}")
+        rules = []
+        for number, item in enumerate(spec["rules"]):
+            if not isinstance(item, Mapping):
+                raise InvalidArgumentError(f"mapping rule {number} is not an object: {item!r}")
+            keys = set(item)
+            if "skip" in item or "skip_kinds" in item:
+                extra = keys - {"skip", "skip_kinds", "why"}
+                if extra:
+                    raise InvalidArgumentError(f"mapping rule {number}: unknown keys {sorted(extra)} for a skip rule")
+                try:
+                    rules.append(skip(item.get("skip"), kinds=item.get("skip_kinds", ()), why=item.get("why")))
+                except ValueError as exc:
+                    raise InvalidArgumentError(f"mapping rule {number}: {exc}") from None
+                continue
+            extra = keys - {"match", "to", "transpose", "reshape", "dtype"}
+            if extra or "match" not in item or "to" not in item:
+                raise InvalidArgumentError(
+                    f"mapping rule {number} needs 'match' and 'to' (and optionally transpose, reshape, dtype); "
+                    f"got {sorted(keys)}"
+                )
+            rules.append(
+                rule(
+                    item["match"],
+                    item["to"],
+                    transpose=item.get("transpose", False),
+                    reshape=item.get("reshape"),
+                    dtype=item.get("dtype"),
+                )
+            )
+        if spec.get("preset"):  # a file may extend a preset: its rules first, then the preset's
+            from .presets import get_preset
+
+            return _Extended(rules, get_preset(spec["preset"]), prefix=spec.get("prefix", ""), name=name)
+        return cls(rules, prefix=spec.get("prefix", ""), name=name)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> NameMap:
+        """A map from a JSON file (see the module docs)."""
+        with open(path, encoding="utf-8") as f:
+            try:
+                spec = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise InvalidArgumentError(f"mapping file {str(path)!r} is not JSON: {exc}") from None
+        return cls.from_dict(spec, name=os.fspath(path))
+
+
+class _Extended(NameMap):
+    """A file's own rules in front of a preset's (the preset still adapts its rules to the target)."""
+
+    def __init__(self, rules: list[Rule], preset: NameMap, prefix: str, name: str) -> None:
+        super().__init__(rules + preset.rules, prefix=prefix, name=name)
+        self._own = rules
+        self._preset = preset
+
+    def bind(self, target_names: Iterable[str]) -> NameMap:
+        return NameMap(self._own + self._preset.bind(target_names).rules, prefix=self.prefix, name=self.name)
+
+
+MappingLike = Union[None, str, NameMap, Mapping[str, str], Sequence[Rule]]  # noqa: UP007 - a runtime alias (3.10)
+
+
+def identity(name: str) -> str:
+    return name
+
+
+def as_name_map(mapping: MappingLike) -> NameMap:
+    """A :class:`NameMap` from what the loaders accept: None (every model key under its own name,
+    optimizer state and counters skipped), a preset's name ("bert", "gpt2"), a path to a JSON
+    file, a dict ``{checkpoint name: target name}`` (only those names are mapped), a list of rules,
+    or a NameMap."""
+    if isinstance(mapping, NameMap):
+        return mapping
+    if mapping is None:
+        return NameMap([skip(kinds=NOT_MODEL_KINDS)], fallback=identity, name="identity")
+    if isinstance(mapping, str):
+        from .presets import PRESETS, get_preset
+
+        if mapping in PRESETS:
+            return get_preset(mapping)
+        if os.path.exists(mapping):
+            return NameMap.from_file(mapping)
+        raise InvalidArgumentError(f"mapping={mapping!r} is neither a preset ({', '.join(PRESETS)}) nor a file")
+    if isinstance(mapping, Mapping):
+        table = dict(mapping)
+        for k, v in table.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise InvalidArgumentError(f"mapping entry {k!r}: {v!r} is not a pair of names")
+        exact = [rule(re.escape(k), v.replace("\\", "\\\\")) for k, v in table.items()]
+        return NameMap(exact + [skip(kinds=NOT_MODEL_KINDS)], name="dict")
+    if isinstance(mapping, Sequence):
+        return NameMap(mapping)  # type: ignore[arg-type] # NameMap checks every item is a Rule
+    raise InvalidArgumentError(f"mapping={mapping!r}: a preset name, a file, a dict of names, rules or a NameMap")
