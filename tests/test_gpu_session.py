@@ -19,7 +19,8 @@ SCRIPT = os.path.join(ROOT, "tools", "gpu_session.sh")
 PREFLIGHT = os.path.join(ROOT, "tools", "gpu_preflight.py")
 FAKE_NVIDIA_SMI = """#!/bin/sh
 # What a GPU machine's nvidia-smi prints, and which files $OUT held when it was asked.
-echo "NVIDIA Fake H200, 580.159.04, 5, 5, 16, 16, 143771 MiB; OUT then held: $(ls "$OUT" | tr '\\n' ' ')"
+case "$1" in --query-gpu=*) echo "index, name, driver_version, pcie.link.gen.current, memory.total [MiB]";; esac
+echo "0, NVIDIA Fake H200, 580.159.04, 5, 143771 MiB; OUT then held: $(ls "$OUT" | tr '\\n' ' ')"
 """
 
 
@@ -88,6 +89,7 @@ def test_without_a_gpu_the_device_is_recorded_first_and_the_preflight_stops_with
     assert reason.startswith("PREFLIGHT FAILED: CUDA is unusable"), reason
 
     summary = (out / "summary.txt").read_text()
+    assert "device: 0, NVIDIA Fake H200, 580.159.04" in summary
     assert f"FAIL: {reason}" in summary
     assert "FAIL: GPU tests: not run" in summary and "FAIL: benchmark: not run" in summary
     assert summary.strip().endswith("GPU SESSION: FAIL (3 problems)")

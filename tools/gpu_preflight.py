@@ -444,7 +444,12 @@ def summarize(out: str, preflight_rc: str, tests_rc: str, bench_rc: str, wheels:
     device = _read(os.path.join(out, "device.txt"))
     if not device:
         problems.append("device.txt is missing: the device record was not written")
-    lines += [line for line in device.splitlines() if line.startswith("requirements:")]
+    record = device.splitlines()
+    for i, line in enumerate(record):  # the GPU (the nvidia-smi query's first row), CuPy and CUDA
+        if line.startswith("index, name") and i + 1 < len(record):
+            lines.append(f"device: {record[i + 1]}")
+        elif line.startswith(("cupy version:", "CUDA runtime version:", "CUDA driver version:", "requirements:")):
+            lines.append(line)
     preflight_log = _read(os.path.join(out, "preflight.log"))
     lines += [line for line in preflight_log.splitlines() if line.startswith("PREFLIGHT") and "FAILED:" not in line]
     prc = _rc(preflight_rc)
@@ -506,6 +511,8 @@ def summarize(out: str, preflight_rc: str, tests_rc: str, bench_rc: str, wheels:
             for key, value in sorted((bench.get("ratios") or {}).items()):
                 if value is not None:
                     lines.append(f"  {key} {value:.3f}")
+            if bench.get("safetensors_error"):
+                lines.append(f"  safetensors baseline failed: {bench['safetensors_error']}")
             if not bench.get("complete"):
                 problems.append(f"benchmark: {_rc_text(brc)} before the end (gpu.json holds the stages done)")
             elif brc != 0:

@@ -20,7 +20,8 @@
 #   device.txt preflight.log gpu-tests.xml gpu-tests.log gpu.json bench.log summary.txt
 #
 # Variables: OUT (default /tmp/gpuckpt-out), SIZE_GB, GPU_SESSION_PYTHON (default python3),
-# GPU_SESSION_SKIP_WHEELS=1, GPU_SESSION_BUDGET_S, GPU_SESSION_WORK (scratch, default /tmp/gpuckpt-session).
+# GPU_SESSION_SKIP_WHEELS=1, GPU_SESSION_BUDGET_S, GPU_SESSION_WORK (scratch, default /tmp/gpuckpt-session),
+# GPU_SESSION_TESTS (default tests/test_gpu.py; a rerun may narrow it: "tests/test_gpu.py -k oom").
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 ROOT=$PWD
@@ -29,6 +30,7 @@ PY=${GPU_SESSION_PYTHON:-python3}
 BUDGET=${GPU_SESSION_BUDGET_S:-330}
 SIZE_GB=${SIZE_GB:-4}
 WORK=${GPU_SESSION_WORK:-/tmp/gpuckpt-session}
+GPU_TESTS=${GPU_SESSION_TESTS:-tests/test_gpu.py}  # pytest arguments, split on spaces: a rerun may add -k
 SITE=$WORK/site
 mkdir -p "$OUT" "$WORK" || exit 2
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
@@ -99,7 +101,7 @@ else
                 --no-cache-dir --upgrade --target "$SITE" "$wheel"
             ((RC == 0)) || failed+=("$wheel")
         done
-        WHEELS="INSTALL FAILED for ${failed[*]:-none alone} (all at once: see device.txt); going on with the image's packages"
+        WHEELS="INSTALL FAILED for ${failed[*]:-none alone} (all at once: see device.txt); going on with the rest and the image's packages"
     fi
 fi
 echo "wheels: $WHEELS" | tee -a "$DEVICE"
@@ -123,7 +125,7 @@ if ((PREFLIGHT_RC == 0)); then
     # junit report before the step's limit.
     export GPU_SESSION_TESTS_DEADLINE_S=$(($(limit_for 110) - 35))
     step "GPU tests" 110 "$OUT/gpu-tests.log" "$PY" tools/gpu_preflight.py pytest -q -ra -p no:cacheprovider \
-        --durations=10 ${timeout_flag[@]+"${timeout_flag[@]}"} --junitxml="$OUT/gpu-tests.xml" tests/test_gpu.py
+        --durations=10 ${timeout_flag[@]+"${timeout_flag[@]}"} --junitxml="$OUT/gpu-tests.xml" $GPU_TESTS
     TESTS_RC=$RC
 
     # 5. The benchmark: whatever budget is left, gpu.json rewritten after every stage.
