@@ -258,7 +258,8 @@ def _check_kernels(step: Any, cupy: Any, np: Any, rng: Any, arch: str) -> list[s
     def run(module: Any) -> str | None:
         function = module.get_function("gpuckpt_f32_to_bf16")
         src = cupy.asarray(bits)
-        dst = cupy.full(bits.size, 0xDEAD, cupy.uint16)  # poisoned: every element must be written
+        # Poisoned, and filled by a copy: cupy.full would compile CuPy's own kernel with NVRTC.
+        dst = cupy.asarray(np.full(bits.size, 0xDEAD, np.uint16))
         function(((bits.size + 255) // 256,), (256,), (src, dst, np.uint64(bits.size)))
         cupy.cuda.runtime.deviceSynchronize()
         got = cupy.asnumpy(dst)
