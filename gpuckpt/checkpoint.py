@@ -28,9 +28,10 @@ from .errors import (
 from .format.bundle import BundleIndex, TensorEntry, parse_index
 from .format.object_graph import OBJECT_GRAPH_KEY, ObjectAttribute, StateKind, classify_name, decode_object_graph
 from .format.state import INDEX_SUFFIX, RESOLVE_ATTEMPTS, resolve_prefix
-from .host.convert import check_conversion, convert
+from .host.convert import check_conversion
 from .host.lazy_slice import LazyTensor, zero_copy_view
 from .host.reader import HostReader, ProgressCallback
+from .host.reader import check_out as check_host_out
 from .host.shards import ShardFiles, data_filename
 from .options import RestoreOptions
 from .pipeline import RestoreFuture, SpreadFuture, check_out_array, restore_to_device
@@ -343,16 +344,23 @@ class Checkpoint:
             wait=wait,
         )
 
-    def _check_out(self, entries: list[TensorEntry], chooser: DtypeChooser | None, out: dict[str, Any]) -> None:
-        """Refuse, before anything is read, an ``out=`` array that does not fit and a ``dtype=``
-        conversion that is not defined."""
+    def _check_out(
+        self, entries: list[TensorEntry], chooser: DtypeChooser | None, out: dict[str, Any]
+    ) -> dict[str, np.dtype]:
+        """Refuse, before anything is read, an ``out=`` array that does not fit (shape, dtype; on
+        the host also a read-only or non-contiguous one) and a ``dtype=`` conversion that is not
+        defined. Returns the restored dtype of each tensor that is converted."""
+        converted: dict[str, np.dtype] = {}
         for entry in entries:
             stored = self.info(entry.name).dtype
             wanted = chooser(entry.name, stored) if chooser is not None and stored is not None else stored
             if stored is not None and wanted is not None:
-                check_conversion(stored, wanted, describe(self._index.path, entry.name))
+                if check_conversion(stored, wanted, describe(self._index.path, entry.name)) is not None:
+                    converted[entry.name] = np.dtype(wanted)
             if entry.name in out:
+                check_host_out(out[entry.name], entry, self._index.path)
                 check_out_array(out[entry.name], entry, np.dtype(wanted), self._index.path)
+        return converted
 
     def _restore_host(
         self,
@@ -364,17 +372,22 @@ class Checkpoint:
         out: dict[str, Any] | None,
         wait: bool,
     ) -> RestoreFuture:
+        """``out=`` arrays and converted tensors are read into in place, chunk by chunk
+        (:meth:`HostReader.read`): no temporary the size of a tensor, no second pass."""
         future = RestoreFuture([e.name for e in entries])
         out = out or {}
-        self._check_out(entries, chooser, out)
+        converted = self._check_out(entries, chooser, out)
 
         def run() -> None:
             try:
                 arrays = self._reader.read(
-                    entries, verify=verify, threads=self.threads if threads is None else threads, progress=progress
+                    entries,
+                    verify=verify,
+                    threads=self.threads if threads is None else threads,
+                    progress=progress,
+                    out=out,
+                    dtypes=converted,
                 )
-                if chooser is not None or out:
-                    arrays = {name: self._finish_host_array(name, a, chooser, out) for name, a in arrays.items()}
                 future._arrive_all(arrays)
                 future._finish(None)
             except BaseException as exc:  # noqa: B036 - reported through the future
@@ -385,15 +398,6 @@ class Checkpoint:
         else:
             threading.Thread(target=run, name="gpuckpt-restore", daemon=True).start()
         return future
-
-    def _finish_host_array(self, name: str, array: Any, chooser: DtypeChooser | None, out: dict[str, Any]) -> Any:
-        """Cast a host array as ``dtype=`` asks, and move it into ``out`` if one was given."""
-        if chooser is not None and array.dtype != object:
-            array = convert(array, chooser(name, array.dtype), describe(self._index.path, name))
-        if name in out:
-            out[name][...] = array
-            array = out[name]
-        return array
 
     def _restore_spread(
         self,

@@ -1,9 +1,15 @@
-"""Executing a read plan on the host: data shard bytes into numpy arrays that own their memory.
+"""Executing a read plan on the host: data shard bytes into numpy arrays.
 
-Large pieces are read straight into their final array in chunks, each chunk checksummed while it is
-still in cache, so verification costs no extra pass over memory and no extra copy. Small pieces
-share one read and are copied out of it. A pool of threads runs the reads; ``os.preadv``, the copies
-and ``crc32c`` all release the GIL.
+Every large piece is read straight into its destination (a new array, or the ``out=`` array the
+caller gave, or the region of it a saved slice covers) in chunks, each chunk checksummed while it
+is still in cache, so verification costs no extra pass over memory and no extra copy. Where the
+restored dtype differs from the stored one (``dtype=``), each chunk is read into a per-thread
+staging buffer and converted from there into the destination: no temporary the size of the
+tensor. Small pieces share one read and are copied (and converted) out of it. A pool of threads
+runs the reads; ``os.preadv``, the copies and ``crc32c`` all release the GIL.
+
+New arrays of 1 MiB and more come from one mapping per restore with huge pages advised (see
+:mod:`gpuckpt.host.arena`), faulted in by the reader threads as they copy.
 """
 
 from __future__ import annotations
@@ -11,18 +17,20 @@ from __future__ import annotations
 import concurrent.futures
 import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import EllipsisType
 
 import numpy as np
 
-from ..dtypes import DTYPES
-from ..errors import ChecksumError, FormatError, UnsupportedError, describe
+from ..dtypes import DTYPES, DTypeInfo
+from ..errors import ChecksumError, FormatError, InvalidArgumentError, UnsupportedError, describe
 from ..format.bundle import BundleIndex, TensorEntry, refused_reason
 from ..format.crc import PartChecksums, crc32c, unmask
 from ..format.slices import coverage_problem
 from ..gcpause import gc_paused
-from ..plan import DEFAULT_PLAN, PlanOptions, ReadGroup, pieces_of, plan_reads
-from .convert import fix_in_place
+from ..plan import DEFAULT_PLAN, Piece, PlanOptions, ReadGroup, contiguous_range, pieces_of, plan_reads
+from .arena import MIN_BYTES, new_arrays
+from .convert import check_conversion, fix_in_place, reference_convert
 from .shards import ShardFiles
 from .strings import decode_strings
 
@@ -33,15 +41,19 @@ ProgressCallback = Callable[[int, int], None]
 
 
 class _BulkRead:
-    """One large fixed-size tensor read straight into its array, possibly in parts by several
-    threads; the parts' CRCs are combined in order once all are in (crc32c_combine)."""
+    """One large fixed-size piece read straight into the contiguous run of its destination that
+    it fills, possibly in parts by several threads; the parts' CRCs are combined in order once all
+    are in (crc32c_combine). With a conversion, each chunk is staged and converted into place."""
 
-    def __init__(self, entry: TensorEntry, tensor: TensorEntry, split_bytes: int | None) -> None:
+    def __init__(self, piece: Piece, destination: np.ndarray, kernel: str | None, split_bytes: int | None) -> None:
+        entry = piece.stored
         info = entry.dtype_info
         assert info is not None and not info.is_string
-        self.entry, self.tensor = entry, tensor
-        self.array = np.empty(entry.shape, dtype=info.numpy)
-        self.flat = memoryview(self.array.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+        self.entry, self.tensor, self.kernel = entry, piece.tensor, kernel
+        span = contiguous_range(piece.tensor.shape, piece.region)
+        assert span is not None
+        self.elements = destination.reshape(-1)[span[0] : span[1]]  # a view: C-contiguous destination
+        self.flat = memoryview(self.elements.view(np.uint8)) if kernel is None else None  # type: ignore[arg-type]
         size = entry.size
         step = split_bytes if split_bytes and size > 2 * split_bytes else max(size, 1)
         self.bounds = [(start, min(size, start + step)) for start in range(0, max(size, 1), step)]
@@ -49,11 +61,33 @@ class _BulkRead:
 
 
 def _is_bulk(group: ReadGroup) -> bool:
-    """A read of one whole fixed-size tensor, done straight into its array."""
+    """A read of one fixed-size piece whose destination bytes are contiguous: done in place."""
     if len(group.pieces) != 1:
         return False
     piece = group.pieces[0]
-    return piece.region is None and not DTYPES[piece.stored.dtype].is_string
+    if DTYPES[piece.stored.dtype].is_string:
+        return False
+    return piece.region is None or contiguous_range(piece.tensor.shape, piece.region) is not None
+
+
+def _needs_fix(info: DTypeInfo, big_endian: bool) -> bool:
+    return bool(info.narrow_bits or (big_endian and info.swap_bytes))
+
+
+def check_out(given: object, tensor: TensorEntry, path: str) -> None:
+    """Refuse an ``out=`` array the host cannot read into in place: it must be a writeable numpy
+    array, C-contiguous unless it holds strings (those are assigned element by element)."""
+    problem = None
+    if not isinstance(given, np.ndarray):
+        problem = f"is a {type(given).__name__}, not a numpy array"
+    elif not given.flags.writeable:
+        problem = "is read-only"
+    elif given.dtype != object and not given.flags.c_contiguous:
+        problem = "is not C-contiguous (the host reads into it in place; pass np.ascontiguousarray of it)"
+    if problem is not None:
+        raise InvalidArgumentError(
+            f"out[{tensor.name!r}] {problem}: nothing was written: " + describe(path, tensor.name)
+        )
 
 
 def check_dtype(index: BundleIndex, tensor: TensorEntry) -> None:
@@ -82,6 +116,14 @@ def allocate(tensor: TensorEntry) -> np.ndarray:
     return np.empty(tensor.shape, dtype=object if info.is_string else info.numpy)
 
 
+def _restored_dtype(tensor: TensorEntry, dtypes: Mapping[str, np.dtype]) -> np.dtype:
+    info = tensor.dtype_info
+    assert info is not None  # check_readable ran first
+    if info.is_string:
+        return np.dtype(object)
+    return np.dtype(dtypes.get(tensor.name, info.numpy))
+
+
 class HostReader:
     """Reads tensors of one bundle into numpy arrays."""
 
@@ -103,25 +145,32 @@ class HostReader:
                 f"computed {crc:#010x}: " + describe(path, name, offset)
             )
 
-    def _read_part(self, bulk: _BulkRead, part: int, verify: bool, outputs: dict[str, np.ndarray]) -> int:
-        """Read one part of a large fixed-size tensor straight into its array, checksumming it 4 MiB
-        at a time while the bytes are in cache; the last part to finish combines the parts' CRCs,
-        verifies the tensor and publishes it."""
+    def _read_part(self, bulk: _BulkRead, part: int, verify: bool, stage: Callable[[], memoryview]) -> int:
+        """Read one part of a large fixed-size piece into its place, checksumming it 4 MiB at a
+        time while the bytes are in cache (and fixing or converting them there); the last part to
+        finish combines the parts' CRCs and verifies the piece."""
         entry = bulk.entry
+        info = entry.dtype_info
+        assert info is not None
+        big_endian = self.index.header.big_endian
+        fix = _needs_fix(info, big_endian)
         start, end = bulk.bounds[part]
         crc = 0
         for offset in range(start, end, CHUNK_BYTES):
-            chunk = bulk.flat[offset : min(end, offset + CHUNK_BYTES)]
+            length = min(end, offset + CHUNK_BYTES) - offset
+            chunk = bulk.flat[offset : offset + length] if bulk.flat is not None else stage()[:length]
             self.shards.read_into(entry.shard_id, entry.offset + offset, chunk, bulk.tensor.name)
             if verify:
                 crc = crc32c(chunk, crc)
-        if bulk.checksums.record(part, crc):
-            if verify:
-                self.verify_crc(bulk.checksums.combined(), entry, bulk.tensor)
-            info = entry.dtype_info
-            assert info is not None
-            fix_in_place(bulk.array, info, self.index.header.big_endian)
-            outputs[bulk.tensor.name] = bulk.array
+            if fix or bulk.kernel is not None:
+                values = np.frombuffer(chunk, info.numpy)  # offsets are multiples of every itemsize
+                if fix:
+                    fix_in_place(values, info, big_endian)
+                if bulk.kernel is not None:
+                    first = offset // info.itemsize
+                    bulk.elements[first : first + values.size] = reference_convert(bulk.kernel, values)
+        if bulk.checksums.record(part, crc) and verify:
+            self.verify_crc(bulk.checksums.combined(), entry, bulk.tensor)
         return end - start
 
     def read_raw(self, entry: TensorEntry) -> bytes:
@@ -144,9 +193,15 @@ class HostReader:
             self.verify_crc(crc32c(raw), entry, entry)
         return bytes(raw)
 
-    def _read_shared(self, group: ReadGroup, outputs: dict[str, np.ndarray], verify: bool) -> None:
-        """One read for many small pieces, then each piece copied out of it (the hot loop for
-        checkpoints of many small tensors, hence the inlined fixed-size path)."""
+    def _read_shared(
+        self,
+        group: ReadGroup,
+        outputs: dict[str, np.ndarray],
+        kernels: Mapping[str, str | None],
+        verify: bool,
+    ) -> None:
+        """One read for many small pieces, then each piece copied out of it into its destination
+        (the hot loop for checkpoints of many small tensors, hence the inlined fixed-size path)."""
         base = group.byte_range.offset
         buffer = bytearray(group.byte_range.length)
         view = memoryview(buffer)
@@ -156,6 +211,7 @@ class HostReader:
             entry = piece.stored
             info = DTYPES[entry.dtype]
             start = entry.offset - base
+            name = piece.tensor.name
             if info.is_string:
                 value = decode_strings(
                     view[start : start + entry.size],
@@ -166,17 +222,38 @@ class HostReader:
                     verify,
                     self._where(entry, piece.tensor),
                 )
-            else:
-                if verify:
-                    self.verify_crc(crc32c(view[start : start + entry.size]), entry, piece.tensor)
-                count = entry.size // info.itemsize
-                value = np.frombuffer(buffer, info.numpy, count, start).reshape(entry.shape).copy()
-                if info.narrow_bits or (big_endian and info.swap_bytes):
+                destination = outputs.get(name)
+                if destination is None:
+                    outputs[name] = value
+                else:
+                    destination[_box(piece.region)] = value
+                continue
+            if verify:
+                self.verify_crc(crc32c(view[start : start + entry.size]), entry, piece.tensor)
+            count = entry.size // info.itemsize
+            stored = np.frombuffer(buffer, info.numpy, count, start).reshape(entry.shape)
+            fix = info.narrow_bits or (big_endian and info.swap_bytes)
+            kernel = kernels.get(name)
+            destination = outputs.get(name)
+            if destination is None:  # a new array of its own
+                value = stored.copy()
+                if fix:
                     fix_in_place(value, info, big_endian)
-            if piece.region is None:
-                outputs[piece.tensor.name] = value
-            else:
-                outputs[piece.tensor.name][tuple(slice(a, b) for a, b in piece.region)] = value
+                outputs[name] = value if kernel is None else reference_convert(kernel, value).reshape(value.shape)
+                continue
+            span = contiguous_range(piece.tensor.shape, piece.region) if kernel is None else None
+            if span is not None:  # copied straight into place, fixed there
+                run = destination.reshape(-1)[span[0] : span[1]]
+                run[...] = stored.reshape(-1)
+                if fix:
+                    fix_in_place(run, info, big_endian)
+                continue
+            if fix:  # never in the shared buffer: a lying index may overlap two pieces' bytes
+                stored = stored.copy()
+                fix_in_place(stored, info, big_endian)
+            if kernel is not None:
+                stored = reference_convert(kernel, stored).reshape(stored.shape)
+            destination[_box(piece.region)] = stored
 
     def read(
         self,
@@ -185,12 +262,32 @@ class HostReader:
         verify: bool = True,
         threads: int = 1,
         progress: ProgressCallback | None = None,
+        out: Mapping[str, np.ndarray] | None = None,
+        dtypes: Mapping[str, np.dtype] | None = None,
     ) -> dict[str, np.ndarray]:
-        """Read ``tensors`` into new arrays (keyed by name). On any error nothing is returned."""
+        """Read ``tensors`` (keyed by name) into new arrays, or into the arrays ``out`` gives.
+
+        ``out`` arrays must already have the shape and restored dtype (the caller checks); they
+        are filled in place, and returned. ``dtypes`` gives the restored dtype of the tensors
+        converted (``dtype=``), each converted chunk by chunk as it is read. Everything is checked
+        before anything is read or written; on any error nothing is returned (``out`` arrays
+        may then hold part of the data).
+        """
+        out = out or {}
+        dtypes = dtypes or {}
         with gc_paused():  # one plan record per tensor, none in a cycle
+            kernels: dict[str, str | None] = {}
             for tensor in tensors:
                 check_readable(self.index, tensor)
-            outputs: dict[str, np.ndarray] = {t.name: allocate(t) for t in tensors if t.slices}
+                if tensor.name in dtypes:
+                    info = tensor.dtype_info
+                    stored = None if info is None else info.numpy
+                    if stored is not None:
+                        where = describe(self.index.path, tensor.name)
+                        kernels[tensor.name] = check_conversion(stored, np.dtype(dtypes[tensor.name]), where)
+                if tensor.name in out:
+                    check_out(out[tensor.name], tensor, self.index.path)
+            outputs = self._destinations(tensors, out, dtypes)
             pieces = [p for t in tensors for p in pieces_of(self.index, t)]
             groups = plan_reads(pieces, self.plan_options)
         total = sum(g.byte_range.length for g in groups)
@@ -204,24 +301,36 @@ class HostReader:
                     done += n
                     progress(done, total)
 
-        # Bulk reads (whole large tensors, cut into parts when threads can share one) release the
-        # GIL in preadv and crc32c; copying out many small tensors holds it. So the pool takes the
-        # bulk parts and this thread does the shared reads meanwhile.
+        # Bulk reads (large pieces, cut into parts when threads can share one) release the GIL in
+        # preadv and crc32c; copying out many small tensors holds it. So the pool takes the bulk
+        # parts and this thread does the shared reads meanwhile.
         split = SPLIT_BYTES if threads > 1 else None
-        bulk_tasks = [
-            (bulk, part)
-            for g in groups
-            if _is_bulk(g)
-            for bulk in [_BulkRead(g.pieces[0].stored, g.pieces[0].tensor, split)]
-            for part in range(len(bulk.bounds))
-        ]
-        shared = [g for g in groups if not _is_bulk(g)]
+        bulk_tasks: list[tuple[_BulkRead, int]] = []
+        shared: list[ReadGroup] = []
+        for group in groups:
+            if not _is_bulk(group):
+                shared.append(group)
+                continue
+            piece = group.pieces[0]
+            name = piece.tensor.name
+            if name not in outputs:  # a small tensor alone in its read
+                outputs[name] = np.empty(piece.tensor.shape, _restored_dtype(piece.tensor, dtypes))
+            bulk = _BulkRead(piece, outputs[name], kernels.get(name), split)
+            bulk_tasks.extend((bulk, part) for part in range(len(bulk.bounds)))
+
+        staging = threading.local()  # one chunk buffer per thread, for the conversions
+
+        def stage() -> memoryview:
+            buffer = getattr(staging, "buffer", None)
+            if buffer is None:
+                buffer = staging.buffer = memoryview(np.empty(CHUNK_BYTES, np.uint8))  # type: ignore[arg-type]
+            return buffer
 
         def run_bulk(task: tuple[_BulkRead, int]) -> None:
-            report(self._read_part(task[0], task[1], verify, outputs))
+            report(self._read_part(task[0], task[1], verify, stage))
 
         def run_shared(group: ReadGroup) -> None:
-            self._read_shared(group, outputs, verify)
+            self._read_shared(group, outputs, kernels, verify)
             report(group.byte_range.length)
 
         if threads <= 1 or len(bulk_tasks) <= 1:
@@ -245,3 +354,28 @@ class HostReader:
             for shard_id in sorted({g.byte_range.shard_id for g in groups}):
                 self.shards.check_not_shrunk(shard_id)
         return {t.name: outputs[t.name] for t in tensors}
+
+    def _destinations(
+        self, tensors: Sequence[TensorEntry], out: Mapping[str, np.ndarray], dtypes: Mapping[str, np.dtype]
+    ) -> dict[str, np.ndarray]:
+        """The arrays known before reading: those given, and new ones for partitioned tensors and
+        for every fixed-size tensor of :data:`~gpuckpt.host.arena.MIN_BYTES` or more (from one
+        mapping, :mod:`gpuckpt.host.arena`). Small unpartitioned tensors get theirs as they are read."""
+        outputs = {t.name: out[t.name] for t in tensors if t.name in out}
+        large = []
+        for tensor in tensors:
+            if tensor.name in outputs or (not tensor.slices and tensor.name not in dtypes and tensor.size < MIN_BYTES):
+                continue  # (the common case of many small tensors, decided without a dtype lookup)
+            dtype = _restored_dtype(tensor, dtypes)
+            if dtype.kind != "O" and math.prod(tensor.shape) * dtype.itemsize >= MIN_BYTES:
+                large.append((tensor, dtype))
+            elif tensor.slices:
+                outputs[tensor.name] = np.empty(tensor.shape, dtype)
+        arrays = new_arrays([(t.shape, dtype) for t, dtype in large])
+        outputs.update((t.name, array) for (t, _), array in zip(large, arrays, strict=True))
+        return outputs
+
+
+def _box(region: tuple[tuple[int, int], ...] | None) -> tuple[slice, ...] | EllipsisType:
+    """The index of a piece's region in its tensor (``...``: the whole, at any rank)."""
+    return ... if region is None else tuple(slice(a, b) for a, b in region)
