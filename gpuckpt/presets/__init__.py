@@ -1,0 +1,36 @@
+"""Name-mapping presets: original TensorFlow releases onto ``transformers``' PyTorch classes.
+
+* ``"bert"``: Google's original BERT checkpoints (``bert/encoder/layer_N/...``, the pre-training
+  heads ``cls/...``) onto ``BertModel``, ``BertForPreTraining`` (and the other ``Bert*`` classes
+  with a ``bert.`` base model), the names ``transformers.load_tf_weights_in_bert`` (4.x) gives.
+* ``"gpt2"``: OpenAI's original GPT-2 checkpoints (``model/h0/attn/c_attn/w``, ...) onto
+  ``GPT2Model`` (and ``GPT2LMHeadModel`` through its ``transformer.`` base), as
+  ``load_tf_weights_in_gpt2`` names them.
+
+Each preset is a :class:`gpuckpt.mapping.NameMap` whose :meth:`~gpuckpt.mapping.NameMap.bind`
+picks the base model's prefix from the target's names; unbound (``gpuckpt convert``), it uses the
+names of the pre-training class (``bert.``; GPT-2's base names), which ``from_pretrained`` loads
+into every class of the family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..errors import InvalidArgumentError
+from ..mapping import NameMap
+from .bert import bert
+from .gpt2 import gpt2
+
+PRESETS: dict[str, Callable[[], NameMap]] = {"bert": bert, "gpt2": gpt2}
+
+
+def get_preset(name: str) -> NameMap:
+    """The preset called ``name`` (InvalidArgumentError naming the presets for any other)."""
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise InvalidArgumentError(f"no mapping preset {name!r}; presets: {', '.join(PRESETS)}") from None
+
+
+__all__ = ["PRESETS", "bert", "get_preset", "gpt2"]

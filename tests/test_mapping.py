@@ -1,0 +1,403 @@
+"""gpuckpt.mapping (the rule language) and the presets, the presets checked against transformers 4.57.6:
+TensorFlow writes small BERT and GPT-2 checkpoints with the original variable names (tf.compat.v1
+variables and Saver, random values), transformers' own load_tf_weights_in_bert /
+load_tf_weights_in_gpt2 fill one model, gpuckpt's preset another of the same config (initialised
+differently), and every tensor of the two state dicts must be equal bit for bit, then the outputs
+on a fixed input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import gpuckpt
+from gpuckpt.mapping import NOT_MODEL_KINDS, SQUEEZE, NameMap, as_name_map, rule, skip
+from gpuckpt.presets import PRESETS, get_preset
+
+# -- the rule language (no framework needed) --------------------------------------------------------
+
+
+def test_rules_expand_captured_indices_and_the_first_match_decides():
+    m = NameMap(
+        [
+            skip(r".*/adam_[mv]", why="slots"),
+            rule(r"enc/layer_(\d+)/(q|k)/kernel", r"encoder.\1.\2.weight", transpose=True),
+            rule(r"enc/layer_(?P<n>\d+)/.*", r"encoder.\g<n>.other"),
+        ]
+    )
+    plan = m.plan(["enc/layer_3/q/kernel", "enc/layer_3/q/kernel/adam_m", "enc/layer_12/norm", "dec/x"])
+    assert {k: v.target for k, v in plan.mapped.items()} == {
+        "enc/layer_3/q/kernel": "encoder.3.q.weight",
+        "enc/layer_12/norm": "encoder.12.other",
+    }
+    assert plan.skipped == {"enc/layer_3/q/kernel/adam_m": "slots"}
+    assert plan.unmapped == ["dec/x"]  # reported, never dropped
+
+
+def test_skip_by_kind_uses_checkpoint_kind_or_the_name():
+    m = NameMap([skip(kinds=NOT_MODEL_KINDS)], fallback=lambda n: n)
+    plan = m.plan(["w", "w/Adam", "global_step", "beta1_power"])
+    assert list(plan.mapped) == ["w"]
+    assert plan.skipped == {
+        "w/Adam": "kind optimizer_slot",
+        "global_step": "kind counter",
+        "beta1_power": "kind optimizer",
+    }
+    kinds = {"w": gpuckpt.StateKind.COUNTER}
+    assert NameMap([skip(kinds=["counter"])]).plan(["w"], kind=kinds.get).skipped == {"w": "kind counter"}
+
+
+def test_two_names_onto_one_target_are_refused_naming_both():
+    m = NameMap([rule(r"(a|b)", "same")])
+    with pytest.raises(gpuckpt.InvalidArgumentError, match="'a' and 'b' both map to 'same'"):
+        m.plan(["a", "b"])
+
+
+def test_bad_rules_are_refused_when_written():
+    with pytest.raises(gpuckpt.InvalidArgumentError, match="regular expression"):
+        rule("(", "x")
+    with pytest.raises(gpuckpt.InvalidArgumentError, match="group '2'"):
+        rule(r"a(\d)", r"x\2")
+    with pytest.raises(gpuckpt.InvalidArgumentError, match="group 'n'"):
+        rule(r"a(\d)", r"x\g<n>")
+    with pytest.raises(gpuckpt.InvalidArgumentError, match="reshape"):
+        rule("a", "b", reshape="flat")
+    with pytest.raises(gpuckpt.InvalidArgumentError):
+        skip()
+    with pytest.raises(gpuckpt.InvalidArgumentError, match="not a Rule"):
+        NameMap(["a"])  # type: ignore[list-item]
+
+
+def test_shapes_after_reshape_and_transpose():
+    assert rule("a", "b", transpose=True).result_shape((2, 3)) == (3, 2)
+    assert rule("a", "b", transpose=(1, 2, 0)).result_shape((2, 3, 4)) == (3, 4, 2)
+    assert rule("a", "b", reshape=SQUEEZE).result_shape((1, 5, 1, 6)) == (5, 6)
+    assert rule("a", "b", reshape=(6,)).result_shape((2, 3)) == (6,)
+    assert rule("a", "b", reshape="target").result_shape((6,), (3, 2)) == (3, 2)
+    both = rule("a", "b", reshape="target", transpose=True)
+    assert both.reshaped_shape((6,), (3, 2)) == (2, 3) and both.result_shape((6,), (3, 2)) == (3, 2)
+    with pytest.raises(gpuckpt.InvalidArgumentError, match="cannot reshape"):
+        rule("a", "b", reshape=(5,)).result_shape((2, 3))
+
+
+def test_json_rules_and_extending_a_preset(tmp_path):
+    spec = {
+        "rules": [
+            {"skip_kinds": ["optimizer_slot", "counter"]},
+            {"skip": ".*/ema", "why": "moving averages"},
+            {"match": r"net/(\w+)/kernel", "to": r"net.\1.weight", "transpose": True, "dtype": "float16"},
+        ]
+    }
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps(spec))
+    m = as_name_map(str(path))
+    plan = m.plan(["net/fc/kernel", "net/fc/ema", "global_step", "w/Adam", "other"])
+    assert plan.mapped["net/fc/kernel"].target == "net.fc.weight"
+    assert plan.mapped["net/fc/kernel"].rule.dtype == "float16"
+    assert set(plan.skipped) == {"net/fc/ema", "global_step", "w/Adam"} and plan.unmapped == ["other"]
+    extended = NameMap.from_dict({"preset": "bert", "rules": [{"match": "bert/extra", "to": "bert.extra"}]})
+    plan = extended.bind(["bert.embeddings.word_embeddings.weight"]).plan(["bert/extra", "bert/pooler/dense/bias"])
+    assert {k: v.target for k, v in plan.mapped.items()} == {
+        "bert/extra": "bert.extra",
+        "bert/pooler/dense/bias": "bert.pooler.dense.bias",
+    }
+    for bad in ({"rules": [{"match": "a"}]}, {"rules": [{"skip": "a", "to": "b"}]}, {"rule": []}, []):
+        with pytest.raises(gpuckpt.InvalidArgumentError):
+            NameMap.from_dict(bad)  # type: ignore[arg-type]
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(gpuckpt.InvalidArgumentError, match="not JSON"):
+        as_name_map(str(tmp_path / "broken.json"))
+    with pytest.raises(gpuckpt.InvalidArgumentError, match="neither a preset"):
+        as_name_map("no-such-preset-or-file")
+
+
+def test_presets_bind_to_the_base_model_prefix():
+    assert set(PRESETS) == {"bert", "gpt2"}
+    bert = get_preset("bert")
+    name = "bert/encoder/layer_1/attention/self/query/kernel"
+    assert bert.lookup(name).target == "bert.encoder.layer.1.attention.self.query.weight"  # unbound: pre-training names
+    assert bert.bind(["embeddings.word_embeddings.weight"]).lookup(name).target == (
+        "encoder.layer.1.attention.self.query.weight"
+    )
+    assert bert.lookup("cls/predictions/output_bias").target == "cls.predictions.bias"
+    assert bert.lookup("bert/encoder/layer_0/output/dense/kernel/adam_v") == "AdamWeightDecay"
+    gpt2 = get_preset("gpt2")
+    assert gpt2.lookup("model/h11/attn/c_attn/w").target == "h.11.attn.c_attn.weight"
+    assert (
+        gpt2.bind(["transformer.wte.weight", "lm_head.weight"]).lookup("model/wte").target == "transformer.wte.weight"
+    )
+    with pytest.raises(gpuckpt.InvalidArgumentError, match="presets: bert, gpt2"):
+        get_preset("albert")
+
+
+# -- against transformers 4.57.6 -----------------------------------------------------------------------
+
+
+def _frameworks():
+    torch = pytest.importorskip("torch", reason="the presets are checked with PyTorch (pip install torch==2.13.0)")
+    transformers = pytest.importorskip("transformers", reason="pip install transformers==4.57.6")
+    if not hasattr(transformers.models.bert.modeling_bert, "load_tf_weights_in_bert"):
+        pytest.skip(f"transformers {transformers.__version__} has no TF loaders (4.57.6 is the last that has)")
+    from conftest import tf_or_skip
+
+    return torch, transformers, tf_or_skip()
+
+
+def _tf_v1_save(tf, prefix: str, arrays: dict[str, np.ndarray]) -> str:
+    """Save ``arrays`` as tf.compat.v1 variables of exactly these names with a v1 Saver."""
+    with tf.Graph().as_default():
+        variables = [tf.compat.v1.get_variable(name, initializer=value) for name, value in arrays.items()]
+        assert [v.op.name for v in variables] == list(arrays)
+        saver = tf.compat.v1.train.Saver(variables)
+        with tf.compat.v1.Session() as session:
+            session.run(tf.compat.v1.global_variables_initializer())
+            return saver.save(session, prefix, write_meta_graph=False)
+
+
+BERT = {"vocab": 99, "hidden": 32, "layers": 2, "heads": 4, "intermediate": 37, "positions": 64, "types": 2}
+
+
+def _bert_arrays(rng: np.random.Generator, heads: bool = True) -> dict[str, np.ndarray]:
+    """The variables of google-research/bert's modeling.py (and run_pretraining.py's heads)."""
+    h, i, v = BERT["hidden"], BERT["intermediate"], BERT["vocab"]
+    shapes: dict[str, tuple[int, ...]] = {
+        "bert/embeddings/word_embeddings": (v, h),
+        "bert/embeddings/position_embeddings": (BERT["positions"], h),
+        "bert/embeddings/token_type_embeddings": (BERT["types"], h),
+        "bert/embeddings/LayerNorm/gamma": (h,),
+        "bert/embeddings/LayerNorm/beta": (h,),
+    }
+    for n in range(BERT["layers"]):
+        p = f"bert/encoder/layer_{n}"
+        for part in ("query", "key", "value"):
+            shapes[f"{p}/attention/self/{part}/kernel"] = (h, h)
+            shapes[f"{p}/attention/self/{part}/bias"] = (h,)
+        shapes.update(
+            {
+                f"{p}/attention/output/dense/kernel": (h, h),
+                f"{p}/attention/output/dense/bias": (h,),
+                f"{p}/attention/output/LayerNorm/gamma": (h,),
+                f"{p}/attention/output/LayerNorm/beta": (h,),
+                f"{p}/intermediate/dense/kernel": (h, i),
+                f"{p}/intermediate/dense/bias": (i,),
+                f"{p}/output/dense/kernel": (i, h),
+                f"{p}/output/dense/bias": (h,),
+                f"{p}/output/LayerNorm/gamma": (h,),
+                f"{p}/output/LayerNorm/beta": (h,),
+            }
+        )
+    shapes["bert/pooler/dense/kernel"] = (h, h)
+    shapes["bert/pooler/dense/bias"] = (h,)
+    if heads:
+        shapes.update(
+            {
+                "cls/predictions/transform/dense/kernel": (h, h),
+                "cls/predictions/transform/dense/bias": (h,),
+                "cls/predictions/transform/LayerNorm/gamma": (h,),
+                "cls/predictions/transform/LayerNorm/beta": (h,),
+                "cls/predictions/output_bias": (v,),
+                "cls/seq_relationship/output_weights": (2, h),
+                "cls/seq_relationship/output_bias": (2,),
+            }
+        )
+    arrays = {name: (rng.standard_normal(shape) * 0.2).astype(np.float32) for name, shape in shapes.items()}
+    # AdamWeightDecayOptimizer's slots and the step, as in Google's released pre-training checkpoints
+    for name in ["bert/encoder/layer_0/attention/self/query/kernel", "cls/predictions/output_bias"][
+        : 2 if heads else 1
+    ]:
+        arrays[name + "/adam_m"] = np.zeros_like(arrays[name])
+        arrays[name + "/adam_v"] = np.ones_like(arrays[name])
+    arrays["global_step"] = np.int64(1000)
+    return arrays
+
+
+def _bert_config(transformers):
+    return transformers.BertConfig(
+        vocab_size=BERT["vocab"],
+        hidden_size=BERT["hidden"],
+        num_hidden_layers=BERT["layers"],
+        num_attention_heads=BERT["heads"],
+        intermediate_size=BERT["intermediate"],
+        max_position_embeddings=BERT["positions"],
+        type_vocab_size=BERT["types"],
+    )
+
+
+def _bits(torch, tensor):
+    width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()]
+    return tensor.detach().contiguous().view(width)
+
+
+def _assert_state_dicts_equal(torch, ours, theirs):
+    """The same names, dtypes and shapes, and the same bits in every tensor."""
+    ours, theirs = ours.state_dict(), theirs.state_dict()
+    assert list(ours) == list(theirs)
+    for name in theirs:
+        a, b = ours[name], theirs[name]
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.equal(_bits(torch, a), _bits(torch, b)), name
+
+
+def _same_layout(torch, model):
+    """transformers' loaders leave each transposed kernel as a non-contiguous view of a numpy array
+    (``pointer.data = torch.from_numpy(np.transpose(array))``); a matmul with a transposed operand
+    takes another BLAS path, whose rounding can differ in the last bit. The values are compared bit
+    for bit first; the outputs are compared with the same (contiguous) layout."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if not parameter.is_contiguous():
+                parameter.data = parameter.data.contiguous()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def bert_checkpoint(tmp_path_factory):
+    torch, transformers, tf = _frameworks()
+    prefix = str(tmp_path_factory.mktemp("bert") / "bert_model.ckpt")
+    _tf_v1_save(tf, prefix, _bert_arrays(np.random.default_rng(2024)))
+    return prefix
+
+
+def test_bert_preset_equals_transformers_load_tf_weights_in_bert(bert_checkpoint):
+    torch, transformers, tf = _frameworks()
+    import gpuckpt.torch as gt
+
+    config = _bert_config(transformers)
+    torch.manual_seed(0)
+    theirs = transformers.BertForPreTraining(config)
+    transformers.models.bert.modeling_bert.load_tf_weights_in_bert(theirs, config, bert_checkpoint)
+    torch.manual_seed(1)  # initialised differently: every tensor must come from the checkpoint
+    ours = transformers.BertForPreTraining(config)
+    pointers = {n: t.data_ptr() for n, t in ours.state_dict(keep_vars=True).items()}
+    result = gt.load_into(ours, bert_checkpoint, mapping="bert")  # strict
+    assert result.ok, result.describe()
+    names = [n for n, _ in gpuckpt.list_variables(bert_checkpoint)]
+    assert set(result.skipped) == {n for n in names if n.endswith(("/adam_m", "/adam_v")) or n == "global_step"}
+    assert {n: t.data_ptr() for n, t in ours.state_dict(keep_vars=True).items()} == pointers  # in place
+    _assert_state_dicts_equal(torch, ours, theirs)
+
+    _same_layout(torch, theirs), ours.eval()
+    ids = torch.tensor([[2, 7, 19, 33, 98, 0, 5, 61]])
+    types = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1]])
+    with torch.no_grad():
+        a = theirs(input_ids=ids, token_type_ids=types)
+        b = ours(input_ids=ids, token_type_ids=types)
+    assert torch.equal(a.prediction_logits, b.prediction_logits)
+    assert torch.equal(a.seq_relationship_logits, b.seq_relationship_logits)
+
+
+def test_bert_preset_onto_a_bare_bert_model_reports_the_heads_as_unexpected(bert_checkpoint):
+    torch, transformers, tf = _frameworks()
+    import gpuckpt.torch as gt
+
+    config = _bert_config(transformers)
+    theirs = transformers.BertForPreTraining(config)
+    transformers.models.bert.modeling_bert.load_tf_weights_in_bert(theirs, config, bert_checkpoint)
+    ours = transformers.BertModel(config)
+    with pytest.raises(gt.LoadError, match="unexpected: cls.predictions"):
+        gt.load_into(ours, bert_checkpoint, mapping="bert")
+    result = gt.load_into(ours, bert_checkpoint, mapping="bert", strict=False)
+    assert sorted(result.unexpected_keys) == sorted(
+        [
+            "cls.predictions.transform.dense.weight",
+            "cls.predictions.transform.dense.bias",
+            "cls.predictions.transform.LayerNorm.weight",
+            "cls.predictions.transform.LayerNorm.bias",
+            "cls.predictions.bias",
+            "cls.seq_relationship.weight",
+            "cls.seq_relationship.bias",
+        ]
+    )
+    assert result.missing_keys == [] and result.mismatched_keys == [] and result.unmapped_keys == []
+    _assert_state_dicts_equal(torch, ours, theirs.bert)
+    ours.eval(), _same_layout(torch, theirs)
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=ids).last_hidden_state, theirs.bert(input_ids=ids).last_hidden_state)
+
+
+def test_bert_model_from_a_base_only_checkpoint_and_unmapped_names(tmp_path):
+    torch, transformers, tf = _frameworks()
+    import gpuckpt.torch as gt
+
+    arrays = _bert_arrays(np.random.default_rng(7), heads=False)
+    prefix = _tf_v1_save(tf, str(tmp_path / "base.ckpt"), arrays)
+    config = _bert_config(transformers)
+    theirs = transformers.BertModel(config)
+    transformers.models.bert.modeling_bert.load_tf_weights_in_bert(theirs, config, prefix)
+    ours = transformers.BertModel(config)
+    assert gt.load_into(ours, prefix, mapping="bert").ok
+    _assert_state_dicts_equal(torch, ours, theirs)
+
+    arrays["bert/encoder/layer_0/attention/self/rel_bias"] = np.zeros(3, np.float32)  # a name no rule knows
+    odd = _tf_v1_save(tf, str(tmp_path / "odd.ckpt"), arrays)
+    with pytest.raises(gt.LoadError, match="unmapped checkpoint names: bert/encoder/layer_0/attention/self/rel_bias"):
+        gt.load_into(transformers.BertModel(config), odd, mapping="bert")
+    result = gt.load_into(transformers.BertModel(config), odd, mapping="bert", strict=False)
+    assert result.unmapped_keys == ["bert/encoder/layer_0/attention/self/rel_bias"]
+
+
+GPT2 = {"vocab": 99, "positions": 16, "embd": 32, "layers": 2, "heads": 4}
+
+
+def _gpt2_arrays(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The variables of openai/gpt-2's src/model.py (Conv1D kernels [1, nx, nf])."""
+    e = GPT2["embd"]
+    shapes: dict[str, tuple[int, ...]] = {"model/wpe": (GPT2["positions"], e), "model/wte": (GPT2["vocab"], e)}
+    for n in range(GPT2["layers"]):
+        p = f"model/h{n}"
+        shapes.update(
+            {
+                f"{p}/ln_1/g": (e,),
+                f"{p}/ln_1/b": (e,),
+                f"{p}/attn/c_attn/w": (1, e, 3 * e),
+                f"{p}/attn/c_attn/b": (3 * e,),
+                f"{p}/attn/c_proj/w": (1, e, e),
+                f"{p}/attn/c_proj/b": (e,),
+                f"{p}/ln_2/g": (e,),
+                f"{p}/ln_2/b": (e,),
+                f"{p}/mlp/c_fc/w": (1, e, 4 * e),
+                f"{p}/mlp/c_fc/b": (4 * e,),
+                f"{p}/mlp/c_proj/w": (1, 4 * e, e),
+                f"{p}/mlp/c_proj/b": (e,),
+            }
+        )
+    shapes["model/ln_f/g"] = (e,)
+    shapes["model/ln_f/b"] = (e,)
+    return {name: (rng.standard_normal(shape) * 0.2).astype(np.float32) for name, shape in shapes.items()}
+
+
+def test_gpt2_preset_equals_transformers_load_tf_weights_in_gpt2(tmp_path):
+    torch, transformers, tf = _frameworks()
+    import gpuckpt.torch as gt
+
+    prefix = _tf_v1_save(tf, str(tmp_path / "model.ckpt"), _gpt2_arrays(np.random.default_rng(5)))
+    config = transformers.GPT2Config(
+        vocab_size=GPT2["vocab"],
+        n_positions=GPT2["positions"],
+        n_embd=GPT2["embd"],
+        n_layer=GPT2["layers"],
+        n_head=GPT2["heads"],
+    )
+    torch.manual_seed(0)
+    theirs = transformers.GPT2Model(config)
+    transformers.models.gpt2.modeling_gpt2.load_tf_weights_in_gpt2(theirs, config, prefix)
+    torch.manual_seed(1)
+    ours = transformers.GPT2Model(config)
+    pointer = ours.h[0].attn.c_attn.weight.data_ptr()
+    result = gt.load_into(ours, prefix, mapping="gpt2")
+    assert result.ok, result.describe()
+    assert ours.h[0].attn.c_attn.weight.data_ptr() == pointer  # squeezed straight into the parameter
+    _assert_state_dicts_equal(torch, ours, theirs)
+    ours.eval(), _same_layout(torch, theirs)
+    ids = torch.tensor([[5, 3, 98, 0, 12, 44]])
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=ids).last_hidden_state, theirs(input_ids=ids).last_hidden_state)
+
+    # the LM-head class: the same names under its "transformer." base, lm_head tied to wte
+    head = transformers.GPT2LMHeadModel(config)
+    assert gt.load_into(head, prefix, mapping="gpt2").ok
+    _assert_state_dicts_equal(torch, head.transformer, theirs)
+    assert head.lm_head.weight.data_ptr() == head.transformer.wte.weight.data_ptr()
