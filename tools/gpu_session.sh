@@ -6,10 +6,10 @@
 # Here, first:    ../shared/tools/device-prep crc32c protobuf ml_dtypes
 #                 (its default list lacks ml_dtypes; the image's protobuf predates the gencode's 7.35.1)
 # Then the device tool's run, carry [".whl"]:   bash tools/gpu_session.sh
-# Then commit what comes back (gpu.json, device.txt, summary.txt) to benchmarks/results/.
+# Then commit what comes back to benchmarks/results/ (README: gpu-<device>.json, -device.txt, -summary.txt).
 #
 # Steps, each under `timeout` (seconds: its cap, or less when the budget is nearly spent):
-#   1. device record (nvidia-smi, driver, PCIe link, Python packages, CuPy, CUDA)   ~10 s, cap 15+15+30
+#   1. device record (nvidia-smi, driver, PCIe link, Python packages, CuPy, CUDA)   ~10 s, caps 15+15+15+30
 #   2. the carried wheels into a --target dir; a failure is recorded and the session goes on   cap 40
 #   3. preflight: CUDA usable, the kernels load (fatbin and NVRTC), one small restore and one
 #      dtype= conversion bit-exact against the host; stops the session with its reason   ~20 s, cap 75
@@ -30,11 +30,16 @@ PY=${GPU_SESSION_PYTHON:-python3}
 BUDGET=${GPU_SESSION_BUDGET_S:-330}
 SIZE_GB=${SIZE_GB:-4}
 WORK=${GPU_SESSION_WORK:-/tmp/gpuckpt-session}
-GPU_TESTS=${GPU_SESSION_TESTS:-tests/test_gpu.py}  # pytest arguments, split on spaces: a rerun may add -k
+read -ra GPU_TESTS <<<"${GPU_SESSION_TESTS:-tests/test_gpu.py}"  # pytest arguments, split on spaces, no globbing
 SITE=$WORK/site
 mkdir -p "$OUT" "$WORK" || exit 2
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 DEVICE=$OUT/device.txt PREFLIGHT=$OUT/preflight.log SUMMARY=$OUT/summary.txt
+# This script's files only, from an earlier run into the same $OUT (the device tool empties it anyway):
+# a stale junit report or gpu.json must never be read as this run's.
+for name in device.txt preflight.log gpu-tests.xml gpu-tests.log gpu.json gpu.json.part bench.log summary.txt; do
+    rm -f "${OUT:?}/$name"
+done
 SECONDS=0
 
 # step NAME CAP LOG COMMAND...: COMMAND under `timeout`, its output appended to LOG and shown; RC is
@@ -125,7 +130,7 @@ if ((PREFLIGHT_RC == 0)); then
     # junit report before the step's limit.
     export GPU_SESSION_TESTS_DEADLINE_S=$(($(limit_for 110) - 35))
     step "GPU tests" 110 "$OUT/gpu-tests.log" "$PY" tools/gpu_preflight.py pytest -q -ra -p no:cacheprovider \
-        --durations=10 ${timeout_flag[@]+"${timeout_flag[@]}"} --junitxml="$OUT/gpu-tests.xml" $GPU_TESTS
+        --durations=10 ${timeout_flag[@]+"${timeout_flag[@]}"} --junitxml="$OUT/gpu-tests.xml" "${GPU_TESTS[@]}"
     TESTS_RC=$RC
 
     # 5. The benchmark: whatever budget is left, gpu.json rewritten after every stage.
