@@ -136,7 +136,9 @@ FAILED = ("test_d", '<failure message="assert False" />')
 def _good_session(out):
     out.mkdir()
     (out / "device.txt").write_text("# device\nrequirements: OK\n")
-    (out / "preflight.log").write_text("PREFLIGHT kernels fatbin: OK on sm_90\nPREFLIGHT OK in 9.0 s\n")
+    (out / "preflight.log").write_text(
+        "PREFLIGHT kernels fatbin: OK on sm_90\nPREFLIGHT kernels the backend takes: fatbin\nPREFLIGHT OK in 9.0 s\n"
+    )
     (out / "gpu-tests.log").write_text("gpu-session: real GPU: yes\n")
     _junit(out / "gpu-tests.xml", [PASSED, SKIPPED, XFAILED])
     stages = ["start", "floor", "ratios"]
@@ -179,9 +181,13 @@ def test_failed_tests_a_test_run_on_the_double_and_an_unfinished_benchmark_fail_
 def test_an_unusable_gpu_or_a_fatbin_that_did_not_load_fails_the_session(tmp_path):
     out = tmp_path / "out"
     _good_session(out)
-    (out / "preflight.log").write_text("PREFLIGHT kernels fatbin: FAILED: no sm_90\nPREFLIGHT OK in 9.0 s\n")
+    (out / "preflight.log").write_text(
+        "PREFLIGHT kernels fatbin: FAILED: no sm_90\nPREFLIGHT kernels the backend takes: nvrtc (no sm_90)\n"
+        "PREFLIGHT OK in 9.0 s\n"
+    )
     assert _verdict(out) == [
-        "kernels/convert.fatbin did not load or ran wrong on this GPU (the CUDA backend falls back)"
+        "kernels/convert.fatbin did not load or ran wrong on this GPU (the CUDA backend falls back)",
+        "the CUDA backend does not use the shipped fatbin: nvrtc (no sm_90)",
     ]
     (out / "preflight.log").write_text("PREFLIGHT FAILED: CUDA is unusable: cudaGetDeviceCount failed\n")
     assert _verdict(out, preflight="2", tests="", bench="") == [

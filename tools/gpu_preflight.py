@@ -300,6 +300,22 @@ def _check_kernels(step: Any, cupy: Any, np: Any, rng: Any, arch: str) -> list[s
     else:
         loaded.append("nvrtc")
         say(f"PREFLIGHT kernels NVRTC: OK on {arch} in {time.monotonic() - started:.2f} s (f32_to_bf16 bit-exact)")
+
+    step("kernels: which of the two the CUDA backend takes (gpuckpt.cuda.kernels.load_kernels)")
+    try:
+        import warnings
+
+        from gpuckpt.cuda.kernels import load_kernels
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _module, origin = load_kernels(cupy)
+        why = "; ".join(str(w.message) for w in caught)
+        say(f"PREFLIGHT kernels the backend takes: {origin}" + (f" ({why})" if why else ""))
+    except ImportError:
+        pass  # a gpuckpt from before gpuckpt/cuda/kernels.py
+    except Exception as exc:  # the restore check below fails too; this line says why first
+        say(f"PREFLIGHT kernels the backend takes: none ({type(exc).__name__}: {exc})")
     return loaded
 
 
@@ -459,6 +475,9 @@ def summarize(out: str, preflight_rc: str, tests_rc: str, bench_rc: str, wheels:
         problems.append(reasons[-1] if reasons else f"PREFLIGHT FAILED: the preflight {_rc_text(prc or -1)}")
     if "PREFLIGHT kernels fatbin: FAILED" in preflight_log:
         problems.append("kernels/convert.fatbin did not load or ran wrong on this GPU (the CUDA backend falls back)")
+    for line in preflight_log.splitlines():
+        if line.startswith("PREFLIGHT kernels the backend takes:") and not line.endswith(": fatbin"):
+            problems.append(f"the CUDA backend does not use the shipped fatbin: {line.split(': ', 1)[1]}")
 
     xml = os.path.join(out, "gpu-tests.xml")
     trc = _rc(tests_rc)
