@@ -213,7 +213,8 @@ def _preflight_checks(step: Any, work_dir: str) -> None:
     say(f"PREFLIGHT CUDA: {count} device(s), device 0 {name} {arch}, CuPy {cupy.__version__}")
 
     step("CUDA: a small allocation and copies both ways, pageable and pinned")
-    rng = np.random.default_rng(int(time.time()))
+    seed = int(time.time())  # fresh inputs each run (METHOD.md), the seed logged to reproduce them
+    rng = np.random.default_rng(seed)
     host = rng.integers(0, 2**32, 1 << 20, dtype=np.uint32)
     try:
         device = cupy.asarray(host)
@@ -233,7 +234,7 @@ def _preflight_checks(step: Any, work_dir: str) -> None:
         raise
     except Exception as exc:
         raise Stop(f"CUDA is unusable: a 4 MiB allocation or copy failed ({type(exc).__name__}: {exc})") from None
-    say(f"PREFLIGHT CUDA: copies OK, {free / 2**30:.1f} of {total / 2**30:.1f} GiB free")
+    say(f"PREFLIGHT CUDA: copies OK, {free / 2**30:.1f} of {total / 2**30:.1f} GiB free (random seed {seed})")
 
     loaded = _check_kernels(step, cupy, np, rng, arch)
     if not loaded:
