@@ -6,6 +6,7 @@
     gpuckpt restore PATH [--device cpu] [...]      restore everything, with a timing breakdown
     gpuckpt bench PATH [--repeat N] [--json]       warm and cold restore against the baselines here
     gpuckpt merge OUT SRC[=MAP] ... [...]          one checkpoint from several (MAP: old:new,...)
+    gpuckpt convert PATH OUT.safetensors [--preset bert|gpt2 | --map FILE]   renamed for transformers
 
 Without arguments it lists and restores the small Keras checkpoint bundled with the package.
 Exit codes: 0 success; 1 an error (one line; the traceback with --debug); 2 bad usage (also a
@@ -543,6 +544,41 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- convert ----------------------------------------------------------------------------------------
+def cmd_convert(args: argparse.Namespace) -> int:
+    """A checkpoint, renamed by a preset or a rules file, as a safetensors file (or a torch state dict)."""
+    from .mapping import NameMap, convert
+
+    if os.path.exists(args.out) and not args.overwrite:
+        print(f"gpuckpt: error: {args.out!r} exists (pass --overwrite to replace it)", file=sys.stderr)
+        return EXIT_ERROR
+    mapping = NameMap.from_file(args.map) if args.map else args.preset
+    start = time.perf_counter()
+    with open_checkpoint(args.path) as ckpt:
+        if args.out.endswith((".pt", ".pth", ".bin")):
+            try:
+                import torch
+
+                from .torch import state_dict
+            except ImportError:
+                print(
+                    "gpuckpt: error: writing a PyTorch state dict needs torch (pip install gpuckpt[torch])",
+                    file=sys.stderr,
+                )
+                return EXIT_ERROR
+            tensors, result = state_dict(ckpt, mapping, allow_unmapped=args.allow_unmapped)
+            torch.save(tensors, args.out)
+        else:
+            result = convert(ckpt, args.out, mapping, allow_unmapped=args.allow_unmapped)
+    for name in result.unmapped:
+        print(f"gpuckpt: left out (no rule maps it): {name}", file=sys.stderr)
+    print(
+        f"{args.out}: {_count(len(result.written), 'tensor')} in {_duration(time.perf_counter() - start)}; "
+        f"{len(result.skipped)} skipped (optimizer state, counters), {len(result.unmapped)} unmapped left out"
+    )
+    return EXIT_OK
+
+
 def cmd_default(args: argparse.Namespace) -> int:
     args.path, args.list = SAMPLE, True
     return cmd_restore(args)
@@ -639,6 +675,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at OUT")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("convert", help="write a checkpoint, renamed for another framework, as safetensors")
+    p.add_argument("path", help=path_help)
+    p.add_argument("out", help="OUT.safetensors (or OUT.pt / .pth / .bin: a PyTorch state dict, needs torch)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--preset", choices=["bert", "gpt2"], help="the names transformers gives the original release")
+    how.add_argument("--map", metavar="FILE", help="a JSON rules file (see gpuckpt.mapping)")
+    p.add_argument(
+        "--allow-unmapped",
+        action="store_true",
+        help="leave out names no rule maps (listed on stderr) instead of exit 1",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.set_defaults(func=cmd_convert)
     return parser
 
 

@@ -28,12 +28,15 @@ transforms to tensors on their device.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Union
+
+import numpy as np
 
 from .errors import InvalidArgumentError
 from .format.object_graph import StateKind, classify_name
@@ -403,3 +406,162 @@ def as_name_map(mapping: MappingLike) -> NameMap:
     if isinstance(mapping, Sequence):
         return NameMap(mapping)  # type: ignore[arg-type] # NameMap checks every item is a Rule
     raise InvalidArgumentError(f"mapping={mapping!r}: a preset name, a file, a dict of names, rules or a NameMap")
+
+
+# -- converting a checkpoint into a safetensors file ---------------------------------------------------
+
+#: numpy dtype name -> safetensors dtype (safetensors has no complex128, string or sub-byte types)
+SAFETENSORS_DTYPES = {
+    "bool": "BOOL",
+    "uint8": "U8",
+    "int8": "I8",
+    "uint16": "U16",
+    "int16": "I16",
+    "uint32": "U32",
+    "int32": "I32",
+    "uint64": "U64",
+    "int64": "I64",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "float32": "F32",
+    "float64": "F64",
+    "complex64": "C64",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+    "float8_e4m3fnuz": "F8_E4M3FNUZ",
+    "float8_e5m2fnuz": "F8_E5M2FNUZ",
+}
+CONVERT_BATCH_BYTES = 64 << 20  #: tensors are read, transformed and written in groups of at most this many bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertResult:
+    """What :func:`convert` wrote: target name -> checkpoint name, and what it left out and why."""
+
+    written: dict[str, str]
+    skipped: dict[str, str]
+    unmapped: list[str]
+
+
+def _safetensors_dtype(dtype: Any, where: str) -> str:
+    from .errors import UnsupportedError
+
+    name = np.dtype(dtype).name
+    if name not in SAFETENSORS_DTYPES:
+        raise UnsupportedError(f"safetensors has no {name} type: {where}")
+    return SAFETENSORS_DTYPES[name]
+
+
+def _transformed(array: np.ndarray, r: Rule | None, where: str) -> np.ndarray:
+    """The rule's transforms on a host array (reshape, transpose, dtype), C-contiguous."""
+    if r is not None:
+        if r.reshape is not None:
+            array = array.reshape(r.reshaped_shape(array.shape, None))
+        axes = r.axes(array.ndim)
+        if axes is not None:
+            array = array.transpose(axes)
+        if r.dtype is not None:
+            array = _cast(array, r.dtype, where)
+    return np.ascontiguousarray(array)
+
+
+def _cast(array: np.ndarray, name: str, where: str) -> np.ndarray:
+    from .casting import FLOATING, TARGETS
+    from .dtypes import numpy_dtype
+    from .host.convert import convert as convert_floats
+
+    target = numpy_dtype(name if hasattr(np, name) else "ml_dtypes." + name)
+    if array.dtype.name in FLOATING and name in TARGETS:
+        return convert_floats(array, target, where)  # the project's rule, as dtype= on restores
+    return array.astype(target)
+
+
+def convert(
+    checkpoint: Any,
+    out: str | os.PathLike[str],
+    mapping: MappingLike = None,
+    *,
+    allow_unmapped: bool = False,
+    metadata: Mapping[str, str] | None = None,
+    verify: bool | None = None,
+) -> ConvertResult:
+    """Write a checkpoint's tensors, renamed and transformed by ``mapping``, as a safetensors file.
+
+    ``checkpoint``: an open :class:`~gpuckpt.Checkpoint` or a path. ``mapping``: as for
+    :func:`gpuckpt.torch.load_into` (a preset writes its unbound names: ``bert.*`` and ``cls.*``,
+    GPT-2's base names). Names no rule maps are refused (:class:`~gpuckpt.InvalidArgumentError`
+    listing them) unless ``allow_unmapped``, which leaves them out and lists them in the result.
+    Tensors are read, transformed and written in groups of at most :data:`CONVERT_BATCH_BYTES`
+    (the header, with every shape and offset, is computed from the index first), through a
+    temporary file renamed into place at the end. No framework is needed.
+    """
+    from .checkpoint import Checkpoint
+    from .checkpoint import open as open_checkpoint
+
+    if not isinstance(checkpoint, Checkpoint):
+        with open_checkpoint(checkpoint) as ckpt:
+            return convert(ckpt, out, mapping, allow_unmapped=allow_unmapped, metadata=metadata, verify=verify)
+    ckpt = checkpoint
+    path = ckpt.index.path
+    plan = as_name_map(mapping).plan(ckpt.keys(), kind=ckpt.kind, where=f"file {path!r}")
+    if plan.unmapped and not allow_unmapped:
+        raise InvalidArgumentError(
+            f"no rule maps {', '.join(plan.unmapped)} (add rules or skip rules, or allow unmapped names): file {path!r}"
+        )
+    entries: list[tuple[str, Mapped, tuple[int, ...], str]] = []
+    header: dict[str, Any] = {}
+    offset = 0
+    for source, mapped in sorted(plan.mapped.items(), key=lambda item: item[1].target):
+        info = ckpt.info(source)
+        where = f"file {path!r}, tensor {source!r}"
+        if info.dtype is None or info.dtype.kind == "O":
+            from .errors import UnsupportedError
+
+            raise UnsupportedError(f"{info.tf_dtype} tensors cannot be written to safetensors: {where}")
+        r = mapped.rule
+        shape = r.result_shape(info.shape, None) if r is not None else info.shape
+        dtype = (
+            np.dtype(info.dtype)
+            if r is None or r.dtype is None
+            else _cast(np.zeros(0, info.dtype), r.dtype, where).dtype
+        )
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        header[mapped.target] = {
+            "dtype": _safetensors_dtype(dtype, where),
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        entries.append((source, mapped, shape, where))
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    target = os.fspath(out)
+    temporary = f"{target}.tmp-{os.getpid()}"
+    try:
+        with open(temporary, "wb") as f:
+            f.write(len(encoded).to_bytes(8, "little") + encoded)
+            batches: list[list[tuple[str, Mapped, tuple[int, ...], str]]] = []
+            size = 0
+            for item in entries:
+                nbytes = ckpt.info(item[0]).nbytes
+                if not batches or size + nbytes > CONVERT_BATCH_BYTES:
+                    batches.append([])
+                    size = 0
+                batches[-1].append(item)
+                size += nbytes
+            for batch in batches:
+                arrays = ckpt.restore([b[0] for b in batch], device="cpu", verify=verify)
+                for source, mapped, shape, where in batch:
+                    array = _transformed(arrays.pop(source), mapped.rule, where)
+                    assert array.shape == shape, (array.shape, shape)
+                    f.write(array.reshape(-1).view(np.uint8).data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    return ConvertResult({m.target: s for s, m, _, _ in entries}, dict(plan.skipped), list(plan.unmapped))

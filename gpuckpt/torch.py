@@ -52,7 +52,7 @@ from .casting import TARGETS, dtype_chooser
 from .checkpoint import Checkpoint, NameSelector
 from .checkpoint import open as open_checkpoint
 from .errors import CheckpointError, InvalidArgumentError, UnsupportedError, describe
-from .mapping import MappingLike, MappingPlan, Rule, as_name_map
+from .mapping import ConvertResult, MappingLike, MappingPlan, Rule, _transformed, as_name_map
 
 # numpy dtype name -> torch dtype, for the types torch.from_numpy / from_dlpack take as they are
 _SHARED = {
@@ -208,6 +208,27 @@ def get_tensor(
     """One tensor as a ``torch.Tensor`` (see :func:`restore`)."""
     ckpt._entry(name)
     return restore(ckpt, [name], device=device, dtype=dtype, verify=verify)[name]
+
+
+def state_dict(
+    ckpt: Checkpoint, mapping: MappingLike = None, *, allow_unmapped: bool = False, verify: bool | None = None
+) -> tuple[dict[str, torch.Tensor], ConvertResult]:
+    """The checkpoint as a torch state dict under ``mapping``'s target names, transforms applied
+    (host tensors; what :func:`gpuckpt.mapping.convert` writes, for ``torch.save``). Names no
+    rule maps are refused (InvalidArgumentError) unless ``allow_unmapped``."""
+    path = ckpt.index.path
+    plan = as_name_map(mapping).plan(ckpt.keys(), kind=ckpt.kind, where=describe(path))
+    if plan.unmapped and not allow_unmapped:
+        raise InvalidArgumentError(f"no rule maps {', '.join(plan.unmapped)}: " + describe(path))
+    sources = sorted(plan.mapped, key=lambda n: plan.mapped[n].target)
+    _restored_dtypes(ckpt, sources, None)
+    arrays = ckpt.restore(sources, device="cpu", verify=verify)
+    tensors = {}
+    for source in sources:
+        mapped = plan.mapped[source]
+        where = describe(path, source)
+        tensors[mapped.target] = from_numpy(_transformed(arrays.pop(source), mapped.rule, where), where)
+    return tensors, ConvertResult({plan.mapped[s].target: s for s in sources}, dict(plan.skipped), list(plan.unmapped))
 
 
 # -- restoring into a module ---------------------------------------------------------------------

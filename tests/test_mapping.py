@@ -401,3 +401,105 @@ def test_gpt2_preset_equals_transformers_load_tf_weights_in_gpt2(tmp_path):
     assert gt.load_into(head, prefix, mapping="gpt2").ok
     _assert_state_dicts_equal(torch, head.transformer, theirs)
     assert head.lm_head.weight.data_ptr() == head.transformer.wte.weight.data_ptr()
+
+
+# -- gpuckpt convert -------------------------------------------------------------------------------------
+
+
+def _read_safetensors(path):
+    """A safetensors file parsed by hand (header, then each tensor's bytes), independent of our writer."""
+    with open(path, "rb") as f:
+        data = f.read()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    assert (8 + length) % 8 == 0
+    body = data[8 + length :]
+    return header, body
+
+
+def test_convert_without_a_framework_writes_the_renamed_transformed_tensors(tmp_path):
+    import ml_dtypes
+
+    rng = np.random.default_rng(1)
+    tensors = {
+        "net/fc/kernel": rng.standard_normal((2, 3)).astype(np.float32),
+        "net/fc/bias": rng.standard_normal(3).astype(ml_dtypes.bfloat16),
+        "net/conv/w": rng.standard_normal((1, 4, 2)).astype(np.float16),
+        "global_step": np.int64(9),
+        "net/fc/kernel/Adam": np.zeros((2, 3), np.float32),
+    }
+    prefix = gpuckpt.save(str(tmp_path / "ckpt"), tensors)
+    m = NameMap(
+        [
+            skip(kinds=NOT_MODEL_KINDS),
+            rule(r"net/(\w+)/kernel", r"\1.weight", transpose=True),
+            rule(r"net/(\w+)/bias", r"\1.bias"),
+            rule(r"net/(\w+)/w", r"\1.weight", reshape=SQUEEZE, dtype="float32"),
+        ]
+    )
+    out = tmp_path / "out.safetensors"
+    result = gpuckpt.mapping.convert(prefix, out, m)
+    assert result.written == {"conv.weight": "net/conv/w", "fc.bias": "net/fc/bias", "fc.weight": "net/fc/kernel"}
+    assert set(result.skipped) == {"global_step", "net/fc/kernel/Adam"} and result.unmapped == []
+    header, body = _read_safetensors(out)
+    expected = {
+        "conv.weight": ("F32", tensors["net/conv/w"].reshape(4, 2).astype(np.float32)),
+        "fc.bias": ("BF16", tensors["net/fc/bias"]),
+        "fc.weight": ("F32", tensors["net/fc/kernel"].T),
+    }
+    assert set(header) == set(expected)
+    for name, (dtype, array) in expected.items():
+        begin, end = header[name]["data_offsets"]
+        assert header[name]["dtype"] == dtype and header[name]["shape"] == list(array.shape)
+        assert body[begin:end] == np.ascontiguousarray(array).tobytes(), name
+
+    prefix2 = gpuckpt.save(str(tmp_path / "more"), {**tensors, "net/other": np.zeros(2, np.float32)})
+    with pytest.raises(gpuckpt.InvalidArgumentError, match="no rule maps net/other"):
+        gpuckpt.mapping.convert(prefix2, tmp_path / "refused.safetensors", m)
+    assert not (tmp_path / "refused.safetensors").exists()
+    assert gpuckpt.mapping.convert(prefix2, tmp_path / "x.safetensors", m, allow_unmapped=True).unmapped == [
+        "net/other"
+    ]
+
+
+def test_cli_convert_bert_safetensors_loads_into_transformers_equal_to_its_loader(bert_checkpoint, tmp_path, capsys):
+    torch, transformers, tf = _frameworks()
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    from gpuckpt.cli import main
+
+    out = tmp_path / "bert.safetensors"
+    assert main(["convert", bert_checkpoint, str(out), "--preset", "bert"]) == 0
+    assert "tensors" in capsys.readouterr().out
+    assert main(["convert", bert_checkpoint, str(out), "--preset", "bert"]) == 1  # exists
+    config = _bert_config(transformers)
+    theirs = transformers.BertForPreTraining(config)
+    transformers.models.bert.modeling_bert.load_tf_weights_in_bert(theirs, config, bert_checkpoint)
+    ours = transformers.BertForPreTraining(config)
+    missing, unexpected = ours.load_state_dict(safetensors_torch.load_file(str(out)), strict=False)
+    assert sorted(missing) == ["cls.predictions.decoder.bias", "cls.predictions.decoder.weight"]  # tied
+    assert unexpected == []
+    _assert_state_dicts_equal(torch, ours, theirs)
+
+    pt = tmp_path / "bert.pt"
+    assert main(["convert", bert_checkpoint, str(pt), "--preset", "bert"]) == 0
+    state = torch.load(str(pt))
+    for name, tensor in safetensors_torch.load_file(str(out)).items():
+        assert torch.equal(_bits(torch, state[name]), _bits(torch, tensor)), name
+
+
+def test_cli_convert_map_file_and_usage(tmp_path, capsys):
+    from gpuckpt.cli import main
+
+    prefix = gpuckpt.save(str(tmp_path / "c"), {"a/w": np.ones((2, 1), np.float32), "b": np.zeros(1, np.int32)})
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps({"rules": [{"match": "a/w", "to": "a.weight", "transpose": True}]}))
+    out = tmp_path / "o.safetensors"
+    assert main(["convert", prefix, str(out), "--map", str(rules)]) == 2  # b is unmapped: InvalidArgumentError
+    assert "no rule maps b" in capsys.readouterr().err
+    assert main(["convert", prefix, str(out), "--map", str(rules), "--allow-unmapped"]) == 0
+    assert "left out (no rule maps it): b" in capsys.readouterr().err
+    header, _ = _read_safetensors(out)
+    assert header["a.weight"]["shape"] == [1, 2]
+    assert main(["convert", prefix, str(out), "--preset", "bert", "--map", str(rules)]) == 2
+    rules.write_text("[")
+    assert main(["convert", prefix, str(tmp_path / "p.safetensors"), "--map", str(rules)]) == 2
