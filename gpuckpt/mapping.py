@@ -38,7 +38,7 @@ from typing import Any, Union
 
 import numpy as np
 
-from .errors import InvalidArgumentError
+from .errors import CheckpointError, InvalidArgumentError
 from .format.object_graph import StateKind, classify_name
 
 #: ``reshape="target"``: reshape to the shape the target already has.
@@ -406,6 +406,135 @@ def as_name_map(mapping: MappingLike) -> NameMap:
     if isinstance(mapping, Sequence):
         return NameMap(mapping)  # type: ignore[arg-type] # NameMap checks every item is a Rule
     raise InvalidArgumentError(f"mapping={mapping!r}: a preset name, a file, a dict of names, rules or a NameMap")
+
+
+# -- what a loader reports (torch and JAX) -------------------------------------------------------------
+
+
+class LoadError(CheckpointError, RuntimeError):
+    """A loader's ``load_into(strict=True)`` found names or shapes that do not fit (nothing was written);
+    ``.result`` holds the full :class:`LoadResult`. A RuntimeError, as ``load_state_dict``'s."""
+
+    def __init__(self, message: str, result: LoadResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+@dataclasses.dataclass
+class Mismatch:
+    """A checkpoint tensor whose shape (after the rule's transforms) is not its target's."""
+
+    target: str
+    source: str
+    checkpoint_shape: tuple[int, ...]  #: after the rule's reshape and transpose
+    target_shape: tuple[int, ...]
+
+
+@dataclasses.dataclass
+class LoadResult:
+    """What :func:`load_into` did: what ``load_state_dict`` reports, and the mapping's own lists.
+
+    ``missing_keys`` and ``unexpected_keys`` are target (state dict) names, as
+    ``load_state_dict`` gives them; ``unmapped_keys`` and ``skipped`` are checkpoint names.
+    """
+
+    missing_keys: list[str]  #: in the module, filled by no checkpoint tensor
+    unexpected_keys: list[str]  #: mapped names the module does not have (``sources`` says from where)
+    mismatched_keys: list[Mismatch]  #: shapes that do not fit (or a checkpoint type the target cannot take)
+    unmapped_keys: list[str]  #: checkpoint names no rule maps: reported, never dropped silently
+    skipped: dict[str, str]  #: checkpoint name -> why a skip rule dropped it (optimizer slots, counters)
+    loaded: dict[str, str]  #: target name -> the checkpoint name written into it
+    sources: dict[str, str]  #: unexpected target name -> the checkpoint name that mapped to it
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing_keys or self.unexpected_keys or self.mismatched_keys or self.unmapped_keys)
+
+    def describe(self) -> str:
+        lines = []
+        if self.missing_keys:
+            lines.append("missing: " + ", ".join(self.missing_keys))
+        if self.unexpected_keys:
+            lines.append("unexpected: " + ", ".join(f"{t} (from {self.sources[t]})" for t in self.unexpected_keys))
+        for m in self.mismatched_keys:
+            lines.append(
+                f"size mismatch for {m.target} (from {m.source}): checkpoint {list(m.checkpoint_shape)}, "
+                f"module {list(m.target_shape)}"
+            )
+        if self.unmapped_keys:
+            lines.append("unmapped checkpoint names: " + ", ".join(self.unmapped_keys))
+        return "; ".join(lines) or "everything mapped and loaded"
+
+
+@dataclasses.dataclass(frozen=True)
+class Match:
+    """A checkpoint tensor that fits its target: name, rule, stored dtype and shape."""
+
+    source: str
+    target: str
+    rule: Rule | None
+    stored: np.dtype
+    shape: tuple[int, ...]  #: the checkpoint's shape (before the rule's transforms)
+
+
+def plan_load(
+    ckpt: Any,
+    mapping: MappingLike,
+    targets: Mapping[str, tuple[int, ...]],
+    identity: Callable[[str], object] | None = None,
+) -> tuple[LoadResult, list[Match], MappingPlan]:
+    """Match a checkpoint's names to a target's, by ``mapping``: what fits, and the report.
+
+    ``targets``: each target name's shape. ``identity``: names giving the same value share one
+    tensor (tied weights): it is filled once, through any of them, and is missing only when none
+    is mapped; two checkpoint names onto one tensor are an InvalidArgumentError naming both.
+    Nothing is read.
+    """
+    identity = identity or (lambda name: name)
+    name_map = as_name_map(mapping).bind(targets)
+    path = ckpt.index.path
+    plan = name_map.plan(ckpt.keys(), kind=ckpt.kind, where=f"file {path!r}")
+    aliases: dict[object, list[str]] = {}
+    for name in targets:
+        aliases.setdefault(identity(name), []).append(name)
+    matches: list[Match] = []
+    unexpected: list[str] = []
+    sources: dict[str, str] = {}
+    mismatched: list[Mismatch] = []
+    filled: dict[object, str] = {}
+    present: set[object] = set()
+    for source, mapped in plan.mapped.items():
+        target = mapped.target
+        if target not in targets:
+            unexpected.append(target)
+            sources[target] = source
+            continue
+        info = ckpt.info(source)
+        shape = tuple(targets[target])
+        stored = info.dtype
+        final = info.shape
+        fits = False
+        if stored is not None and stored.kind != "O":  # strings and unreadable types fit no tensor
+            try:
+                final = mapped.rule.result_shape(info.shape, shape) if mapped.rule is not None else info.shape
+                fits = final == shape
+            except InvalidArgumentError:  # a reshape that cannot apply to this many elements
+                pass
+        key = identity(target)
+        if not fits or stored is None:  # present but not fitting: mismatched, not missing (as load_state_dict says)
+            mismatched.append(Mismatch(target, source, tuple(final), shape))
+            present.add(key)
+            continue
+        if key in filled:
+            raise InvalidArgumentError(
+                f"{filled[key]!r} and {source!r} both map to the same tensor ({', '.join(aliases[key])}): file {path!r}"
+            )
+        filled[key] = source
+        matches.append(Match(source, target, mapped.rule, np.dtype(stored), tuple(info.shape)))
+    missing = [n for key, names in aliases.items() if key not in filled and key not in present for n in names]
+    loaded = {m.target: m.source for m in matches}
+    result = LoadResult(missing, unexpected, mismatched, list(plan.unmapped), dict(plan.skipped), loaded, sources)
+    return result, matches, plan
 
 
 # -- converting a checkpoint into a safetensors file ---------------------------------------------------

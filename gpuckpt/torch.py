@@ -51,8 +51,18 @@ import torch
 from .casting import TARGETS, dtype_chooser
 from .checkpoint import Checkpoint, NameSelector
 from .checkpoint import open as open_checkpoint
-from .errors import CheckpointError, InvalidArgumentError, UnsupportedError, describe
-from .mapping import ConvertResult, MappingLike, MappingPlan, Rule, _transformed, as_name_map
+from .errors import InvalidArgumentError, UnsupportedError, describe
+from .mapping import (
+    ConvertResult,
+    LoadError,
+    LoadResult,
+    MappingLike,
+    MappingPlan,
+    Rule,
+    _transformed,
+    as_name_map,
+    plan_load,
+)
 
 # numpy dtype name -> torch dtype, for the types torch.from_numpy / from_dlpack take as they are
 _SHARED = {
@@ -234,61 +244,6 @@ def state_dict(
 # -- restoring into a module ---------------------------------------------------------------------
 
 
-class LoadError(CheckpointError, RuntimeError):
-    """``load_into(strict=True)`` found names or shapes that do not fit (nothing was written);
-    ``.result`` holds the full :class:`LoadResult`. A RuntimeError, as ``load_state_dict``'s."""
-
-    def __init__(self, message: str, result: LoadResult) -> None:
-        super().__init__(message)
-        self.result = result
-
-
-@dataclasses.dataclass
-class Mismatch:
-    """A checkpoint tensor whose shape (after the rule's transforms) is not its target's."""
-
-    target: str
-    source: str
-    checkpoint_shape: tuple[int, ...]  #: after the rule's reshape and transpose
-    target_shape: tuple[int, ...]
-
-
-@dataclasses.dataclass
-class LoadResult:
-    """What :func:`load_into` did: what ``load_state_dict`` reports, and the mapping's own lists.
-
-    ``missing_keys`` and ``unexpected_keys`` are target (state dict) names, as
-    ``load_state_dict`` gives them; ``unmapped_keys`` and ``skipped`` are checkpoint names.
-    """
-
-    missing_keys: list[str]  #: in the module, filled by no checkpoint tensor
-    unexpected_keys: list[str]  #: mapped names the module does not have (``sources`` says from where)
-    mismatched_keys: list[Mismatch]  #: shapes that do not fit (or a checkpoint type the target cannot take)
-    unmapped_keys: list[str]  #: checkpoint names no rule maps: reported, never dropped silently
-    skipped: dict[str, str]  #: checkpoint name -> why a skip rule dropped it (optimizer slots, counters)
-    loaded: dict[str, str]  #: target name -> the checkpoint name written into it
-    sources: dict[str, str]  #: unexpected target name -> the checkpoint name that mapped to it
-
-    @property
-    def ok(self) -> bool:
-        return not (self.missing_keys or self.unexpected_keys or self.mismatched_keys or self.unmapped_keys)
-
-    def describe(self) -> str:
-        lines = []
-        if self.missing_keys:
-            lines.append("missing: " + ", ".join(self.missing_keys))
-        if self.unexpected_keys:
-            lines.append("unexpected: " + ", ".join(f"{t} (from {self.sources[t]})" for t in self.unexpected_keys))
-        for m in self.mismatched_keys:
-            lines.append(
-                f"size mismatch for {m.target} (from {m.source}): checkpoint {list(m.checkpoint_shape)}, "
-                f"module {list(m.target_shape)}"
-            )
-        if self.unmapped_keys:
-            lines.append("unmapped checkpoint names: " + ", ".join(self.unmapped_keys))
-        return "; ".join(lines) or "everything mapped and loaded"
-
-
 @dataclasses.dataclass
 class _Write:
     source: str
@@ -384,50 +339,21 @@ def plan_into(
     module: torch.nn.Module, ckpt: Checkpoint, mapping: MappingLike = None
 ) -> tuple[LoadResult, list[_Write], MappingPlan]:
     """What :func:`load_into` would do, without reading or writing anything."""
-    state, aliases = _state(module)
-    name_map = as_name_map(mapping).bind(state)
-    path = ckpt.index.path
-    plan = name_map.plan(ckpt.keys(), kind=ckpt.kind, where=describe(path))
-    writes: list[_Write] = []
-    unexpected: list[str] = []
-    sources: dict[str, str] = {}
-    mismatched: list[Mismatch] = []
-    filled: dict[int, str] = {}
-    present: set[int] = set()
-    for source, mapped in plan.mapped.items():
-        target = mapped.target
-        tensor = state.get(target)
-        if tensor is None:
-            unexpected.append(target)
-            sources[target] = source
-            continue
-        info = ckpt.info(source)
-        shape = tuple(tensor.shape)
-        stored = info.dtype
-        final = info.shape
-        fits = False
-        if stored is not None and stored.kind != "O":  # strings and unreadable types fit no tensor
-            try:
-                final = mapped.rule.result_shape(info.shape, shape) if mapped.rule is not None else info.shape
-                fits = final == shape
-            except InvalidArgumentError:  # a reshape that cannot apply to this many elements
-                pass
-        if not fits or stored is None:  # present but not fitting: mismatched, not missing (as load_state_dict says)
-            mismatched.append(Mismatch(target, source, tuple(final), shape))
-            present.add(id(tensor))
-            continue
-        if id(tensor) in filled:
-            raise InvalidArgumentError(
-                f"{filled[id(tensor)]!r} and {source!r} both map to the same tensor "
-                f"({', '.join(aliases[id(tensor)])}): " + describe(path)
-            )
-        filled[id(tensor)] = source
-        writes.append(
-            _Write(source, target, tensor, mapped.rule, stored, _restored_for(stored, tensor.dtype), info.shape)
+    state, _ = _state(module)
+    shapes = {name: tuple(tensor.shape) for name, tensor in state.items()}
+    result, matches, plan = plan_load(ckpt, mapping, shapes, identity=lambda name: id(state[name]))
+    writes = [
+        _Write(
+            m.source,
+            m.target,
+            state[m.target],
+            m.rule,
+            m.stored,
+            _restored_for(m.stored, state[m.target].dtype),
+            m.shape,
         )
-    missing = [n for ident, names in aliases.items() if ident not in filled and ident not in present for n in names]
-    loaded = {w.target: w.source for w in writes}
-    result = LoadResult(missing, unexpected, mismatched, list(plan.unmapped), dict(plan.skipped), loaded, sources)
+        for m in matches
+    ]
     return result, writes, plan
 
 
