@@ -113,3 +113,18 @@ def test_convert_benchmark_smoke(tmp_path):
     out = tmp_path / "convert.json"
     assert convert_host.main(["--mb", "1", "--repeat", "1", "--out", str(out)]) == 0
     assert "f64_to_bf16" in json.loads(out.read_text())["conversions"]
+
+
+def test_warm_start_benchmark_smoke(tmp_path):
+    """restore(out=), fresh restores, process history and start-up, at the smallest size."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import warm_start
+
+    out = tmp_path / "warm.json"
+    argv = ["--size-mb", "2", "--tensors", "6", "--many", "300", "--startup-mb", "2", "--repeat", "1"]
+    assert warm_start.main([*argv, "--work-dir", str(tmp_path / "work"), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["large"]["out_verified_s"] > 0 and result["large"]["floor"]["memcpy_prefaulted_s"] > 0
+    assert result["history"]["arena"]["ratio"] > 0
+    assert result["startup"]["fp32_fp16"]["new_process_import_open_restore_s"] > 0
+    assert result["machine"]["cores"] >= 1
