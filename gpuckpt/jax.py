@@ -1,0 +1,308 @@
+"""JAX: checkpoints as ``jax.Array``\\ s, a nested-dict view by scope (the shape Flax parameters
+have), and a checkpoint restored into a pytree of arrays.
+
+``import gpuckpt`` never imports this module (nor jax); ``import gpuckpt.jax`` does::
+
+    import gpuckpt, gpuckpt.jax
+    with gpuckpt.open("train_dir") as ckpt:
+        arrays = gpuckpt.jax.restore(ckpt, ckpt.model_keys())    # {name: jax.Array} on JAX's default device
+        params = gpuckpt.jax.restore_tree(ckpt, ckpt.model_keys())  # {"dense": {"kernel": ...}}
+        params, report = gpuckpt.jax.load_into(params, ckpt)      # a new pytree, each leaf where the old one was
+
+Dtypes
+------
+JAX holds every numeric type a checkpoint has (bfloat16, the float8 types, int4/uint4, int2/uint2,
+float4_e2m1fn, complex, bool). The 64-bit types (float64, int64, uint64, complex128) only with
+``jax_enable_x64`` on: without it JAX would silently narrow them, so they are refused by name
+(:class:`~gpuckpt.UnsupportedError`) before anything is read; ``dtype="float32"`` converts
+float64 tensors instead. Strings are refused by name.
+
+Lifetimes
+---------
+* Host (a CPU device): the restore reads into numpy arrays aligned to 64 bytes (``out=``), which
+  ``jax.device_put(..., may_alias=True)`` hands to XLA without a copy (every type but the
+  sub-byte ones, which XLA packs). Nobody else holds those numpy arrays; the jax.Array keeps its
+  buffer alive, and closing the checkpoint does not touch it.
+* GPU: the device pipeline fills CuPy arrays, which ``jax.dlpack.from_dlpack`` takes without a
+  copy (the DLPack capsule keeps the CuPy memory alive until JAX frees the array; the memory stays
+  CuPy's). bfloat16 and float8 tensors arrive on CuPy as unsigned integers of their width, and
+  ``jax.lax.bitcast_convert_type`` makes the typed array: one device copy for those types only.
+  Not yet run on a GPU (no GPU has been lent to this project); the same code runs on the host
+  through numpy's DLPack export in the tests.
+* ``load_into`` builds new arrays (JAX arrays are immutable) and places each on the old leaf's
+  sharding; the old leaves are untouched and stay valid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from .casting import FLOATING, TARGETS, dtype_chooser
+from .checkpoint import Checkpoint, NameSelector
+from .checkpoint import open as open_checkpoint
+from .errors import InvalidArgumentError, UnsupportedError, describe
+from .mapping import LoadError, LoadResult, MappingLike, _cast, _transformed, plan_load
+
+ALIGNMENT = 64  #: bytes; XLA's CPU client aliases host buffers aligned to this, and copies others
+_WIDE = {"float64", "int64", "uint64", "complex128"}
+_ATTRIBUTES = "/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def x64_enabled() -> bool:
+    return bool(jax.config.read("jax_enable_x64"))
+
+
+def check_dtype(dtype: Any, where: str = "") -> np.dtype:
+    """``dtype`` if JAX holds it as it is (now), else UnsupportedError naming it and ``where``."""
+    np_dtype = np.dtype(dtype)
+    suffix = f": {where}" if where else ""
+    if np_dtype.kind == "O":
+        raise UnsupportedError("string tensors have no JAX type (restore them with Checkpoint.restore)" + suffix)
+    if np_dtype.name in _WIDE and not x64_enabled():
+        hint = "; or restore with dtype='float32'" if np_dtype.name == "float64" else ""
+        raise UnsupportedError(
+            f"{np_dtype.name} needs jax_enable_x64 (without it JAX narrows it to 32 bits): "
+            f"jax.config.update('jax_enable_x64', True){hint}" + suffix
+        )
+    return np_dtype
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on an :data:`ALIGNMENT` boundary."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+def _jax_device(device: Any) -> Any:
+    """The jax Device a ``device`` argument names: None (JAX's default), a jax Device, "cpu",
+    "cuda"/"cuda:N" (the GPU of that CUDA ordinal)."""
+    if device is None:
+        return jax.devices()[0]
+    if isinstance(device, jax.Device):
+        return device
+    if device == "cpu":
+        return jax.devices("cpu")[0]
+    if isinstance(device, str) and (device == "cuda" or device.startswith("cuda:")):
+        ordinal = int(device.partition(":")[2] or 0)
+        try:
+            gpus = jax.devices("gpu")
+        except RuntimeError:
+            gpus = []
+        for candidate in gpus:
+            if getattr(candidate, "local_hardware_id", candidate.id) == ordinal:
+                return candidate
+        from .errors import DeviceUnavailableError
+
+        raise DeviceUnavailableError(f"JAX has no GPU with CUDA ordinal {ordinal} (devices: {jax.devices()})")
+    raise InvalidArgumentError(f"device={device!r}: a jax Device, 'cpu', 'cuda' or 'cuda:N'")
+
+
+def _gpuckpt_device(device: Any) -> str:
+    if device.platform == "cpu":
+        return "cpu"
+    if device.platform in ("gpu", "cuda"):
+        return f"cuda:{getattr(device, 'local_hardware_id', device.id)}"
+    raise UnsupportedError(f"JAX device {device} ({device.platform}): gpuckpt restores to the host or to CUDA GPUs")
+
+
+def _put(array: np.ndarray, where: Any) -> jax.Array:
+    """A host array onto a device or sharding, aliasing its memory where XLA can."""
+    try:
+        return jax.device_put(array, where, may_alias=True)
+    except TypeError:  # a JAX without may_alias
+        return jax.device_put(array, where)
+
+
+def from_dlpack(array: Any, logical: Any = None) -> jax.Array:
+    """A jax.Array over a device (CuPy) array's memory through DLPack; ``logical``: the type its
+    bytes hold when it is not the array's own (float8/bfloat16 arrive as unsigned integers), made
+    with ``bitcast_convert_type`` (a device copy, for those types only)."""
+    result = jax.dlpack.from_dlpack(array)
+    if logical is not None and np.dtype(logical) != np.dtype(array.dtype):
+        result = jax.lax.bitcast_convert_type(result, np.dtype(logical))
+    return result
+
+
+def _logical(ckpt: Checkpoint, names: list[str], dtype: Any) -> dict[str, np.dtype]:
+    chooser = dtype_chooser(dtype)
+    result = {}
+    for name in names:
+        info = ckpt.info(name)
+        where = describe(ckpt.index.path, name)
+        if info.dtype is None:
+            raise UnsupportedError(f"{info.tf_dtype} tensors cannot be read: {where}")
+        wanted = chooser(name, info.dtype) if chooser is not None and info.dtype.kind != "O" else info.dtype
+        result[name] = check_dtype(wanted, where)
+    return result
+
+
+def restore(
+    ckpt: Checkpoint,
+    names: NameSelector = None,
+    *,
+    device: Any = None,
+    dtype: Any = None,
+    verify: bool | None = None,
+    threads: int | None = None,
+) -> dict[str, jax.Array]:
+    """:meth:`Checkpoint.restore` as ``{name: jax.Array}`` on ``device`` (JAX's default device
+    when None; a jax Device, "cpu", "cuda:N"). Types JAX cannot hold now are refused by name
+    before anything is read. See the module docs for where the memory comes from."""
+    selected = [e.name for e in ckpt._select(names)]
+    logical = _logical(ckpt, selected, dtype)
+    target = _jax_device(device)
+    where = _gpuckpt_device(target)
+    if where == "cpu":
+        out = {name: aligned_empty(ckpt.info(name).shape, logical[name]) for name in selected}
+        arrays = ckpt.restore(selected, device="cpu", out=out, dtype=dtype, verify=verify, threads=threads)
+        return {name: _put(array, target) for name, array in arrays.items()}
+    arrays = ckpt.restore(selected, device=where, dtype=dtype, verify=verify, threads=threads)
+    return {name: from_dlpack(array, logical[name]) for name, array in arrays.items()}
+
+
+def get_tensor(
+    ckpt: Checkpoint, name: str, *, device: Any = None, dtype: Any = None, verify: bool | None = None
+) -> Any:
+    """One tensor as a jax.Array (see :func:`restore`)."""
+    ckpt._entry(name)
+    return restore(ckpt, [name], device=device, dtype=dtype, verify=verify)[name]
+
+
+# -- trees ----------------------------------------------------------------------------------------
+
+
+def tree(flat: Mapping[str, Any], sep: str = "/", strip_attributes: bool = True) -> dict[str, Any]:
+    """A nested dict by scope: ``{"encoder/layer_0/kernel": a}`` -> ``{"encoder": {"layer_0":
+    {"kernel": a}}}`` (Flax's parameter shape). ``strip_attributes``: TF2 object-based keys lose
+    their ``/.ATTRIBUTES/VARIABLE_VALUE``. A name that is also a scope of another
+    (``"a"`` and ``"a/b"``) is an InvalidArgumentError naming both."""
+    root: dict[str, Any] = {}
+    owners: dict[tuple[str, ...], str] = {}
+    for name, value in flat.items():
+        key = name.removesuffix(_ATTRIBUTES) if strip_attributes else name
+        parts = tuple(key.split(sep))
+        node = root
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise InvalidArgumentError(
+                    f"{owners[parts[: depth + 1]]!r} is a tensor and {name!r} is under it: no tree holds both"
+                )
+            node = child
+        if parts[-1] in node:
+            other = owners.get(parts) or next(n for n, p in _names_under(owners, parts))
+            raise InvalidArgumentError(f"{other!r} and {name!r} are both at {sep.join(parts)!r}: no tree holds both")
+        node[parts[-1]] = value
+        owners[parts] = name
+    return root
+
+
+def _names_under(owners: dict[tuple[str, ...], str], prefix: tuple[str, ...]) -> Iterable[tuple[str, tuple[str, ...]]]:
+    return ((name, parts) for parts, name in owners.items() if parts[: len(prefix)] == prefix)
+
+
+def restore_tree(ckpt: Checkpoint, names: NameSelector = None, *, sep: str = "/", **kwargs: Any) -> dict[str, Any]:
+    """:func:`restore`, as a nested dict by scope (:func:`tree`)."""
+    return tree(restore(ckpt, names, **kwargs), sep=sep)
+
+
+def _path_name(path: tuple[Any, ...], sep: str) -> str:
+    parts = []
+    for key in path:
+        for attribute in ("key", "name", "idx"):
+            if hasattr(key, attribute):
+                parts.append(str(getattr(key, attribute)))
+                break
+        else:
+            parts.append(str(key))
+    return sep.join(parts)
+
+
+def flatten(params: Any, sep: str = "/") -> dict[str, Any]:
+    """A pytree's leaves by their path joined with ``sep`` (``{"dense": {"kernel": a}}`` ->
+    ``{"dense/kernel": a}``), the names :func:`load_into` maps checkpoint names onto."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(params)
+    return {_path_name(path, sep): leaf for path, leaf in leaves}
+
+
+def _restored_for(stored: np.dtype, wanted: np.dtype) -> np.dtype:
+    """Read floating tensors as the leaf's floating type (the project's rule, ``dtype=``)."""
+    convertible = {"float16", "bfloat16", "float32", "float64", "float8_e4m3fn", "float8_e5m2"}
+    if stored != wanted and stored.name in FLOATING and stored.name in convertible and wanted.name in TARGETS:
+        return wanted
+    return stored
+
+
+def load_into(
+    params: Any,
+    checkpoint: Checkpoint | str,
+    mapping: MappingLike = None,
+    *,
+    strict: bool = True,
+    sep: str = "/",
+    verify: bool | None = None,
+    threads: int | None = None,
+) -> tuple[Any, LoadResult]:
+    """A checkpoint into a pytree of arrays: returns ``(new_params, report)``.
+
+    The targets are the leaves' paths joined with ``sep`` (:func:`flatten`), so a TF checkpoint's
+    ``dense/kernel`` fills ``params["dense"]["kernel"]`` with no mapping at all. Each new leaf has
+    the old leaf's shape and dtype (floating types converted by the project's rule as they are
+    read, others cast) and is placed on the old leaf's sharding (a numpy leaf stays numpy); leaves
+    nothing maps are kept as they are. ``strict=True`` refuses, before anything is read, when
+    anything is missing, unexpected, unmapped or of the wrong shape (:class:`LoadError`); the
+    report is :func:`gpuckpt.torch.load_into`'s.
+    """
+    if not isinstance(checkpoint, Checkpoint):
+        with open_checkpoint(checkpoint) as ckpt:
+            return load_into(params, ckpt, mapping, strict=strict, sep=sep, verify=verify, threads=threads)
+    ckpt = checkpoint
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    names = [_path_name(path, sep) for path, _ in leaves]
+    by_name = {name: leaf for name, (_, leaf) in zip(names, leaves, strict=True)}
+    if len(by_name) != len(names):
+        raise InvalidArgumentError(f"two leaves have the same path joined with {sep!r}")
+    shapes = {name: tuple(np.shape(leaf)) for name, leaf in by_name.items()}
+    result, matches, _ = plan_load(ckpt, mapping, shapes)
+    path = ckpt.index.path
+    if strict and not result.ok:
+        raise LoadError(f"checkpoint does not fit the pytree: {result.describe()}: " + describe(path), result)
+    for match in matches:
+        check_dtype(np.dtype(by_name[match.target].dtype), describe(path, match.source))
+    new = dict(by_name)
+    # LIFETIME: one tensor's host copy at a time beyond the new leaves themselves
+    for match in matches:
+        leaf = by_name[match.target]
+        wanted = np.dtype(leaf.dtype)
+        restored = _restored_for(match.stored, wanted)
+        where = describe(path, match.source)
+        array = ckpt.restore(
+            [match.source],
+            device="cpu",
+            dtype={_escape(match.source): restored} if restored != match.stored else None,
+            verify=verify,
+            threads=threads,
+        )[match.source]
+        array = _transformed(array, match.rule, where)
+        if array.dtype != wanted:
+            array = _cast(array, wanted.name, where)
+        if isinstance(leaf, np.ndarray):
+            new[match.target] = array
+        else:
+            host = aligned_empty(array.shape, array.dtype)
+            host[...] = array
+            new[match.target] = _put(host, leaf.sharding)
+    return jax.tree_util.tree_unflatten(treedef, [new[name] for name in names]), result
+
+
+def _escape(name: str) -> str:
+    import re
+
+    return re.escape(name)
