@@ -64,9 +64,11 @@ def test_out_is_filled_in_place_bit_for_bit(prefix):
         out = {name: _sentinel_like(value, ckpt.info(name).dtype) for name, value in expected.items()}
         given = dict(out)
         got = ckpt.restore(list(expected), out=out, threads=2)
+        fresh = ckpt.restore(list(expected), threads=2)
     for name, value in expected.items():
         assert got[name] is given[name], name
         assert_bit_exact(got[name], value, name)
+        assert_bit_exact(fresh[name], value, name)
 
 
 def test_large_tensors_are_read_into_out_in_parts(tmp_path, small_chunks, reads):
