@@ -36,7 +36,15 @@ class Device(Protocol):
 
     name: str
 
-    def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> Any: ...
+    def array_dtype(self, dtype: np.dtype) -> np.dtype:
+        """The dtype of the device array a tensor restored as ``dtype`` arrives in: ``dtype`` when
+        the device's arrays can hold it, else the unsigned integer type of its width, holding
+        exactly the bytes the host path's array holds (float8, int4, ... on CuPy)."""
+        ...
+
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> Any:
+        """A new array; ``dtype`` is one :meth:`array_dtype` returns (anything else is refused)."""
+        ...
 
     def byte_view(self, array: Any) -> Any:
         """A flat uint8 view of a device array (its raw bytes)."""
@@ -78,6 +86,11 @@ class Device(Protocol):
         ...
 
     def byteswap(self, width: int, array: Any, stream: Stream) -> None: ...
+
+    def clear_high_bits(self, array: Any, bits: int, stream: Stream) -> None:
+        """Queue ``array &= (1 << bits) - 1`` on the uint8 byte view ``array`` (the 4- and 2-bit
+        types, stored one per byte: FORMAT.md 3.7)."""
+        ...
 
     def place(
         self, full: Any, region: tuple[tuple[int, int], ...], part: Any, shape: tuple[int, ...], stream: Stream
@@ -156,6 +169,9 @@ class HostDevice:
         self.pinned_live = 0  # pinned buffers handed out and not released (leak checks)
         self.allocated_bytes = 0
 
+    def array_dtype(self, dtype: np.dtype) -> np.dtype:
+        return np.dtype(dtype)  # numpy holds every type a tensor has
+
     def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         array = np.empty(shape, dtype)
         self.allocated_bytes += array.nbytes
@@ -214,6 +230,12 @@ class HostDevice:
     def byteswap(self, width: int, array: np.ndarray, stream: HostStream) -> None:
         def run() -> None:  # not a lambda: numpy 1.26's stubs type byteswap(inplace=True) as returning the array
             array.view(f"u{width}").byteswap(inplace=True)
+
+        stream.submit(run)
+
+    def clear_high_bits(self, array: np.ndarray, bits: int, stream: HostStream) -> None:
+        def run() -> None:
+            array[...] &= (1 << bits) - 1
 
         stream.submit(run)
 

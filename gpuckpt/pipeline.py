@@ -63,6 +63,7 @@ class _Target:
     raw: Any  # flat uint8 device view the copies write into
     kernel: str | None  # conversion from the stored type, or None
     swap_width: int  # byte swap width for big-endian bundles, 0 for none
+    narrow_bits: int  # the 4- and 2-bit types: their bytes' meaningful low bits (0: all)
     crc: int = 0
     ready: Event | None = None
     full: Any = None  # partitioned tensors: the stored-dtype array the slices are placed into
@@ -267,6 +268,7 @@ class StagedRestore:
                     + describe(path, entry.name)
                 )
             dtype, kernel = self._target_dtype(entry)
+            dtype = self.device.array_dtype(dtype)  # e.g. float8 arrives as uint8 bytes on CuPy
             if entry.name in self.out:
                 check_out_array(self.out[entry.name], entry, dtype, path)
             plans[entry.name] = (dtype, kernel)
@@ -299,14 +301,14 @@ class StagedRestore:
             full = None
             if entry.slices:  # slices are placed into a whole array of the stored type
                 assert info.numpy is not None  # strings were refused in _check
-                full = array if kernel is None else self.device.empty(entry.shape, info.numpy)
+                full = array if kernel is None else self.device.empty(entry.shape, self.device.array_dtype(info.numpy))
                 raw = self.device.byte_view(full)
             elif kernel is None:
                 raw = self.device.byte_view(array)  # the bytes land in their final place
             else:
                 raw = self.device.empty((entry.stored_bytes,), np.dtype(np.uint8))
             width = info.swap_bytes if swap else 0
-            targets[entry.name] = _Target(entry, array, raw, kernel, width, full=full)
+            targets[entry.name] = _Target(entry, array, raw, kernel, width, info.narrow_bits, full=full)
         return targets
 
     def _new_arrays(
@@ -448,11 +450,18 @@ class StagedRestore:
     def _complete(self, target: _Target, stream: Any) -> None:
         if self.verify and not target.entry.slices:
             self.reader.verify_crc(target.crc, target.entry, target.entry)
-        if target.swap_width:
-            self.device.byteswap(target.swap_width, target.raw, stream)
+        self._fix_bytes(target, target.raw, stream)
         if target.kernel is not None:
             self.device.convert(target.kernel, target.raw, target.array, stream)
         target.ready = self.device.record(stream)
+
+    def _fix_bytes(self, target: _Target, raw: Any, stream: Any) -> None:
+        """Queue what makes stored bytes the host path's bytes (``fix_in_place`` on the device):
+        the byte swap of a big-endian bundle, the clearing of the 4- and 2-bit types' high bits."""
+        if target.swap_width:
+            self.device.byteswap(target.swap_width, raw, stream)
+        if target.narrow_bits:
+            self.device.clear_high_bits(raw, target.narrow_bits, stream)
 
     def run(self, entries: Sequence[TensorEntry], future: RestoreFuture) -> None:
         """Restore ``entries`` (runs on a coordinating thread for async restores)."""
@@ -567,8 +576,7 @@ class StagedRestore:
                 return
             if self.verify:
                 self.reader.verify_crc(crc, part, entry)
-            if target.swap_width:
-                self.device.byteswap(target.swap_width, buffer, stream)
+            self._fix_bytes(target, buffer, stream)
             region = tuple(e.bounds(d) for e, d in zip(tensor_slice, entry.shape, strict=True))
             self.device.place(target.full, region, buffer, part.shape, stream)
         if target.kernel is not None:

@@ -63,10 +63,15 @@ def bundle(tmp_path_factory):
 
 
 def _same(device_array, host_array, name):
+    """The host path's bytes, in the dtype a CuPy array of the tensor has (the host dtype, or its
+    bytes' unsigned type for float8 and the other types CuPy has no C type for)."""
     import cupy
 
+    from gpuckpt.cuda import cuda_device
+
     got = cupy.asnumpy(device_array)
-    assert got.dtype == host_array.dtype and got.tobytes() == host_array.tobytes(), name
+    assert got.dtype == cuda_device(0).array_dtype(host_array.dtype), name
+    assert got.tobytes() == host_array.tobytes(), name
 
 
 FLOAT8 = ["float8_e4m3fn", "float8_e5m2"]
@@ -107,7 +112,6 @@ def narrow_bundle(tmp_path_factory):
     return make_bundle(tensors, dtypes={"i4": 29, "u4": 30}).write(str(tmp_path_factory.mktemp("narrow") / "ck"))
 
 
-@_defect(1, "float8 cannot be a CuPy array")
 @pytest.mark.parametrize("single_allocation", [False, True], ids=["one_per_tensor", "single_allocation"])
 def test_types_cupy_cannot_hold_arrive_as_their_bytes(narrow_bundle, single_allocation):
     """float8, int4, ...: a uint8 CuPy array of the tensor's shape holding exactly the bytes of the
@@ -160,7 +164,6 @@ def test_big_endian_and_partitioned_on_gpu(tmp_path):
         _same(ckpt.get_tensor("pv", device="cuda"), ckpt.get_tensor("pv"), "pv")
 
 
-@_defect(1, "float8 cannot be a CuPy array")
 def test_out_async_and_dlpack(bundle):
     import cupy
 
@@ -173,12 +176,14 @@ def test_out_async_and_dlpack(bundle):
         assert future.ready("float16")
         _same(first, ckpt.get_tensor("float16"), "float16")
         future.result()
+        if not REAL_GPU:  # the double exports no capsule a framework could take
+            result["float32"].__dlpack__()
+            return
         torch = pytest.importorskip("torch")
         tensor = torch.from_dlpack(result["float32"])
         assert tensor.data_ptr() == result["float32"].data.ptr  # no copy
 
 
-@_defect(1, "float8 cannot be a CuPy array")
 def test_device_map_over_available_gpus(bundle):
     import cupy
 
@@ -192,7 +197,6 @@ def test_device_map_over_available_gpus(bundle):
             _same(balanced[name], value, name)
 
 
-@_defect(1, "float8 cannot be a CuPy array")
 @pytest.mark.parametrize("where", ["before_start", "mid_restore"])
 def test_out_of_memory_is_typed_and_leaks_nothing(bundle, monkeypatch, where):
     """Refused by the free-memory check, or (check blinded) by the allocator part-way through."""
@@ -264,7 +268,6 @@ def test_eight_threads_restore_to_the_gpu_at_once(bundle):
             _same(result[name], value, name)
 
 
-@_defect(1, "float8 cannot be a CuPy array")
 def test_interrupt_and_truncation_mid_device_restore_release_everything(bundle, tmp_path):
     import shutil
 

@@ -11,10 +11,8 @@ launches and module loads to the current device.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
-from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import cupy
@@ -27,16 +25,8 @@ _BLOCK = 256
 _MAX_GRID = 65535 * 4
 
 
-@contextlib.contextmanager
-def _cupy_can_hold(dtype: np.dtype) -> Iterator[None]:
-    """CuPy refuses dtypes it has no kernels for (float8, ...): say so, and what to do."""
-    try:
-        yield
-    except (TypeError, ValueError) as exc:
-        raise UnsupportedError(
-            f"CuPy cannot hold {dtype} arrays ({exc}); restore with dtype= a type it can hold "
-            "(float16 or float32), or on the host"
-        ) from None
+_HELD: dict[np.dtype, np.dtype] = {}  # dtype -> the dtype a CuPy array of it has (array_dtype)
+_HELD_LOCK = threading.Lock()
 
 
 class CudaEvent:
@@ -80,16 +70,48 @@ class CudaDevice:
     def _device(self) -> Any:
         return cupy.cuda.Device(self.index)
 
+    def array_dtype(self, dtype: np.dtype) -> np.dtype:
+        """``dtype`` if CuPy can make arrays of it, else ``uint8`` (``uint16``, ...) of its width.
+
+        CuPy makes new arrays only of types it has a C type for (cupy/_core/_dtype.pyx,
+        check_supported_dtype): not float8, int4, int2, float4. Such a tensor arrives as its bytes,
+        which a framework holding the type reinterprets (``torch.from_dlpack(a).view(...)``);
+        ``dtype=`` converts float8 on the device instead. Asked of CuPy itself, with an empty
+        array (no memory is allocated for it), so the rule is CuPy's whatever its version."""
+        dtype = np.dtype(dtype)
+        with _HELD_LOCK:
+            held = _HELD.get(dtype)
+        if held is None:
+            try:
+                with self._device():
+                    cupy.empty((0,), dtype=dtype)
+                held = dtype
+            except (TypeError, ValueError):
+                held = np.dtype(f"u{dtype.itemsize}")
+            with _HELD_LOCK:
+                _HELD[dtype] = held
+        return held
+
+    def _check_holds(self, dtype: np.dtype) -> None:
+        """One rule for both allocation modes: ``carve`` makes its arrays with ``view``, which CuPy
+        does not check (core.pyx, view: check_support=False), so both ask array_dtype."""
+        if self.array_dtype(dtype) != dtype:
+            raise UnsupportedError(
+                f"CuPy cannot hold {dtype} arrays: such tensors arrive as {self.array_dtype(dtype)} arrays of "
+                "their bytes, or restore them with dtype= (float16, bfloat16, float32, float64)"
+            )
+
     def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> Any:
-        with self._device(), _cupy_can_hold(dtype):
+        self._check_holds(dtype)
+        with self._device():
             return cupy.empty(shape, dtype=dtype)
 
     def byte_view(self, array: Any) -> Any:
         return array.reshape(-1).view(cupy.uint8)
 
     def carve(self, arena: Any, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> Any:
-        with _cupy_can_hold(dtype):
-            return arena[offset : offset + math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
+        self._check_holds(dtype)
+        return arena[offset : offset + math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
 
     def pinned(self, nbytes: int) -> np.ndarray:
         memory = cupy.cuda.alloc_pinned_memory(nbytes)
@@ -167,6 +189,11 @@ class CudaDevice:
     def byteswap(self, width: int, array: Any, stream: Any) -> None:
         typed = array.view(f"u{width}")
         self._launch(f"swap{width}", (typed,), typed.size, stream)
+
+    def clear_high_bits(self, array: Any, bits: int, stream: Any) -> None:
+        if array.size:
+            with self._device(), stream:  # an element-wise kernel: it runs on the current stream
+                array &= (1 << bits) - 1
 
     def place(
         self, full: Any, region: tuple[tuple[int, int], ...], part: Any, shape: tuple[int, ...], stream: Any

@@ -154,7 +154,7 @@ def device_bytes(ptr: int, nbytes: int) -> np.ndarray:
 
 # -- pinned host memory --------------------------------------------------------------------------
 _pinned: dict[int, int] = {}  # address -> length of page-locked blocks (cudaHostAlloc)
-_pinned_lock = threading.Lock()
+_pinned_lock = threading.RLock()  # re-entered when a collected block is freed under it
 
 
 def host_alloc(nbytes: int) -> np.ndarray:
@@ -246,7 +246,7 @@ class _MarkerWork:
 
 _streams: dict[int, Worker] = {}  # stream handle -> worker
 _null: dict[int, Worker] = {}  # device -> its legacy default stream
-_streams_lock = threading.Lock()
+_streams_lock = threading.RLock()  # re-entered when a collected Stream is destroyed under it
 _next_handle = [0x5000]
 
 
@@ -254,8 +254,10 @@ def new_stream(device: int) -> int:
     with _streams_lock:
         _next_handle[0] += 0x10
         handle = _next_handle[0]
-        _streams[handle] = Worker(device, f"cupy-double-stream-{handle:#x}", stream_delay_s)
-        return handle
+    worker = Worker(device, f"cupy-double-stream-{handle:#x}", stream_delay_s)
+    with _streams_lock:
+        _streams[handle] = worker
+    return handle
 
 
 def destroy_stream(handle: int) -> None:
