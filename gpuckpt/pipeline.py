@@ -27,7 +27,7 @@ import numpy as np
 from .casting import DtypeChooser
 from .device import Device, Event
 from .dtypes import DTYPES
-from .errors import CheckpointError, UnsupportedError, describe
+from .errors import CheckpointError, InvalidArgumentError, UnsupportedError, describe
 from .format.bundle import TensorEntry
 from .format.crc import PartChecksums, crc32c
 from .host.convert import kernel_for
@@ -36,12 +36,20 @@ from .options import RestoreOptions
 from .plan import PlanOptions, ReadGroup, pieces_of, plan_reads
 
 
-def check_out_array(given: Any, entry: TensorEntry, dtype: np.dtype, path: str) -> None:
-    """An ``out=`` array must have the tensor's shape and restored dtype; checked before any write."""
+def check_out_array(given: Any, entry: TensorEntry, dtype: np.dtype, path: str, *, contiguous: bool = False) -> None:
+    """An ``out=`` array must have the tensor's shape and restored dtype, and for a device restore
+    be C-contiguous (the copies write its bytes in order); checked before any write."""
     if tuple(given.shape) != entry.shape or np.dtype(given.dtype) != dtype:
         raise ValueError(
             f"out[{entry.name!r}] is {given.dtype}{list(given.shape)}, the tensor restores as "
             f"{dtype}{list(entry.shape)}: nothing was written: " + describe(path, entry.name)
+        )
+    flags = getattr(given, "flags", None)
+    if contiguous and flags is not None and not flags.c_contiguous:
+        raise InvalidArgumentError(
+            f"out[{entry.name!r}] is not C-contiguous: a device restore copies the stored bytes into "
+            "it in order; pass a contiguous array (then copy it where it must go): nothing was written: "
+            + describe(path, entry.name)
         )
 
 
@@ -270,7 +278,7 @@ class StagedRestore:
             dtype, kernel = self._target_dtype(entry)
             dtype = self.device.array_dtype(dtype)  # e.g. float8 arrives as uint8 bytes on CuPy
             if entry.name in self.out:
-                check_out_array(self.out[entry.name], entry, dtype, path)
+                check_out_array(self.out[entry.name], entry, dtype, path, contiguous=True)
             plans[entry.name] = (dtype, kernel)
         needed = sum(
             (e.num_elements * plans[e.name][0].itemsize if e.name not in self.out else 0)

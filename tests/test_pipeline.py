@@ -161,6 +161,14 @@ def test_out_arrays_are_filled_or_left_untouched(tmp_path):
     assert (wrong["a"] == -1).all() and (wrong["b"] == 7).all()
 
 
+def test_a_strided_out_array_is_refused_not_filled_through_a_copy(tmp_path):
+    prefix = make_bundle({"a": np.arange(6, dtype=np.float32)}).write(str(tmp_path / "s"))
+    backing = np.full(12, -1, np.float32)
+    with pytest.raises(gpuckpt.InvalidArgumentError, match="not C-contiguous.*nothing was written"):
+        _restore(prefix, HostDevice(), options=SMALL, out={"a": backing[::2]})
+    assert (backing == -1).all()
+
+
 def test_async_restore_reports_each_tensor(tmp_path):
     prefix = make_bundle(_random_tensors(seed=7)).write(str(tmp_path / "a"))
     with gpuckpt.open(prefix) as ckpt:

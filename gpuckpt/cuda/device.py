@@ -107,6 +107,8 @@ class CudaDevice:
             return cupy.empty(shape, dtype=dtype)
 
     def byte_view(self, array: Any) -> Any:
+        if not array.flags.c_contiguous:  # reshape would copy: the bytes would land in a temporary
+            raise UnsupportedError("only C-contiguous device arrays can be filled or read as bytes")
         return array.reshape(-1).view(cupy.uint8)
 
     def carve(self, arena: Any, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> Any:
