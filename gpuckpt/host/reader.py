@@ -82,8 +82,8 @@ def check_out(given: object, tensor: TensorEntry, path: str) -> None:
         problem = f"is a {type(given).__name__}, not a numpy array"
     elif not given.flags.writeable:
         problem = "is read-only"
-    elif given.dtype != object and not given.flags.c_contiguous:
-        problem = "is not C-contiguous (the host reads into it in place; pass np.ascontiguousarray of it)"
+    elif given.dtype.kind != "O" and not given.flags.c_contiguous:
+        problem = "is not C-contiguous (the host reads into it in place)"
     if problem is not None:
         raise InvalidArgumentError(
             f"out[{tensor.name!r}] {problem}: nothing was written: " + describe(path, tensor.name)
@@ -107,13 +107,6 @@ def check_readable(index: BundleIndex, tensor: TensorEntry) -> None:
                 f"does not have sufficient slices for partitioned tensor ({problem}): "
                 + describe(index.path, tensor.name)
             )
-
-
-def allocate(tensor: TensorEntry) -> np.ndarray:
-    """The (uninitialised) output array of a partitioned tensor, filled slice by slice."""
-    info = tensor.dtype_info
-    assert info is not None  # check_readable ran first
-    return np.empty(tensor.shape, dtype=object if info.is_string else info.numpy)
 
 
 def _restored_dtype(tensor: TensorEntry, dtypes: Mapping[str, np.dtype]) -> np.dtype:
