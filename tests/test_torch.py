@@ -342,3 +342,34 @@ def test_parameters_on_a_device_gpuckpt_cannot_fill_are_refused(small_ckpt):
     model = torch.nn.Linear(4, 3, device="meta")
     with pytest.raises(gpuckpt.UnsupportedError, match="meta"):
         gt.load_into(model, prefix, {"dense/kernel": "weight", "dense/bias": "bias"}, strict=False)
+
+
+def test_load_into_peak_host_memory_stays_bounded(tmp_path):
+    """128 MiB of parameters (one layer's kernel transposed): load_into's peak resident memory above
+    the model is the transposed tensor's temporary and the reader's buffers, not a second model
+    (measured in a fresh process whose only earlier allocation is the model)."""
+    rng = np.random.default_rng(0)
+    tensors = {
+        f"l{i}/kernel" if i == 0 else f"layers.{i}.weight": rng.standard_normal((2048, 2048), np.float32)
+        for i in range(8)
+    }
+    prefix = gpuckpt.save(str(tmp_path / "big"), tensors)
+    del tensors
+    code = f"""
+import os, resource, torch, gpuckpt, gpuckpt.torch as gt
+from gpuckpt.mapping import NameMap, rule
+os.system("cat {prefix}.data-* > /dev/null")
+layers = torch.nn.ModuleList(torch.nn.Linear(2048, 2048, bias=False) for _ in range(8))
+model = torch.nn.ModuleDict({{"layers": layers}})
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+start = max(rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+names = NameMap([rule("l0/kernel", "layers.0.weight", transpose=True)], fallback=lambda n: n)
+assert gt.load_into(model, {prefix!r}, names).ok
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print((peak - start) >> 20)
+"""
+    done = subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True, text=True)
+    above = int(done.stdout.split()[-1])
+    print(f"load_into: peak resident memory {above} MiB above the model's 128 MiB")
+    assert above < 48, f"load_into's peak was {above} MiB above the model's (a second model would be 128)"
