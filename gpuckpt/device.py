@@ -77,6 +77,11 @@ class Device(Protocol):
 
     def record(self, stream: Stream) -> Event: ...
 
+    def record_current(self) -> Event | None:
+        """An event recorded on the calling thread's current stream of this device, marking the
+        work the caller has queued so far (None where the device has no such stream)."""
+        ...
+
     def wait_event(self, stream: Stream, event: Event) -> None:
         """Make work queued on ``stream`` from now on wait until ``event`` (of any stream) fires."""
         ...
@@ -217,6 +222,9 @@ class HostDevice:
         event = HostEvent(stream)
         stream.submit(event.fire)
         return event
+
+    def record_current(self) -> None:
+        return None  # the caller has no stream here: its numpy work is done when it returns
 
     def wait_event(self, stream: HostStream, event: HostEvent) -> None:
         stream.submit(event.synchronize)

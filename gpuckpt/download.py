@@ -20,7 +20,10 @@ def stream_to_host(device: Device, source: Any, nbytes: int, chunk_bytes: int | 
         return
     chunk_bytes = min(chunk_bytes or CHUNK_BYTES, nbytes)
     buffers = [device.pinned(chunk_bytes) for _ in range(2)]
+    callers_work = device.record_current()
     stream = device.new_stream()
+    if callers_work is not None:  # the copies read the array after the work computing it
+        device.wait_event(stream, callers_work)
     starts = range(0, nbytes, chunk_bytes)
     pending = []  # (buffer index, length, event of its copy), oldest first
     try:
@@ -57,5 +60,8 @@ def contiguous_bytes(device: Device, array: Any) -> Any:
     first if the array is strided)."""
     flags = getattr(array, "flags", None)
     if flags is not None and not flags.c_contiguous:
-        array = array.copy(order="C")
+        # On the array's own device (CuPy copies onto the current one), so the copy is queued on
+        # the current stream that stream_to_host's streams wait for.
+        with getattr(array, "device", None) or contextlib.nullcontext():
+            array = array.copy(order="C")
     return device.byte_view(array)

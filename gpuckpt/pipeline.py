@@ -75,7 +75,43 @@ class _Target:
     crc: int = 0
     ready: Event | None = None
     full: Any = None  # partitioned tensors: the stored-dtype array the slices are placed into
-    parts: list[Any] = dataclasses.field(default_factory=list)  # their slices' device buffers
+
+
+class _Scratch:
+    """LIFETIME: the one owner of the device buffers a restore allocates for its own use: the
+    stored bytes of a converted tensor, each saved slice of a partitioned one, the stored-type
+    whole a converted partitioned tensor is assembled in.
+
+    No queued copy or kernel keeps a buffer alive, and CuPy's pool hands a freed block to the
+    next allocation on the same stream at once; so each buffer is held here until the event
+    recorded after its tensor's last reader (the tensor's ``ready`` event, recorded after its
+    conversion or last placement) has fired. ``release`` waits for those events and runs before
+    the restore reports that it is done. After an error the streams are drained first, so it
+    then has nothing left to wait for.
+    """
+
+    def __init__(self, device: Device) -> None:
+        self._device = device
+        self._held: dict[int, tuple[_Target, list[Any]]] = {}  # id(target) -> its buffers
+        self._lock = threading.Lock()
+
+    def new(self, target: _Target, shape: tuple[int, ...], dtype: np.dtype) -> Any:
+        buffer = self._device.empty(shape, dtype)
+        with self._lock:
+            self._held.setdefault(id(target), (target, []))[1].append(buffer)
+        return buffer
+
+    def release(self) -> BaseException | None:
+        """Drop every buffer once its tensor's ready event has fired; a fault the wait reports is
+        returned, not raised."""
+        with self._lock:
+            held, self._held = list(self._held.values()), {}
+        fault: BaseException | None = None
+        for target, buffers in held:
+            if target.ready is not None:
+                fault = _quietly(target.ready.synchronize) or fault
+            buffers.clear()
+        return fault
 
 
 class _Parts:
@@ -247,6 +283,13 @@ class StagedRestore:
         self._progress_lock = threading.Lock()
         self._bytes_done = 0
         self._bytes_total = 0
+        self._scratch = _Scratch(device)
+        self._targets: dict[str, _Target] = {}
+        self._pinned: list[np.ndarray] = []
+        self._slots: list[_Slot] = []
+        self._free: queue.Queue[_Slot] = queue.Queue()
+        self._streams: list[Any] = []
+        self._work: queue.Queue[ReadGroup | TensorEntry | _Part] = queue.Queue()
 
     # -- planning, before anything is allocated ---------------------------------------------------
     def _target_dtype(self, entry: TensorEntry) -> tuple[np.dtype, str | None]:
@@ -306,17 +349,17 @@ class StagedRestore:
             dtype, kernel = plans[entry.name]
             info = DTYPES[entry.dtype]
             array = self.out[entry.name] if entry.name in self.out else arrays[entry.name]
-            full = None
+            width = info.swap_bytes if swap else 0
+            target = targets[entry.name] = _Target(entry, array, None, kernel, width, info.narrow_bits)
             if entry.slices:  # slices are placed into a whole array of the stored type
                 assert info.numpy is not None  # strings were refused in _check
-                full = array if kernel is None else self.device.empty(entry.shape, self.device.array_dtype(info.numpy))
-                raw = self.device.byte_view(full)
+                stored = self.device.array_dtype(info.numpy)
+                target.full = array if kernel is None else self._scratch.new(target, entry.shape, stored)
+                target.raw = self.device.byte_view(target.full)
             elif kernel is None:
-                raw = self.device.byte_view(array)  # the bytes land in their final place
+                target.raw = self.device.byte_view(array)  # the bytes land in their final place
             else:
-                raw = self.device.empty((entry.stored_bytes,), np.dtype(np.uint8))
-            width = info.swap_bytes if swap else 0
-            targets[entry.name] = _Target(entry, array, raw, kernel, width, info.narrow_bits, full=full)
+                target.raw = self._scratch.new(target, (entry.stored_bytes,), np.dtype(np.uint8))
         return targets
 
     def _new_arrays(
@@ -471,69 +514,87 @@ class StagedRestore:
         if target.narrow_bits:
             self.device.clear_high_bits(raw, target.narrow_bits, stream)
 
-    def run(self, entries: Sequence[TensorEntry], future: RestoreFuture) -> None:
-        """Restore ``entries`` (runs on a coordinating thread for async restores)."""
-        pinned: list[np.ndarray] = []
-        slots: list[_Slot] = []
-        streams: list[Any] = []
-        targets: dict[str, _Target] = {}
+    def run(self, entries: Sequence[TensorEntry], future: RestoreFuture, *, background: bool = False) -> None:
+        """Restore ``entries``: the checks, every allocation and the streams on the calling
+        thread, then the copy loop (on a thread of its own when ``background``); every error is
+        reported through ``future``."""
+        try:
+            self._start(entries)
+        except BaseException as exc:  # noqa: B036 - reported through the future, re-raised by result()
+            self._finish(future, exc)
+            return
+        if background:
+            threading.Thread(target=self._copy_all, args=(future,), name="gpuckpt-restore", daemon=True).start()
+        else:
+            self._copy_all(future)
+
+    def _start(self, entries: Sequence[TensorEntry]) -> None:
+        """On the caller's thread, so that the device memory comes from the pool arena of the
+        caller's current stream, and the copy streams are ordered after the work the caller
+        queued on that stream (a ``cupy.zeros`` filling an ``out=`` array, the last use of a block
+        the pool hands out again): they wait for an event recorded on it."""
+        plans = self._check(entries)
+        self._targets = self._allocate(entries, plans)
+        partitioned = [e for e in entries if e.slices]
+        plain = [e for e in entries if not e.slices]
+        slot_bytes = self.options.staging_slot_bytes
+        groups = plan_reads(
+            [p for e in plain for p in pieces_of(self.reader.index, e)],
+            PlanOptions(coalesce_below_bytes=slot_bytes // 4, max_gap_bytes=64 << 10, max_group_bytes=slot_bytes),
+        )
+        self._bytes_total = sum(g.byte_range.length for g in groups)
+        self._bytes_total += sum(self.reader.index.slice_entry(e, s).size for e in partitioned for s in e.slices)
+        for _ in range(self.options.staging_slots):
+            self._pinned.append(self.device.pinned(slot_bytes))
+            self._slots.append(_Slot(self._pinned[-1]))
+            self._free.put(self._slots[-1])
+        callers_work = self.device.record_current()
+        for _ in range(self.options.copy_streams):
+            self._streams.append(self.device.new_stream())
+            if callers_work is not None:
+                self.device.wait_event(self._streams[-1], callers_work)
+        for entry in partitioned:  # each partitioned tensor is one work item, on one stream
+            self._work.put(entry)
+        split = self.options.staging_slot_bytes * PART_SLOTS
+        for group in groups:
+            size = group.byte_range.length
+            if len(group.pieces) == 1 and size > 2 * split:  # a large tensor: parts for several threads
+                bounds = [(start, min(size, start + split)) for start in range(0, size, split)]
+                parts = _Parts(self._targets[group.pieces[0].tensor.name], bounds)
+                for index in range(len(bounds)):
+                    self._work.put(_Part(parts, index))
+            else:
+                self._work.put(group)
+
+    def _copy_all(self, future: RestoreFuture) -> None:
+        """The reader threads, each taking work items until none is left; then :meth:`_finish`."""
+        targets, free, work = self._targets, self._free, self._work
+
+        def reader_thread(index: int) -> None:
+            stream = self._streams[index % len(self._streams)]
+            while not self._abort.is_set():
+                try:
+                    item = work.get_nowait()
+                except queue.Empty:
+                    return
+                if isinstance(item, TensorEntry):
+                    target = targets[item.name]
+                    self._stage_partitioned(target, free, stream)
+                    future._arrive(item.name, target.array, target.ready)
+                    continue
+                if isinstance(item, _Part):
+                    if self._stage_part(item, free, stream):
+                        target = item.parts.target
+                        future._arrive(target.entry.name, target.array, target.ready)
+                    continue
+                self._stage(item, targets, free, stream)
+                for piece in item.pieces:
+                    target = targets[piece.tensor.name]
+                    if target.ready is not None:
+                        future._arrive(piece.tensor.name, target.array, target.ready)
+
         error: BaseException | None = None
         try:
-            plans = self._check(entries)
-            targets = self._allocate(entries, plans)
-            partitioned = [e for e in entries if e.slices]
-            plain = [e for e in entries if not e.slices]
-            slot_bytes = self.options.staging_slot_bytes
-            groups = plan_reads(
-                [p for e in plain for p in pieces_of(self.reader.index, e)],
-                PlanOptions(coalesce_below_bytes=slot_bytes // 4, max_gap_bytes=64 << 10, max_group_bytes=slot_bytes),
-            )
-            self._bytes_total = sum(g.byte_range.length for g in groups)
-            self._bytes_total += sum(self.reader.index.slice_entry(e, s).size for e in partitioned for s in e.slices)
-            for _ in range(self.options.staging_slots):
-                pinned.append(self.device.pinned(slot_bytes))
-                slots.append(_Slot(pinned[-1]))
-            free: queue.Queue[_Slot] = queue.Queue()
-            for slot in slots:
-                free.put(slot)
-            streams.extend(self.device.new_stream() for _ in range(self.options.copy_streams))
-            work: queue.Queue[ReadGroup | TensorEntry | _Part] = queue.Queue()
-            for entry in partitioned:  # each partitioned tensor is one work item, on one stream
-                work.put(entry)
-            split = self.options.staging_slot_bytes * PART_SLOTS
-            for group in groups:
-                size = group.byte_range.length
-                if len(group.pieces) == 1 and size > 2 * split:  # a large tensor: parts for several threads
-                    bounds = [(start, min(size, start + split)) for start in range(0, size, split)]
-                    parts = _Parts(targets[group.pieces[0].tensor.name], bounds)
-                    for index in range(len(bounds)):
-                        work.put(_Part(parts, index))
-                else:
-                    work.put(group)
-
-            def reader_thread(index: int) -> None:
-                stream = streams[index % len(streams)]
-                while not self._abort.is_set():
-                    try:
-                        item = work.get_nowait()
-                    except queue.Empty:
-                        return
-                    if isinstance(item, TensorEntry):
-                        target = targets[item.name]
-                        self._stage_partitioned(target, free, stream)
-                        future._arrive(item.name, target.array, target.ready)
-                        continue
-                    if isinstance(item, _Part):
-                        if self._stage_part(item, free, stream):
-                            target = item.parts.target
-                            future._arrive(target.entry.name, target.array, target.ready)
-                        continue
-                    self._stage(item, targets, free, stream)
-                    for piece in item.pieces:
-                        target = targets[piece.tensor.name]
-                        if target.ready is not None:
-                            future._arrive(piece.tensor.name, target.array, target.ready)
-
             with concurrent.futures.ThreadPoolExecutor(
                 self.options.io_threads, thread_name_prefix="gpuckpt-stage"
             ) as pool:
@@ -546,25 +607,32 @@ class StagedRestore:
                     raise
         except BaseException as exc:  # noqa: B036 - reported through the future, re-raised by result()
             error = exc
-            self._abort.set()
-            for stream in streams:  # let queued work finish before its memory is let go
-                _quietly(functools.partial(self._drain, stream))
-            targets.clear()  # device memory of a failed restore goes back to the allocator
-        finally:
-            fault: BaseException | None = None
-            try:
-                for slot in slots:  # no copy may still be reading a buffer about to be released
-                    fault = _quietly(slot.wait_until_free) or fault
-                    slot.last_copy = None
-                for buffer in pinned:
-                    self.device.release_pinned(buffer)
-                for stream in streams:
-                    self.device.close_stream(stream)
-            except BaseException as exc:  # noqa: B036 - the future must finish whatever happens here
-                fault = fault or exc
-            # Finished only now, so whoever waits on the future finds every buffer released; a
-            # device fault in queued work means the results cannot be trusted.
-            future._finish(error if error is not None else fault)
+        self._finish(future, error)
+
+    def _finish(self, future: RestoreFuture, error: BaseException | None) -> None:
+        """Release what the restore holds, in an order that frees nothing a queued copy or kernel
+        still uses, then finish ``future``."""
+        fault: BaseException | None = None
+        try:
+            if error is not None:
+                self._abort.set()
+                for stream in self._streams:  # let queued work finish before its memory is let go
+                    _quietly(functools.partial(self._drain, stream))
+            fault = self._scratch.release()
+            if error is not None:
+                self._targets.clear()  # device memory of a failed restore goes back to the allocator
+            for slot in self._slots:  # no copy may still be reading a buffer about to be released
+                fault = _quietly(slot.wait_until_free) or fault
+                slot.last_copy = None
+            for buffer in self._pinned:
+                self.device.release_pinned(buffer)
+            for stream in self._streams:
+                self.device.close_stream(stream)
+        except BaseException as exc:  # noqa: B036 - the future must finish whatever happens here
+            fault = fault or exc
+        # Finished only now, so whoever waits on the future finds every buffer released; a
+        # device fault in queued work means the results cannot be trusted.
+        future._finish(error if error is not None else fault)
 
     def _drain(self, stream: Any) -> None:
         """Wait for everything queued on ``stream`` so far."""
@@ -577,8 +645,7 @@ class StagedRestore:
         entry = target.entry
         for tensor_slice in entry.slices:
             part = self.reader.index.slice_entry(entry, tensor_slice)
-            buffer = self.device.empty((part.size,), np.dtype(np.uint8))
-            target.parts.append(buffer)  # LIFETIME: kept until the restore ends, after its copies ran
+            buffer = self._scratch.new(target, (part.size,), np.dtype(np.uint8))
             crc = self._stage_bytes(part, 0, part.size, buffer, free, stream)
             if crc is None:
                 return
@@ -616,8 +683,5 @@ def restore_to_device(
     """Start (and by default finish) restoring ``entries`` onto ``device``; returns the future."""
     future = RestoreFuture([e.name for e in entries])
     restore = StagedRestore(reader, device, options, verify=verify, dtype_for=dtype_for, out=out, progress=progress)
-    if wait:
-        restore.run(entries, future)
-    else:
-        threading.Thread(target=restore.run, args=(entries, future), name="gpuckpt-restore", daemon=True).start()
+    restore.run(entries, future, background=not wait)
     return future

@@ -77,11 +77,6 @@ def _same(device_array, host_array, name):
 FLOAT8 = ["float8_e4m3fn", "float8_e5m2"]
 
 
-def _defect(number, what):
-    """Marks a test that the defect fails (issue 10, part 2); removed by the commit fixing it."""
-    return pytest.mark.xfail(strict=True, reason=f"issue 10 defect {number}: {what}")
-
-
 @pytest.mark.parametrize("single_allocation", [False, True])
 def test_every_dtype_matches_host(bundle, single_allocation):
     options = gpuckpt.RestoreOptions(single_allocation=single_allocation)

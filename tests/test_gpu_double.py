@@ -17,11 +17,6 @@ import gpuckpt
 from gpuckpt.options import RestoreOptions
 
 
-def _defect(number, what):
-    """Marks a test that the defect fails (issue 10, part 2); removed by the commit fixing it."""
-    return pytest.mark.xfail(strict=True, reason=f"issue 10 defect {number}: {what}")
-
-
 @pytest.fixture
 def cupy():
     with cupy_double.installed(device_count=3, memory_bytes=64 << 20) as module:
@@ -144,7 +139,6 @@ def _partitioned_bundle(tmp_path):
     return prefix, {"big": big, "pv": full}
 
 
-@_defect(3, "raw and slice buffers are dropped when run() returns, before their kernels ran")
 def test_the_restores_own_buffers_outlive_the_kernels_reading_them(cupy, tmp_path):
     prefix, values = _partitioned_bundle(tmp_path)
     cupy._machine.stream_delay_s = 0.005  # the copy streams lag: kernels run well after they are queued
@@ -162,7 +156,6 @@ def test_the_restores_own_buffers_outlive_the_kernels_reading_them(cupy, tmp_pat
     del reused
 
 
-@_defect(4, "copies do not wait for work queued on the caller's stream")
 def test_out_arrays_are_written_after_the_work_the_caller_queued_on_them(cupy, tmp_path):
     values = np.linspace(0, 1, 20_000, dtype=np.float32)
     prefix = make_bundle({"a": values}).write(str(tmp_path / "o"))
@@ -174,7 +167,6 @@ def test_out_arrays_are_written_after_the_work_the_caller_queued_on_them(cupy, t
         assert out.get().tobytes() == values.tobytes()
 
 
-@_defect(4, "copies do not wait for work queued on the caller's stream")
 def test_recycled_pool_blocks_are_written_after_their_last_use(cupy, tmp_path):
     values = np.linspace(0, 1, 20_000, dtype=np.float32)
     prefix = make_bundle({"a": values}).write(str(tmp_path / "r"))
@@ -187,7 +179,6 @@ def test_recycled_pool_blocks_are_written_after_their_last_use(cupy, tmp_path):
         assert arrays["a"].get().tobytes() == values.tobytes()
 
 
-@_defect(4, "save() copies on a stream that does not wait for the caller's work")
 def test_save_copies_an_array_after_the_work_computing_it(cupy, tmp_path):
     values = np.linspace(0, 1, 50_000, dtype=np.float32)
     source = cupy.asarray(values)

@@ -157,6 +157,12 @@ class CudaDevice:
         with self._device():
             return CudaEvent(stream.record())
 
+    def record_current(self) -> CudaEvent:
+        """An event on the calling thread's current stream of this device (CuPy keeps a current
+        stream per thread and per device; the null stream unless the caller is in ``with s:``)."""
+        with self._device():
+            return CudaEvent(cupy.cuda.get_current_stream().record())
+
     def wait_event(self, stream: Any, event: CudaEvent) -> None:
         with self._device():
             stream.wait_event(event.event)
