@@ -114,7 +114,7 @@ def test_json_rules_and_extending_a_preset(tmp_path):
 
 
 def test_presets_bind_to_the_base_model_prefix():
-    assert set(PRESETS) == {"bert", "gpt2"}
+    assert set(PRESETS) == {"bert", "electra", "gpt2"}
     bert = get_preset("bert")
     name = "bert/encoder/layer_1/attention/self/query/kernel"
     assert bert.lookup(name).target == "bert.encoder.layer.1.attention.self.query.weight"  # unbound: pre-training names
@@ -128,7 +128,7 @@ def test_presets_bind_to_the_base_model_prefix():
     assert (
         gpt2.bind(["transformer.wte.weight", "lm_head.weight"]).lookup("model/wte").target == "transformer.wte.weight"
     )
-    with pytest.raises(gpuckpt.InvalidArgumentError, match="presets: bert, gpt2"):
+    with pytest.raises(gpuckpt.InvalidArgumentError, match="presets: bert, electra, gpt2"):
         get_preset("albert")
 
 
@@ -337,6 +337,65 @@ def test_bert_model_from_a_base_only_checkpoint_and_unmapped_names(tmp_path):
         gt.load_into(transformers.BertModel(config), odd, mapping="bert")
     result = gt.load_into(transformers.BertModel(config), odd, mapping="bert", strict=False)
     assert result.unmapped_keys == ["bert/encoder/layer_0/attention/self/rel_bias"]
+
+
+def test_electra_preset_equals_transformers_load_tf_weights_in_electra(tmp_path, capsys):
+    torch, transformers, tf = _frameworks()
+    import gpuckpt.torch as gt
+
+    rng = np.random.default_rng(12)
+    h, e = BERT["hidden"], 16
+    arrays = {
+        name.replace("bert/", "electra/"): value
+        for name, value in _bert_arrays(rng, heads=False).items()
+        if not name.startswith("bert/pooler")
+    }
+    arrays["electra/embeddings/word_embeddings"] = rng.standard_normal((BERT["vocab"], e)).astype(np.float32)
+    arrays["electra/embeddings/position_embeddings"] = rng.standard_normal((BERT["positions"], e)).astype(np.float32)
+    arrays["electra/embeddings/token_type_embeddings"] = rng.standard_normal((BERT["types"], e)).astype(np.float32)
+    arrays["electra/embeddings/LayerNorm/gamma"] = rng.standard_normal(e).astype(np.float32)
+    arrays["electra/embeddings/LayerNorm/beta"] = rng.standard_normal(e).astype(np.float32)
+    arrays["electra/embeddings_project/kernel"] = rng.standard_normal((e, h)).astype(np.float32)
+    arrays["electra/embeddings_project/bias"] = rng.standard_normal(h).astype(np.float32)
+    arrays["discriminator_predictions/dense/kernel"] = rng.standard_normal((h, h)).astype(np.float32)
+    arrays["discriminator_predictions/dense/bias"] = rng.standard_normal(h).astype(np.float32)
+    arrays["discriminator_predictions/dense_1/kernel"] = rng.standard_normal((h, 1)).astype(np.float32)
+    arrays["discriminator_predictions/dense_1/bias"] = rng.standard_normal(1).astype(np.float32)
+    arrays["generator/encoder/layer_0/output/dense/bias"] = np.zeros(h, np.float32)  # the generator: skipped
+    arrays["generator_predictions/output_bias"] = np.zeros(BERT["vocab"], np.float32)
+    prefix = _tf_v1_save(tf, str(tmp_path / "electra.ckpt"), arrays)
+    config = transformers.ElectraConfig(
+        vocab_size=BERT["vocab"],
+        embedding_size=e,
+        hidden_size=h,
+        num_hidden_layers=BERT["layers"],
+        num_attention_heads=BERT["heads"],
+        intermediate_size=BERT["intermediate"],
+        max_position_embeddings=BERT["positions"],
+        type_vocab_size=BERT["types"],
+    )
+    torch.manual_seed(0)
+    theirs = transformers.ElectraForPreTraining(config)
+    transformers.models.electra.modeling_electra.load_tf_weights_in_electra(theirs, config, prefix, "discriminator")
+    capsys.readouterr()  # it prints a line per tensor
+    torch.manual_seed(1)
+    ours = transformers.ElectraForPreTraining(config)
+    result = gt.load_into(ours, prefix, mapping="electra")
+    assert result.ok, result.describe()
+    assert result.skipped["generator_predictions/output_bias"] == "the ELECTRA generator, a separate model"
+    _assert_state_dicts_equal(torch, ours, theirs)
+    ours.eval(), _same_layout(torch, theirs)
+    ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
+    bare = transformers.ElectraModel(config)
+    assert sorted(gt.load_into(bare, prefix, mapping="electra", strict=False).unexpected_keys) == [
+        "discriminator_predictions.dense.bias",
+        "discriminator_predictions.dense.weight",
+        "discriminator_predictions.dense_prediction.bias",
+        "discriminator_predictions.dense_prediction.weight",
+    ]
+    _assert_state_dicts_equal(torch, bare, theirs.electra)
 
 
 GPT2 = {"vocab": 99, "positions": 16, "embd": 32, "layers": 2, "heads": 4}

@@ -3,6 +3,9 @@
 * ``"bert"``: Google's original BERT checkpoints (``bert/encoder/layer_N/...``, the pre-training
   heads ``cls/...``) onto ``BertModel``, ``BertForPreTraining`` (and the other ``Bert*`` classes
   with a ``bert.`` base model), the names ``transformers.load_tf_weights_in_bert`` (4.x) gives.
+* ``"electra"``: Google's original ELECTRA checkpoints, the discriminator (``electra/...``,
+  ``discriminator_predictions/...``) onto ``ElectraModel``/``ElectraForPreTraining``, as
+  ``load_tf_weights_in_electra`` names them; the generator is skipped (reported).
 * ``"gpt2"``: OpenAI's original GPT-2 checkpoints (``model/h0/attn/c_attn/w``, ...) onto
   ``GPT2Model`` (and ``GPT2LMHeadModel`` through its ``transformer.`` base), as
   ``load_tf_weights_in_gpt2`` names them.
@@ -20,9 +23,10 @@ from collections.abc import Callable
 from ..errors import InvalidArgumentError
 from ..mapping import NameMap
 from .bert import bert
+from .electra import electra
 from .gpt2 import gpt2
 
-PRESETS: dict[str, Callable[[], NameMap]] = {"bert": bert, "gpt2": gpt2}
+PRESETS: dict[str, Callable[[], NameMap]] = {"bert": bert, "electra": electra, "gpt2": gpt2}
 
 
 def get_preset(name: str) -> NameMap:
@@ -33,4 +37,4 @@ def get_preset(name: str) -> NameMap:
         raise InvalidArgumentError(f"no mapping preset {name!r}; presets: {', '.join(PRESETS)}") from None
 
 
-__all__ = ["PRESETS", "bert", "get_preset", "gpt2"]
+__all__ = ["PRESETS", "bert", "electra", "get_preset", "gpt2"]

@@ -23,23 +23,36 @@ def _norm(tf: str, pt: str) -> list[Rule]:
     return [rule(tf + "/gamma", pt + ".weight"), rule(tf + "/beta", pt + ".bias")]
 
 
-def bert_rules(base: str) -> list[Rule]:
-    """The rules with the base model's attributes under ``base`` (``"bert."`` or ``""``)."""
+ADAM_WEIGHT_DECAY = skip(
+    r"(.*/)?(adam_m|adam_v|AdamWeightDecayOptimizer|AdamWeightDecayOptimizer_1)(/.*)?", why="AdamWeightDecay"
+)
+
+
+def encoder_rules(root: str, base: str) -> list[Rule]:
+    """The embeddings and encoder layers of google-research/bert's ``modeling.py`` under the TF
+    scope ``root`` ("bert", "electra"), onto ``base`` + transformers' names."""
     b = base
-    layer = r"bert/encoder/layer_(\d+)"
+    layer = root + r"/encoder/layer_(\d+)"
     to = b + r"encoder.layer.\1"
     return [
-        skip(r"(.*/)?(adam_m|adam_v|AdamWeightDecayOptimizer|AdamWeightDecayOptimizer_1)(/.*)?", why="AdamWeightDecay"),
-        skip(kinds=NOT_MODEL_KINDS),
-        rule(r"bert/embeddings/(word|position|token_type)_embeddings", b + r"embeddings.\1_embeddings.weight"),
-        *_norm("bert/embeddings/LayerNorm", b + "embeddings.LayerNorm"),
+        rule(root + r"/embeddings/(word|position|token_type)_embeddings", b + r"embeddings.\1_embeddings.weight"),
+        *_norm(root + "/embeddings/LayerNorm", b + "embeddings.LayerNorm"),
         *_dense(layer + r"/attention/self/(query|key|value)", to + r".attention.self.\2"),
         *_dense(layer + "/attention/output/dense", to + ".attention.output.dense"),
         *_norm(layer + "/attention/output/LayerNorm", to + ".attention.output.LayerNorm"),
         *_dense(layer + "/intermediate/dense", to + ".intermediate.dense"),
         *_dense(layer + "/output/dense", to + ".output.dense"),
         *_norm(layer + "/output/LayerNorm", to + ".output.LayerNorm"),
-        *_dense("bert/pooler/dense", b + "pooler.dense"),
+    ]
+
+
+def bert_rules(base: str) -> list[Rule]:
+    """The rules with the base model's attributes under ``base`` (``"bert."`` or ``""``)."""
+    return [
+        ADAM_WEIGHT_DECAY,
+        skip(kinds=NOT_MODEL_KINDS),
+        *encoder_rules("bert", base),
+        *_dense("bert/pooler/dense", base + "pooler.dense"),
         # the pre-training heads (BertForPreTraining, BertForMaskedLM: cls.predictions; NSP: cls.seq_relationship)
         *_dense("cls/predictions/transform/dense", "cls.predictions.transform.dense"),
         *_norm("cls/predictions/transform/LayerNorm", "cls.predictions.transform.LayerNorm"),
