@@ -29,10 +29,10 @@ Lifetimes
   (``torch.from_dlpack``): the same device memory, never a second device copy. The memory stays
   CuPy's (its memory pool): the DLPack capsule keeps the CuPy array alive until the last torch
   tensor over it is freed, and it then goes back to CuPy's pool, not torch's caching allocator.
-  The restore's result is ready on the caller's current CuPy stream; ``torch.from_dlpack`` hands
-  torch's current stream to ``__dlpack__``, which makes it wait for that stream, so torch
-  kernels see complete data without a device-wide synchronisation. Closing the checkpoint does not
-  free device arrays already returned.
+  A restore returns once every tensor's copies and conversion have completed (its future waits
+  on each tensor's event), so torch kernels on any stream see complete data; ``torch.from_dlpack``
+  also passes torch's current stream to ``__dlpack__``, as the protocol asks. Closing the
+  checkpoint does not free device arrays already returned.
 
 On a GPU the code path is the DLPack one described here; it has been exercised on the host only
 (the same functions through numpy's DLPack export), not yet on a GPU.
