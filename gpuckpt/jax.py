@@ -29,8 +29,10 @@ Lifetimes
   ``jax.lax.bitcast_convert_type`` makes the typed array: one device copy for those types only.
   Not yet run on a GPU (no GPU has been lent to this project); the same code runs on the host
   through numpy's DLPack export in the tests.
-* ``load_into`` builds new arrays (JAX arrays are immutable) and places each on the old leaf's
-  sharding; the old leaves are untouched and stay valid.
+* ``load_into`` builds new arrays (JAX arrays are immutable): each tensor is read on the host
+  (one at a time, so the host holds one tensor beyond the new leaves) and ``device_put`` onto the
+  old leaf's sharding, one host-to-device copy per leaf (the staged GPU pipeline is not used for
+  pytrees yet); the old leaves are untouched and stay valid.
 """
 
 from __future__ import annotations
