@@ -2,11 +2,14 @@
 implementation of it that runs the same pipeline without a GPU.
 
 A device provides arrays in its memory, pinned host buffers, streams (ordered queues of
-asynchronous work), events recorded on streams, and the conversion kernels. ``HostDevice`` stands
-in for a GPU: its "device memory" is numpy, each stream is a worker thread running its queue in
-order, an event fires when its stream reaches it, and its copies read the staging buffer when
-they run, not when they are queued, so a pipeline that reused a buffer too early gets wrong bytes
-and the tests see it. The CUDA implementation is ``gpuckpt.cuda.CudaDevice``.
+asynchronous work), events recorded on streams, and the conversion kernels. ``HostDevice`` runs
+the pipeline's ordering on the host: its "device memory" is numpy, each stream is a worker thread
+running its queue in order, an event fires when its stream reaches it, and its copies read the
+staging buffer when they run, not when they are queued, so a pipeline that reused a buffer too
+early gets wrong bytes and the tests see it. It is also a device of its own (``device=HostDevice()``
+restores into numpy through the pipeline). It does not stand for a GPU: it has no dtype rules, no
+default stream, no memory pool and one device. The CUDA implementation is
+``gpuckpt.cuda.CudaDevice``, which the tests run on a GPU or on the CuPy double (tests/cupy_double).
 """
 
 from __future__ import annotations

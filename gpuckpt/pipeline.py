@@ -9,7 +9,10 @@ queued on the same stream, so it runs after the copies, and a per-tensor event m
 Reading, checksumming, copying and converting overlap; nothing synchronizes the whole device.
 
 Written against :class:`gpuckpt.device.Device`, so the same code runs on a GPU
-(``gpuckpt.cuda.CudaDevice``) and, in the tests, on the host stand-in ``HostDevice``.
+(``gpuckpt.cuda.CudaDevice``, tested on the CuPy double where no GPU is present) and on the host
+device ``HostDevice``. Buffer lifetimes: a staging slot is guarded by the event after its last copy
+(``_Slot``); the device buffers a restore allocates for itself by the event after their tensor's
+last reader (``_Scratch``); the caller's arrays by the ordering with the caller's stream (``_start``).
 """
 
 from __future__ import annotations
