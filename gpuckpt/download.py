@@ -62,6 +62,7 @@ def contiguous_bytes(device: Device, array: Any) -> Any:
     if flags is not None and not flags.c_contiguous:
         # On the array's own device (CuPy copies onto the current one), so the copy is queued on
         # the current stream that stream_to_host's streams wait for.
-        with getattr(array, "device", None) or contextlib.nullcontext():
+        home: Any = getattr(array, "device", None)  # a cupy.cuda.Device is a context manager
+        with home if hasattr(home, "__enter__") else contextlib.nullcontext():
             array = array.copy(order="C")
     return device.byte_view(array)

@@ -199,3 +199,15 @@ def test_a_restore_to_another_device_runs_every_call_inside_it(cupy, tmp_path):
         assert arrays[name].device.id == 2
         assert arrays[name].get().tobytes() == value.astype(np.float32).tobytes(), name
     assert cupy._machine.modules_loaded == {2: 1}  # the kernels were never loaded on GPU 0
+
+
+def test_save_copies_a_strided_array_on_its_own_device_after_its_work(cupy, tmp_path):
+    values = np.arange(30_000, dtype=np.int64).reshape(300, 100)
+    with cupy.cuda.Device(1):
+        source = cupy.asarray(values)
+        array = cupy.zeros(values.shape, cupy.int64)
+        cupy._stall(0.2)
+        array[...] = source  # still to run on GPU 1's null stream when save() starts
+    gpuckpt.save(str(tmp_path / "s"), {"a": array[:, ::7]})  # from GPU 0: the copy is made on GPU 1
+    with gpuckpt.open(str(tmp_path / "s")) as ckpt:
+        assert ckpt.get_tensor("a").tobytes() == np.ascontiguousarray(values[:, ::7]).tobytes()
