@@ -328,7 +328,8 @@ class StagedRestore:
             plans[entry.name] = (dtype, kernel)
         needed = sum(
             (e.num_elements * plans[e.name][0].itemsize if e.name not in self.out else 0)
-            + (e.stored_bytes if plans[e.name][1] else 0)
+            + (e.stored_bytes if plans[e.name][1] else 0)  # the stored bytes a kernel converts
+            + (e.stored_bytes if e.slices else 0)  # the saved slices, held until the restore ends
             for e in entries
         )
         if self.options.single_allocation:
