@@ -7,7 +7,8 @@ start-up, each against the memory-copy floor measured in the same run.
 Writes (with gpuckpt.save, cached under .bench/) a checkpoint of ~SIZE MiB in ~TENSORS tensors of
 mixed fp32/bf16/fp16 (the same tensors as benchmarks/restore_host.py), one of MANY small tensors,
 and two of ~STARTUP MiB (fp32/fp16 only, and with bf16). With the page cache warm, best of --repeat
-after a warm-up, it times:
+after a warm-up (the in-process figures timed in turn, round after round, so that load from other
+processes falls on all of them alike), it times:
 
 * floor: one single-threaded memcpy of the (mapped, warm) data file into memory already faulted
   in; the same by ``preadv`` in 4 MiB chunks (how gpuckpt reads); where the time of a fresh array
@@ -106,46 +107,54 @@ def check(arrays, expected):
         assert arrays[name].dtype == value.dtype and arrays[name].tobytes() == value.tobytes(), name
 
 
-def floors(data_path, repeat):
-    size = os.path.getsize(data_path)
-    fd = os.open(data_path, os.O_RDONLY)
-    try:
-        mapped = mmap.mmap(fd, size, prot=mmap.PROT_READ)
-        source = np.frombuffer(mapped, np.uint8)
-        prefaulted = np.ones(size, np.uint8)
-        np.copyto(prefaulted, source)
+def interleaved(repeat, runs):
+    """Best time of each of ``runs`` (name -> function), timed in turn, round after round, after
+    one warm-up round: load from other processes on a shared machine falls on all of them alike."""
+    times = {name: [] for name in runs}
+    for round_number in range(repeat + 1):
+        for name, fn in runs.items():
+            gc.collect()
+            start = time.perf_counter()
+            fn()  # its result (arrays) is dropped before the next run
+            if round_number:
+                times[name].append(time.perf_counter() - start)
+    return {name: min(values) for name, values in times.items()}
 
-        span = -(-size // (2 << 20)) * (2 << 20)
 
-        def fault(advice):
-            def run():
-                region = mmap.mmap(-1, span, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-                region.madvise(advice)
-                np.frombuffer(region, np.uint8)[:: mmap.PAGESIZE] = 1
+def fault_per_GiB(size, repeat):
+    """Where a new array's time goes: faulting it in (the kernel zeroes each page), in 4 KiB and
+    in 2 MiB pages, per GiB."""
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        return {}
+    span = -(-size // (2 << 20)) * (2 << 20)
 
-            return run
+    def fault(advice):
+        def run():
+            region = mmap.mmap(-1, span, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            region.madvise(advice)
+            np.frombuffer(region, np.uint8)[:: mmap.PAGESIZE] = 1
 
-        def pread_prefaulted():
-            view = memoryview(prefaulted)
-            for start in range(0, size, reader.CHUNK_BYTES):
-                os.preadv(fd, [view[start : start + reader.CHUNK_BYTES]], start)
+        return run
 
-        result = {
-            "bytes": size,
-            "memcpy_prefaulted_s": best_of(repeat, lambda: np.copyto(prefaulted, source)),
-            "preadv_prefaulted_1thread_s": best_of(repeat, pread_prefaulted),
-        }
-        if hasattr(mmap, "MADV_HUGEPAGE"):  # where a new array's time goes: faulting it in (the kernel zeroes it)
-            result["fault_4KiB_pages_s_per_GiB"] = best_of(repeat, fault(mmap.MADV_NOHUGEPAGE)) * GiB / span
-            result["fault_2MiB_pages_s_per_GiB"] = best_of(repeat, fault(mmap.MADV_HUGEPAGE)) * GiB / span
-        source = None
-        mapped.close()
-        return result
-    finally:
-        os.close(fd)
+    seconds = interleaved(repeat, {"4KiB": fault(mmap.MADV_NOHUGEPAGE), "2MiB": fault(mmap.MADV_HUGEPAGE)})
+    return {f"fault_{pages}_pages_s_per_GiB": t * GiB / span for pages, t in seconds.items()}
 
 
 def in_process(prefix, expected, repeat):
+    """The floors, restore(out=), fresh restores and the baselines, interleaved."""
+    data_path = prefix + ".data-00000-of-00001"
+    size = os.path.getsize(data_path)
+    fd = os.open(data_path, os.O_RDONLY)
+    mapped = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    source = np.frombuffer(mapped, np.uint8)
+    prefaulted = np.ones(size, np.uint8)
+    np.copyto(prefaulted, source)  # map every page of the file once, so only the copy is timed
+
+    def pread_prefaulted():
+        view = memoryview(prefaulted)
+        for start in range(0, size, reader.CHUNK_BYTES):
+            os.preadv(fd, [view[start : start + reader.CHUNK_BYTES]], start)
+
     with gpuckpt.open(prefix) as ckpt:
         check(ckpt.restore(), expected)
         out = ckpt.restore()  # arrays to fill: faulted in by this first restore
@@ -154,22 +163,34 @@ def in_process(prefix, expected, repeat):
             array[...] = 0
         check(ckpt.restore(out=out), expected)
         assert all(out[name] is given[name] for name in out)
+        with numpy_allocator():
+            check(ckpt.restore(), expected)
 
         def old_out_path():  # what out= did before: new arrays, then a second pass into the given ones
             for name, array in ckpt.restore().items():
                 out[name][...] = array
 
-        with numpy_allocator():
-            check(ckpt.restore(), expected)
-            numpy_fresh = best_of(repeat, lambda: ckpt.restore())
-        return {
-            "out_verified_s": best_of(repeat, lambda: ckpt.restore(out=out)),
-            "out_unverified_s": best_of(repeat, lambda: ckpt.restore(out=out, verify=False)),
-            "fresh_verified_s": best_of(repeat, lambda: ckpt.restore()),
-            "fresh_unverified_s": best_of(repeat, lambda: ckpt.restore(verify=False)),
-            "baseline_fresh_numpy_allocator_verified_s": numpy_fresh,
-            "baseline_old_out_path_verified_s": best_of(repeat, old_out_path),
-        }
+        def fresh_numpy_allocator():
+            with numpy_allocator():
+                ckpt.restore()
+
+        seconds = interleaved(
+            repeat,
+            {
+                "floor_memcpy_prefaulted_s": lambda: np.copyto(prefaulted, source),
+                "floor_preadv_prefaulted_1thread_s": pread_prefaulted,
+                "out_verified_s": lambda: ckpt.restore(out=out),
+                "out_unverified_s": lambda: ckpt.restore(out=out, verify=False),
+                "fresh_verified_s": lambda: ckpt.restore(),
+                "fresh_unverified_s": lambda: ckpt.restore(verify=False),
+                "baseline_fresh_numpy_allocator_verified_s": fresh_numpy_allocator,
+                "baseline_old_out_path_verified_s": old_out_path,
+            },
+        )
+    source = None  # drop the export of the mapping so it can close
+    mapped.close()
+    os.close(fd)
+    return {"bytes": size, **seconds, **fault_per_GiB(size, repeat)}
 
 
 def child_history(args):
@@ -267,10 +288,9 @@ def main(argv=None):
         with gpuckpt.open(prefix) as ckpt:
             check(ckpt.restore(), arrays)
 
-    floor = floors(large + ".data-00000-of-00001", args.repeat)
     timed = in_process(large, expected, args.repeat)
-    memcpy = floor["memcpy_prefaulted_s"]
-    results["large"] = {"floor": floor, **timed}
+    memcpy = timed["floor_memcpy_prefaulted_s"]
+    results["large"] = timed
     results["history"] = history(large, many, args.repeat)
     results["startup"] = startup(startup_prefixes, args.repeat)
     new_process = results["startup"]["fp32_fp16"]["new_process_import_open_restore_s"]
