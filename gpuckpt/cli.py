@@ -6,7 +6,7 @@
     gpuckpt restore PATH [--device cpu] [...]      restore everything, with a timing breakdown
     gpuckpt bench PATH [--repeat N] [--json]       warm and cold restore against the baselines here
     gpuckpt merge OUT SRC[=MAP] ... [...]          one checkpoint from several (MAP: old:new,...)
-    gpuckpt convert PATH OUT.safetensors [--preset bert|electra|gpt2 | --map FILE]   renamed for transformers
+    gpuckpt convert PATH OUT.safetensors [--preset albert|bert|electra|gpt2 | --map FILE]
 
 Without arguments it lists and restores the small Keras checkpoint bundled with the package.
 Exit codes: 0 success; 1 an error (one line; the traceback with --debug); 2 bad usage (also a
@@ -681,7 +681,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="OUT.safetensors (or OUT.pt / .pth / .bin: a PyTorch state dict, needs torch)")
     how = p.add_mutually_exclusive_group()
     how.add_argument(
-        "--preset", choices=["bert", "electra", "gpt2"], help="the names transformers gives the original release"
+        "--preset",
+        choices=["albert", "bert", "electra", "gpt2"],
+        help="the names transformers gives the original release",
     )
     how.add_argument("--map", metavar="FILE", help="a JSON rules file (see gpuckpt.mapping)")
     p.add_argument(

@@ -114,7 +114,7 @@ def test_json_rules_and_extending_a_preset(tmp_path):
 
 
 def test_presets_bind_to_the_base_model_prefix():
-    assert set(PRESETS) == {"bert", "electra", "gpt2"}
+    assert set(PRESETS) == {"albert", "bert", "electra", "gpt2"}
     bert = get_preset("bert")
     name = "bert/encoder/layer_1/attention/self/query/kernel"
     assert bert.lookup(name).target == "bert.encoder.layer.1.attention.self.query.weight"  # unbound: pre-training names
@@ -128,8 +128,8 @@ def test_presets_bind_to_the_base_model_prefix():
     assert (
         gpt2.bind(["transformer.wte.weight", "lm_head.weight"]).lookup("model/wte").target == "transformer.wte.weight"
     )
-    with pytest.raises(gpuckpt.InvalidArgumentError, match="presets: bert, electra, gpt2"):
-        get_preset("albert")
+    with pytest.raises(gpuckpt.InvalidArgumentError, match="presets: albert, bert, electra, gpt2"):
+        get_preset("roberta")
 
 
 # -- against transformers 4.57.6 -----------------------------------------------------------------------
@@ -396,6 +396,78 @@ def test_electra_preset_equals_transformers_load_tf_weights_in_electra(tmp_path,
         "discriminator_predictions.dense_prediction.weight",
     ]
     _assert_state_dicts_equal(torch, bare, theirs.electra)
+
+
+def test_albert_preset_equals_transformers_load_tf_weights_in_albert(tmp_path, capsys):
+    torch, transformers, tf = _frameworks()
+    import gpuckpt.torch as gt
+
+    rng = np.random.default_rng(21)
+    v, e, h, i = BERT["vocab"], 16, BERT["hidden"], BERT["intermediate"]
+    shapes = {
+        "bert/embeddings/word_embeddings": (v, e),
+        "bert/embeddings/position_embeddings": (BERT["positions"], e),
+        "bert/embeddings/token_type_embeddings": (BERT["types"], e),
+        "bert/embeddings/LayerNorm/gamma": (e,),
+        "bert/embeddings/LayerNorm/beta": (e,),
+        "bert/encoder/embedding_hidden_mapping_in/kernel": (e, h),
+        "bert/encoder/embedding_hidden_mapping_in/bias": (h,),
+        "bert/pooler/dense/kernel": (h, h),
+        "bert/pooler/dense/bias": (h,),
+        "cls/predictions/transform/dense/kernel": (h, e),
+        "cls/predictions/transform/dense/bias": (e,),
+        "cls/predictions/transform/LayerNorm/gamma": (e,),
+        "cls/predictions/transform/LayerNorm/beta": (e,),
+        "cls/predictions/output_bias": (v,),
+        "cls/seq_relationship/output_weights": (2, h),
+        "cls/seq_relationship/output_bias": (2,),
+    }
+    inner = "bert/encoder/transformer/group_0/inner_group_0"
+    for part in ("query", "key", "value"):
+        shapes[f"{inner}/attention_1/self/{part}/kernel"] = (h, h)
+        shapes[f"{inner}/attention_1/self/{part}/bias"] = (h,)
+    shapes.update(
+        {
+            f"{inner}/attention_1/output/dense/kernel": (h, h),
+            f"{inner}/attention_1/output/dense/bias": (h,),
+            f"{inner}/LayerNorm/gamma": (h,),
+            f"{inner}/LayerNorm/beta": (h,),
+            f"{inner}/ffn_1/intermediate/dense/kernel": (h, i),
+            f"{inner}/ffn_1/intermediate/dense/bias": (i,),
+            f"{inner}/ffn_1/intermediate/output/dense/kernel": (i, h),
+            f"{inner}/ffn_1/intermediate/output/dense/bias": (h,),
+            f"{inner}/LayerNorm_1/gamma": (h,),
+            f"{inner}/LayerNorm_1/beta": (h,),
+        }
+    )
+    arrays = {name: (rng.standard_normal(shape) * 0.2).astype(np.float32) for name, shape in shapes.items()}
+    arrays[f"{inner}/ffn_1/intermediate/dense/kernel/adam_m"] = np.zeros((h, i), np.float32)
+    arrays["global_step"] = np.int64(3)
+    prefix = _tf_v1_save(tf, str(tmp_path / "albert.ckpt"), arrays)
+    config = transformers.AlbertConfig(
+        vocab_size=v,
+        embedding_size=e,
+        hidden_size=h,
+        num_hidden_layers=2,
+        num_attention_heads=BERT["heads"],
+        intermediate_size=i,
+        max_position_embeddings=BERT["positions"],
+        type_vocab_size=BERT["types"],
+    )
+    torch.manual_seed(0)
+    theirs = transformers.AlbertForPreTraining(config)
+    transformers.models.albert.modeling_albert.load_tf_weights_in_albert(theirs, config, prefix)
+    capsys.readouterr()  # it prints every name
+    torch.manual_seed(1)
+    ours = transformers.AlbertForPreTraining(config)
+    result = gt.load_into(ours, prefix, mapping="albert")
+    assert result.ok, result.describe()
+    _assert_state_dicts_equal(torch, ours, theirs)
+    ours.eval(), _same_layout(torch, theirs)
+    ids = torch.tensor([[7, 1, 3, 98, 45, 2]])
+    with torch.no_grad():
+        a, b = ours(input_ids=ids), theirs(input_ids=ids)
+    assert torch.equal(a.prediction_logits, b.prediction_logits) and torch.equal(a.sop_logits, b.sop_logits)
 
 
 GPT2 = {"vocab": 99, "positions": 16, "embd": 32, "layers": 2, "heads": 4}

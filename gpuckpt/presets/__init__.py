@@ -3,6 +3,9 @@
 * ``"bert"``: Google's original BERT checkpoints (``bert/encoder/layer_N/...``, the pre-training
   heads ``cls/...``) onto ``BertModel``, ``BertForPreTraining`` (and the other ``Bert*`` classes
   with a ``bert.`` base model), the names ``transformers.load_tf_weights_in_bert`` (4.x) gives.
+* ``"albert"``: Google's original ALBERT checkpoints (shared layer groups
+  ``bert/encoder/transformer/group_G/inner_group_I/...``) onto ``AlbertModel``/``AlbertForPreTraining``,
+  as ``load_tf_weights_in_albert`` names them.
 * ``"electra"``: Google's original ELECTRA checkpoints, the discriminator (``electra/...``,
   ``discriminator_predictions/...``) onto ``ElectraModel``/``ElectraForPreTraining``, as
   ``load_tf_weights_in_electra`` names them; the generator is skipped (reported).
@@ -22,11 +25,12 @@ from collections.abc import Callable
 
 from ..errors import InvalidArgumentError
 from ..mapping import NameMap
+from .albert import albert
 from .bert import bert
 from .electra import electra
 from .gpt2 import gpt2
 
-PRESETS: dict[str, Callable[[], NameMap]] = {"bert": bert, "electra": electra, "gpt2": gpt2}
+PRESETS: dict[str, Callable[[], NameMap]] = {"albert": albert, "bert": bert, "electra": electra, "gpt2": gpt2}
 
 
 def get_preset(name: str) -> NameMap:
@@ -37,4 +41,4 @@ def get_preset(name: str) -> NameMap:
         raise InvalidArgumentError(f"no mapping preset {name!r}; presets: {', '.join(PRESETS)}") from None
 
 
-__all__ = ["PRESETS", "bert", "electra", "get_preset", "gpt2"]
+__all__ = ["PRESETS", "albert", "bert", "electra", "get_preset", "gpt2"]
