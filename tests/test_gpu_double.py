@@ -211,3 +211,18 @@ def test_save_copies_a_strided_array_on_its_own_device_after_its_work(cupy, tmp_
     gpuckpt.save(str(tmp_path / "s"), {"a": array[:, ::7]})  # from GPU 0: the copy is made on GPU 1
     with gpuckpt.open(str(tmp_path / "s")) as ckpt:
         assert ckpt.get_tensor("a").tobytes() == np.ascontiguousarray(values[:, ::7]).tobytes()
+
+
+def test_reusing_a_staging_slot_before_its_event_would_corrupt_data(cupy, tmp_path, monkeypatch):
+    """Copies from pinned memory read their source when they run: skip the wait on a slot's event
+    and the real CudaDevice restores wrong bytes here, as it would on a GPU."""
+    from gpuckpt import pipeline
+
+    rng = np.random.default_rng(4)
+    tensors = {f"t{i}": rng.standard_normal(3000).astype(np.float32) for i in range(8)}
+    prefix = make_bundle(tensors).write(str(tmp_path / "r"))
+    cupy._machine.stream_delay_s = 0.002
+    monkeypatch.setattr(pipeline._Slot, "wait_until_free", lambda self: None)
+    with gpuckpt.open(prefix, options=SLOTS) as ckpt:
+        arrays = ckpt.restore(device="cuda", verify=False)
+    assert any(arrays[name].get().tobytes() != value.tobytes() for name, value in tensors.items())
