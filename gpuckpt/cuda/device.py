@@ -171,6 +171,9 @@ class CudaDevice:
         """Kernel ``name``, looked up with this device current: RawModule loads its module on the
         device current at the lookup (once per device), so a lookup elsewhere would load it on
         whatever device the calling thread has (GPU 0 for a reader thread)."""
+        function = self._functions.get(name)
+        if function is not None:  # every launch after the first: no lock
+            return function
         with self._lock:
             if self._module is None:
                 source = '#line 1 "convert.cu"\n' + read_source("convert.cu")
