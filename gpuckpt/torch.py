@@ -212,6 +212,50 @@ def restore(
     return {n: to_torch(a, logical[n], describe(ckpt.index.path, n)) for n, a in arrays.items()}
 
 
+class TorchFuture:
+    """:meth:`Checkpoint.restore_async`'s future, handing out torch tensors: ``result()`` for all,
+    ``wait(name)`` for one as soon as it is complete, ``ready(name)``, ``done()``."""
+
+    def __init__(self, future: Any, logical: dict[str, np.dtype], path: str) -> None:
+        self._future = future
+        self._logical = logical
+        self._path = path
+
+    def _tensor(self, name: str, array: Any) -> torch.Tensor:
+        return to_torch(array, self._logical[name], describe(self._path, name))
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return {name: self._tensor(name, array) for name, array in self._future.result().items()}
+
+    def wait(self, name: str) -> torch.Tensor:
+        return self._tensor(name, self._future.wait(name))
+
+    def ready(self, name: str) -> bool:
+        return bool(self._future.ready(name))
+
+    def done(self) -> bool:
+        return bool(self._future.done())
+
+
+def restore_async(
+    ckpt: Checkpoint,
+    names: NameSelector = None,
+    *,
+    device: Any = None,
+    dtype: Any = None,
+    verify: bool | None = None,
+    threads: int | None = None,
+    progress: Any = None,
+) -> TorchFuture:
+    """:func:`restore` started in the background (every refusal is raised here, before any read)."""
+    selected = [e.name for e in ckpt._select(names)]
+    logical = _restored_dtypes(ckpt, selected, dtype)
+    future = ckpt.restore_async(
+        selected, device=_device_arg(device), dtype=dtype, verify=verify, threads=threads, progress=progress
+    )
+    return TorchFuture(future, logical, ckpt.index.path)
+
+
 def get_tensor(
     ckpt: Checkpoint, name: str, *, device: Any = None, dtype: Any = None, verify: bool | None = None
 ) -> torch.Tensor:

@@ -373,3 +373,16 @@ print((peak - start) >> 20)
     above = int(done.stdout.split()[-1])
     print(f"load_into: peak resident memory {above} MiB above the model's 128 MiB")
     assert above < 48, f"load_into's peak was {above} MiB above the model's (a second model would be 128)"
+
+
+def test_restore_async_hands_out_torch_tensors(every_dtype):
+    prefix, tensors = every_dtype
+    with gpuckpt.open(prefix) as ckpt:
+        future = gt.restore_async(ckpt, ["bfloat16", "int32"])
+        one = future.wait("bfloat16")
+        assert one.dtype == torch.bfloat16 and _bits(one) == tensors["bfloat16"].tobytes()
+        everything = future.result()
+        assert future.done() and future.ready("int32")
+        assert _bits(everything["int32"]) == tensors["int32"].tobytes()
+        with pytest.raises(gpuckpt.UnsupportedError, match="int4"):
+            gt.restore_async(ckpt, ["int4"])
