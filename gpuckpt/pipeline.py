@@ -113,6 +113,7 @@ class _Scratch:
         for target, buffers in held:
             if target.ready is not None:
                 fault = _quietly(target.ready.synchronize) or fault
+            target.raw = target.full = None  # views of these buffers
             buffers.clear()
         return fault
 
@@ -623,8 +624,9 @@ class StagedRestore:
                 for stream in self._streams:  # let queued work finish before its memory is let go
                     _quietly(functools.partial(self._drain, stream))
             fault = self._scratch.release()
-            if error is not None:
-                self._targets.clear()  # device memory of a failed restore goes back to the allocator
+            # The future holds the arrays of a restore that succeeded; those of a failed one go
+            # back to the allocator here.
+            self._targets.clear()
             for slot in self._slots:  # no copy may still be reading a buffer about to be released
                 fault = _quietly(slot.wait_until_free) or fault
                 slot.last_copy = None
