@@ -248,3 +248,12 @@ def test_sharded_leaves_keep_their_sharding_on_eight_devices(flax_like):
         """
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_partitioned_tensors_reassembled_into_the_aligned_buffers(tmp_path):
+    whole = np.arange(40, dtype=np.float32).reshape(10, 4)
+    parts = [((slice(0, 3), slice(None)), whole[:3]), ((slice(3, 10), slice(None)), whole[3:])]
+    prefix = gpuckpt.save(str(tmp_path / "parts"), {"big": gpuckpt.Partitioned((10, 4), parts)})
+    with gpuckpt.open(prefix) as ckpt:
+        array = gj.restore(ckpt, ["big"], device="cpu")["big"]
+    assert _bits(array) == whole.tobytes()

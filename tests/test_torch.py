@@ -386,3 +386,13 @@ def test_restore_async_hands_out_torch_tensors(every_dtype):
         assert _bits(everything["int32"]) == tensors["int32"].tobytes()
         with pytest.raises(gpuckpt.UnsupportedError, match="int4"):
             gt.restore_async(ckpt, ["int4"])
+
+
+def test_load_into_a_partitioned_tensor_in_place(tmp_path):
+    whole = np.arange(40, dtype=np.float32).reshape(10, 4)
+    parts = [((slice(0, 6), slice(None)), whole[:6]), ((slice(6, 10), slice(None)), whole[6:])]
+    prefix = gpuckpt.save(str(tmp_path / "parts"), {"weight": gpuckpt.Partitioned((10, 4), parts)})
+    embedding = torch.nn.Embedding(10, 4)
+    pointer = embedding.weight.data_ptr()
+    assert gt.load_into(embedding, prefix).ok
+    assert embedding.weight.data_ptr() == pointer and np.array_equal(embedding.weight.detach().numpy(), whole)
