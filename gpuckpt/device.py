@@ -53,6 +53,10 @@ class Device(Protocol):
         """A flat uint8 view of a device array (its raw bytes)."""
         ...
 
+    def holds(self, array: Any) -> bool:
+        """Whether ``array`` lives in this device's memory (``out=`` arrays are checked with it)."""
+        ...
+
     def carve(self, arena: Any, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> Any:
         """An array of ``shape`` and ``dtype`` over the bytes of the uint8 array ``arena`` from
         ``offset`` (aligned to ``dtype``'s size), sharing its memory."""
@@ -184,6 +188,9 @@ class HostDevice:
         array = np.empty(shape, dtype)
         self.allocated_bytes += array.nbytes
         return array
+
+    def holds(self, array: Any) -> bool:
+        return isinstance(array, np.ndarray)
 
     def byte_view(self, array: np.ndarray) -> np.ndarray:
         return array.reshape(-1).view(np.uint8)

@@ -325,7 +325,13 @@ class StagedRestore:
             dtype, kernel = self._target_dtype(entry)
             dtype = self.device.array_dtype(dtype)  # e.g. float8 arrives as uint8 bytes on CuPy
             if entry.name in self.out:
-                check_out_array(self.out[entry.name], entry, dtype, path, contiguous=True)
+                given = self.out[entry.name]
+                if not self.device.holds(given):
+                    raise InvalidArgumentError(
+                        f"out[{entry.name!r}] is not an array on {self.device.name}, where this restore puts the "
+                        f"tensor ({type(given).__name__}): nothing was written: " + describe(path, entry.name)
+                    )
+                check_out_array(given, entry, dtype, path, contiguous=True)
             plans[entry.name] = (dtype, kernel)
         needed = sum(
             (e.num_elements * plans[e.name][0].itemsize if e.name not in self.out else 0)

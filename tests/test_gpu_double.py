@@ -226,3 +226,17 @@ def test_reusing_a_staging_slot_before_its_event_would_corrupt_data(cupy, tmp_pa
     with gpuckpt.open(prefix, options=SLOTS) as ckpt:
         arrays = ckpt.restore(device="cuda", verify=False)
     assert any(arrays[name].get().tobytes() != value.tobytes() for name, value in tensors.items())
+
+
+def test_an_out_array_elsewhere_than_the_restores_device_is_refused(cupy, tmp_path):
+    values = np.linspace(0, 1, 1000, dtype=np.float32)
+    prefix = make_bundle({"a": values}).write(str(tmp_path / "o"))
+    with cupy.cuda.Device(1):
+        on_one = cupy.full(values.size, -1.0, cupy.float32)
+    on_host = np.full(values.size, -1.0, np.float32)
+    with gpuckpt.open(prefix) as ckpt:
+        for out in (on_one, on_host):
+            with pytest.raises(gpuckpt.InvalidArgumentError, match="not an array on cuda:0.*nothing was written"):
+                ckpt.restore(device="cuda:0", out={"a": out})
+        ckpt.restore(device="cuda:1", out={"a": on_one})
+    assert (on_host == -1).all() and on_one.get().tobytes() == values.tobytes()

@@ -106,6 +106,9 @@ class CudaDevice:
         with self._device():
             return cupy.empty(shape, dtype=dtype)
 
+    def holds(self, array: Any) -> bool:
+        return isinstance(array, cupy.ndarray) and int(array.device.id) == self.index
+
     def byte_view(self, array: Any) -> Any:
         if not array.flags.c_contiguous:  # reshape would copy: the bytes would land in a temporary
             raise UnsupportedError("only C-contiguous device arrays can be filled or read as bytes")
