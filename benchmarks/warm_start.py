@@ -107,18 +107,25 @@ def check(arrays, expected):
         assert arrays[name].dtype == value.dtype and arrays[name].tobytes() == value.tobytes(), name
 
 
-def interleaved(repeat, runs):
+def interleaved(repeat, runs, cpu=False):
     """Best time of each of ``runs`` (name -> function), timed in turn, round after round, after
-    one warm-up round: load from other processes on a shared machine falls on all of them alike."""
+    one warm-up round: load from other processes on a shared machine falls on all of them alike.
+    With ``cpu``, also the least CPU time (all threads of this process, user and system) of each,
+    as ``NAME_cpu_s``: what it costs whatever else runs on the machine."""
     times = {name: [] for name in runs}
+    cpu_times = {name: [] for name in runs}
     for round_number in range(repeat + 1):
         for name, fn in runs.items():
             gc.collect()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()  # its result (arrays) is dropped before the next run
             if round_number:
                 times[name].append(time.perf_counter() - start)
-    return {name: min(values) for name, values in times.items()}
+                cpu_times[name].append(time.process_time() - start_cpu)
+    best = {name: min(values) for name, values in times.items()}
+    if cpu:
+        best.update({name.removesuffix("_s") + "_cpu_s": min(values) for name, values in cpu_times.items()})
+    return best
 
 
 def fault_per_GiB(size, repeat):
@@ -186,6 +193,7 @@ def in_process(prefix, expected, repeat):
                 "baseline_fresh_numpy_allocator_verified_s": fresh_numpy_allocator,
                 "baseline_old_out_path_verified_s": old_out_path,
             },
+            cpu=True,
         )
     source = None  # drop the export of the mapping so it can close
     mapped.close()

@@ -34,7 +34,7 @@ from .convert import check_conversion, fix_in_place, reference_convert
 from .shards import ShardFiles
 from .strings import decode_strings
 
-CHUNK_BYTES = 4 << 20  # fits in L2/L3 so the crc pass reads what the copy just wrote
+CHUNK_BYTES = 1 << 20  # fits in L2, so the crc pass reads what the copy just wrote (see warm_start.py)
 SPLIT_BYTES = 32 << 20  # tensors larger than two of these are read by several threads in parts
 
 ProgressCallback = Callable[[int, int], None]
@@ -139,7 +139,7 @@ class HostReader:
             )
 
     def _read_part(self, bulk: _BulkRead, part: int, verify: bool, stage: Callable[[], memoryview]) -> int:
-        """Read one part of a large fixed-size piece into its place, checksumming it 4 MiB at a
+        """Read one part of a large fixed-size piece into its place, checksumming it 1 MiB at a
         time while the bytes are in cache (and fixing or converting them there); the last part to
         finish combines the parts' CRCs and verifies the piece."""
         entry = bulk.entry
