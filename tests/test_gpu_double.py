@@ -102,6 +102,22 @@ def test_the_pool_hands_a_freed_chunk_straight_back_and_serves_it_under_any_limi
     assert cupy.cuda.Device(2).mem_info == (64 << 20, 64 << 20)
 
 
+def test_an_allocation_over_the_limit_collects_garbage_before_it_fails(cupy):
+    import gc
+
+    pool = cupy.get_default_memory_pool()
+    cycle = [cupy.empty(1 << 20, cupy.uint8)]
+    cycle.append(cycle)  # only the garbage collector frees it
+    del cycle
+    gc.disable()
+    try:
+        pool.set_limit(size=(1 << 20) + (1 << 19))
+        cupy.empty((1 << 20) + 512, cupy.uint8)  # fits only once the cycle is collected and freed
+    finally:
+        gc.enable()
+        pool.set_limit(size=0)
+
+
 def test_the_pinned_pool_rounds_up_to_a_power_of_two(cupy):
     pool = cupy.get_default_pinned_memory_pool()
     memory = cupy.cuda.alloc_pinned_memory(1000)
