@@ -217,6 +217,10 @@ def test_a_restore_to_another_device_runs_every_call_inside_it(cupy, tmp_path):
         assert arrays[name].device.id == 2
         assert arrays[name].get().tobytes() == value.astype(np.float32).tobytes(), name
     assert cupy._machine.modules_loaded == {2: 1}  # the kernels were never loaded on GPU 0
+    from gpuckpt.cuda.device import CudaDevice
+    from gpuckpt.kernel_sources import fatbin_path
+
+    assert CudaDevice.get(2).kernels_from == ("fatbin" if fatbin_path() else "nvrtc")
 
 
 def test_save_copies_a_strided_array_on_its_own_device_after_its_work(cupy, tmp_path):

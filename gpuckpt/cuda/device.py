@@ -2,7 +2,8 @@
 
 Pinned host memory from ``cupy.cuda.alloc_pinned_memory``; copies with ``cudaMemcpyAsync`` on
 non-blocking streams; events from ``Stream.record``; the conversion kernels of kernels/convert.cu
-compiled once per device with ``cupy.RawModule``.
+loaded once per device by :func:`gpuckpt.cuda.kernels.load_kernels` (the shipped fatbin, NVRTC as
+the visible fallback).
 
 Every CUDA call runs with this device current (``with cupy.cuda.Device(index)``): the calling
 thread may be a reader thread, whose current device is 0, and CUDA binds events, kernel
@@ -19,7 +20,7 @@ import cupy
 import numpy as np
 
 from ..errors import DeviceUnavailableError, UnsupportedError
-from ..kernel_sources import kernel_dir, read_source
+from .kernels import load_kernels
 
 _BLOCK = 256
 _MAX_GRID = 65535 * 4
@@ -57,6 +58,7 @@ class CudaDevice:
         self.index = index
         self.name = f"cuda:{index}"
         self._module: Any = None
+        self.kernels_from: str | None = None  #: "fatbin" or "nvrtc" once the kernels are loaded
         self._functions: dict[str, Any] = {}  # kernel name -> RawKernel (it caches per device)
         self._pinned: dict[int, Any] = {}  # id(buffer) -> the PinnedMemoryPointer keeping it alive
 
@@ -177,14 +179,12 @@ class CudaDevice:
         function = self._functions.get(name)
         if function is not None:  # every launch after the first: no lock
             return function
-        with self._lock:
+        with self._lock, self._device():  # load_kernels loads on the current device
             if self._module is None:
-                source = '#line 1 "convert.cu"\n' + read_source("convert.cu")
-                self._module = cupy.RawModule(code=source, options=(f"-I{kernel_dir()}", "--std=c++14"))
+                self._module, self.kernels_from = load_kernels(cupy)
             function = self._functions.get(name)
             if function is None:
-                with self._device():
-                    function = self._functions[name] = self._module.get_function(f"gpuckpt_{name}")
+                function = self._functions[name] = self._module.get_function(f"gpuckpt_{name}")
             return function
 
     def _launch(self, name: str, args: tuple[Any, ...], n: int, stream: Any) -> None:

@@ -364,11 +364,13 @@ def get_default_pinned_memory_pool() -> cuda.pinned_memory.PinnedMemoryPool:
 # -- kernels ---------------------------------------------------------------------------------------
 class RawModule:
     """cupy/_core/raw.pyx, RawModule. Its kernels run as their host twins: a conversion
-    ``gpuckpt_<name>`` declared in conversions.def (found through the ``-I`` option, as the
-    compiler finds it) is ``gpuckpt.host.convert.reference_convert(name, bytes)``, and
-    ``gpuckpt_swap<w>`` is numpy's byteswap. The module is loaded per device, on the device
-    current when a kernel is looked up or launched (raw.pyx: ``_get_raw_module`` is memoized
-    ``for_each_device``; RawKernel._kernel uses ``runtime.getDevice()``)."""
+    ``gpuckpt_<name>`` declared by an ``X(name, src_t, dst_t, fn)`` line of conversions.def is
+    ``gpuckpt.host.convert.reference_convert(name, bytes)``, and ``gpuckpt_swap<w>`` is numpy's
+    byteswap. What a module declares is read from its source: the code itself (headers inlined),
+    conversions.def found through an ``-I`` option as the compiler finds it, or, for a binary
+    loaded with ``path=``, the sources beside it. The module is loaded per device, on the device
+    current when it is compiled, a kernel is looked up or launched (raw.pyx: ``_get_raw_module``
+    is memoized ``for_each_device``; RawKernel._kernel uses ``runtime.getDevice()``)."""
 
     def __init__(
         self, code: str | None = None, *, path: str | None = None, options: tuple[str, ...] = (), **kwargs: Any
@@ -379,21 +381,25 @@ class RawModule:
 
     def _declared(self) -> dict[str, tuple[str, int, int]]:
         """What the source declares: name -> (kind, source width, destination width)."""
-        widths = {"uint8_t": 1, "uint16_t": 2, "uint32_t": 4, "uint64_t": 8}
-        kernels: dict[str, tuple[str, int, int]] = {}
-        code = self.code or ""
-        for option in self.options:
-            if option.startswith("-I") and '#include "convert.cuh"' in code:
-                import os
+        import os
 
-                path = os.path.join(option[2:], "conversions.def")
+        widths = {"uint8_t": 1, "uint16_t": 2, "uint32_t": 4, "uint64_t": 8}
+        texts = [self.code or ""]
+        folders = [option[2:] for option in self.options if option.startswith("-I")]
+        if self.path is not None:
+            folders.append(os.path.dirname(self.path))
+            texts[0] = open(os.path.join(os.path.dirname(self.path), "convert.cu")).read()
+        if '#include "conversions.def"' in texts[0] or '#include "convert.cuh"' in texts[0]:
+            for folder in folders:
+                path = os.path.join(folder, "conversions.def")
                 if os.path.exists(path):
-                    for line in open(path).read().splitlines():
-                        match = re.match(r"X\((\w+),\s*(\w+),\s*(\w+),", line)
-                        if match:
-                            kernels["gpuckpt_" + match[1]] = ("convert", widths[match[2]], widths[match[3]])
-        for match in re.finditer(r"^SWAP\((\d+),", code, re.M):
-            kernels[f"gpuckpt_swap{match[1]}"] = ("swap", int(match[1]), int(match[1]))
+                    texts.append(open(path).read())
+        kernels: dict[str, tuple[str, int, int]] = {}
+        for text in texts:
+            for match in re.finditer(r"^X\((\w+),\s*(\w+),\s*(\w+),", text, re.M):
+                kernels["gpuckpt_" + match[1]] = ("convert", widths[match[2]], widths[match[3]])
+            for match in re.finditer(r"^SWAP\((\d+),", text, re.M):
+                kernels[f"gpuckpt_swap{match[1]}"] = ("swap", int(match[1]), int(match[1]))
         return kernels
 
     def _load_here(self) -> None:
@@ -402,9 +408,13 @@ class RawModule:
             self._loaded.add(device)
             _machine.modules_loaded[device] = _machine.modules_loaded.get(device, 0) + 1
 
+    def compile(self, log_stream: Any = None) -> None:
+        """raw.pyx, RawModule.compile: loads the module on the current device now."""
+        self._load_here()
+
     def get_function(self, name: str) -> RawKernel:
         if name not in self._kernels:
-            raise _runtime.CUDARuntimeError(_runtime.errorInvalidValue, f"CUDA_ERROR_NOT_FOUND: named symbol {name}")
+            raise cuda.driver.CUDADriverError(f"CUDA_ERROR_NOT_FOUND: named symbol not found: {name}")
         self._load_here()  # raw.pyx, get_function: ``func = ker.kernel`` registers it on this device
         return RawKernel(self, name)
 

@@ -6,7 +6,7 @@ import threading
 from typing import Any
 
 from .. import _machine
-from . import memory, pinned_memory, runtime, stream  # noqa: F401
+from . import driver, memory, pinned_memory, runtime, stream  # noqa: F401
 from .memory import MemoryPointer, OutOfMemoryError  # noqa: F401
 from .pinned_memory import alloc_pinned_memory  # noqa: F401
 from .stream import Event, Stream, get_current_stream  # noqa: F401
