@@ -362,3 +362,12 @@ def test_new_arrays_survive_an_exception_midway_without_leaking(tmp_path):
     gc.collect()
     with open("/proc/self/maps") as f:
         assert f.read().count("\n") <= maps + 2
+
+
+def test_no_mapping_to_be_had_falls_back_to_numpy(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(arena.mmap, "mmap", refuse)
+    arrays = arena.new_arrays([((1000, 1000), np.dtype(np.float32)), ((3,), np.dtype(np.int8))])
+    assert [a.shape for a in arrays] == [(1000, 1000), (3,)] and all(a.flags.owndata for a in arrays)

@@ -78,7 +78,10 @@ def new_arrays(specs: Sequence[tuple[tuple[int, ...], np.dtype]]) -> list[np.nda
     # does not align anonymous mappings itself here, and an unaligned start would put every
     # boundary huge page partly outside the mapping (4 KiB faults). The slack is never touched.
     length = _round_up(total, HUGE_PAGE) + HUGE_PAGE
-    mapping = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        mapping = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError:  # address space or overcommit limits: numpy's allocator says MemoryError if it must
+        return [np.empty(shape, dtype) for shape, dtype in specs]
     if _HUGEPAGE is not None:
         try:
             mapping.madvise(_HUGEPAGE)
