@@ -101,6 +101,15 @@ def numpy_allocator():
     return Patch()
 
 
+def cpu_pressure():
+    """The share of the last 10 s in which some runnable task waited for a CPU (Linux PSI), or None."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return float(f.readline().split()[1].split("=")[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def check(arrays, expected):
     assert set(arrays) == set(expected)
     for name, value in expected.items():
@@ -296,7 +305,10 @@ def main(argv=None):
         with gpuckpt.open(prefix) as ckpt:
             check(ckpt.restore(), arrays)
 
+    pressure = {"before_pct": cpu_pressure()}
     timed = in_process(large, expected, args.repeat)
+    pressure["after_in_process_pct"] = cpu_pressure()
+    results["cpu_pressure_avg10"] = pressure  # other work on a shared machine: high means noisy figures
     memcpy = timed["floor_memcpy_prefaulted_s"]
     results["large"] = timed
     results["history"] = history(large, many, args.repeat)
