@@ -128,3 +128,21 @@ def test_warm_start_benchmark_smoke(tmp_path):
     assert result["history"]["arena"]["ratio"] > 0
     assert result["startup"]["fp32_fp16"]["new_process_import_open_restore_s"] > 0
     assert result["machine"]["cores"] >= 1
+
+
+def test_load_into_benchmark_smoke(tmp_path):
+    """load_into against restore()+load_state_dict, restore() and the floor, at the smallest size:
+    checked bit for bit first, peak memory measured in new processes."""
+    pytest.importorskip("torch")
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import load_into
+
+    out = tmp_path / "load-into.json"
+    argv = ["--layers", "1", "--d-model", "32", "--vocab", "64", "--context", "16", "--repeat", "1"]
+    argv += ["--writer", "gpuckpt", "--work-dir", str(tmp_path / "work"), "--out", str(out)]
+    assert load_into.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["seconds"]["tensors"] == 16 and result["checkpoint"]["writer"] == "gpuckpt"
+    assert result["ratios"]["load_into_over_restore"] > 0 and result["seconds"]["floor_memcpy_prefaulted_s"] > 0
+    assert set(result["peak_extra_bytes"]) == {"load_into", "restore_load_state_dict", "restore"}
+    assert result["machine"]["cores"] >= 1
