@@ -137,6 +137,12 @@ class Checkpoint:
     def data_files(self) -> list[str]:
         return [data_filename(self.prefix, i, self.num_shards) for i in range(self.num_shards)]
 
+    def bytes_read(self) -> dict[str, int]:
+        """Bytes read so far from each data file by this checkpoint (restores, slices and device
+        restores alike; zero-copy views are not reads), by path: what a sharded restore can show
+        was read once, or only in part."""
+        return self._shards.bytes_read()
+
     def keys(self) -> list[str]:
         """Tensor names in key order, as TensorFlow's reader lists them (slice entries excluded)."""
         return list(self._index.tensors)

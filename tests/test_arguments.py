@@ -33,3 +33,16 @@ def test_a_short_data_file_is_named_at_open(small, tmp_path):
     os.truncate(data, os.path.getsize(data) - 1)
     with pytest.raises(gpuckpt.FormatError, match=r"data file '.*short\.data-00000-of-00001' is too short"):
         gpuckpt.open(copy)
+
+
+def test_bytes_read_counts_what_each_read_asked_of_the_files(small):
+    prefix, tensors = small
+    data = prefix + ".data-00000-of-00001"
+    with gpuckpt.open(prefix) as ckpt:
+        assert ckpt.bytes_read() == {}
+        ckpt.get_tensor("w")
+        assert ckpt.bytes_read() == {data: tensors["w"].nbytes}
+        ckpt.get_slice("w")[10:20]
+        assert ckpt.bytes_read() == {data: tensors["w"].nbytes + 40}
+        ckpt.restore()
+        assert ckpt.bytes_read()[data] == 2 * tensors["w"].nbytes + 40 + tensors["b"].nbytes

@@ -45,6 +45,7 @@ class ShardFiles:
         self._lock = threading.Lock()
         self._reading_now = 0  # reads in progress: their descriptors must stay open
         self._closed = False
+        self._bytes_read: dict[int, int] = {}  # by shard id, every read since open
 
     def open_shard(self, shard_id: int, num_shards: int) -> int:
         """Open one shard (once) and return its size; only shards the index uses are opened."""
@@ -69,14 +70,21 @@ class ShardFiles:
     def size(self, shard_id: int) -> int:
         return self._sizes[shard_id]
 
+    def bytes_read(self) -> dict[str, int]:
+        """Bytes read from each data file since it was opened (by path; files never read are absent)."""
+        with self._lock:
+            return {self.path(shard): count for shard, count in sorted(self._bytes_read.items())}
+
     @contextlib.contextmanager
-    def _reading(self, shard_id: int) -> Iterator[int]:
-        """The shard's descriptor, kept open until the block ends even if close() is called."""
+    def _reading(self, shard_id: int, nbytes: int = 0) -> Iterator[int]:
+        """The shard's descriptor, kept open until the block ends even if close() is called;
+        ``nbytes`` (what the caller is about to read) is added to :meth:`bytes_read`."""
         with self._lock:
             if self._closed:
                 raise ClosedCheckpointError("checkpoint is closed: " + describe(self.path(shard_id)))
             fd = self._fds[shard_id]
             self._reading_now += 1
+            self._bytes_read[shard_id] = self._bytes_read.get(shard_id, 0) + nbytes
         try:
             yield fd
         finally:
@@ -87,7 +95,7 @@ class ShardFiles:
 
     def read_into(self, shard_id: int, offset: int, dst: memoryview, tensor: str | None = None) -> None:
         """Fill ``dst`` (a writable byte view) with the bytes at ``offset``; short reads are errors."""
-        with self._reading(shard_id) as fd:
+        with self._reading(shard_id, len(dst)) as fd:
             done = 0
             total = len(dst)
             while done < total:
@@ -102,7 +110,7 @@ class ShardFiles:
     def read_runs(self, shard_id: int, offsets: list[int], length: int, dst: memoryview, tensor: str) -> None:
         """Fill ``dst`` with ``length`` bytes from each of ``offsets`` in turn: many small reads
         in a tight loop, each falling back to :meth:`read_into` (retry, then error) if short."""
-        with self._reading(shard_id) as fd:
+        with self._reading(shard_id, len(offsets) * length) as fd:
             preadv = os.preadv
             for number, offset in enumerate(offsets):
                 piece = dst[number * length : (number + 1) * length]
