@@ -4,11 +4,13 @@ Why not ``numpy.empty``: what a fresh array costs depends on where malloc finds 
 blocks above its mmap threshold with a new mapping, but that threshold grows (up to 32 MiB) each
 time a mapped block is freed, and below it the block comes from the heap, whose state depends on
 everything the process did before. Faulting memory in is the expensive part, and on this project's
-machine (a 2-core VM, transparent huge pages on ``madvise``) it costs 0.44 s per GiB in 4 KiB pages
-against 0.064 s in 2 MiB pages (``benchmarks/warm_start.py`` measures both). numpy advises huge
-pages only for blocks it gets from malloc at 4 MiB and over, and only on the part that happens to be
-aligned; a heap block is often not. So a restore that ran in 0.08 s in a new process took 2 to 3
-times as long in one that had first built 100,000 small objects.
+machine (a 2-core VM, transparent huge pages on ``madvise``) it costs 0.40 to 0.59 s per GiB in
+4 KiB pages against 0.05 to 0.08 s in 2 MiB pages (``benchmarks/warm_start.py`` measures both;
+memory the VM's host has not backed yet costs far more, either way). numpy advises huge pages only
+for blocks it gets from malloc at 4 MiB and over, and only on the part that happens to be aligned;
+a heap block is often not. Issue 13 saw a 1 GiB restore take 2 to 3 times as long in a process
+that had first built 100,000 small objects (the benchmark's runs since: 1.0 to 1.26 times with
+numpy's allocator, 0.94 to 1.13 with this one).
 
 What this does instead: the tensors at or above :data:`MIN_BYTES` that one restore creates share one
 private anonymous mapping, its start aligned to 2 MiB and ``MADV_HUGEPAGE`` advised, each tensor at
