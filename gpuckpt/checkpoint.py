@@ -29,12 +29,13 @@ from .format.bundle import BundleIndex, TensorEntry, parse_index
 from .format.object_graph import OBJECT_GRAPH_KEY, ObjectAttribute, StateKind, classify_name, decode_object_graph
 from .format.state import INDEX_SUFFIX, RESOLVE_ATTEMPTS, resolve_prefix
 from .host.convert import check_conversion
-from .host.lazy_slice import LazyTensor, zero_copy_view
+from .host.lazy_slice import LazyTensor, restore_region, zero_copy_view
 from .host.reader import HostReader, ProgressCallback
 from .host.reader import check_out as check_host_out
 from .host.shards import ShardFiles, data_filename
 from .options import RestoreOptions
 from .pipeline import RestoreFuture, SpreadFuture, check_out_array, restore_to_device
+from .regions import Region, region_of
 
 MAX_INDEX_BYTES = 1 << 34  # 16 GiB: far beyond any real index; refuse to read more into memory
 
@@ -241,8 +242,9 @@ class Checkpoint:
         verify: bool | None = None,
         copy: bool = True,
         dtype: Any = None,
+        region: Any = None,
     ) -> Any:
-        """Read one tensor.
+        """Read one tensor, or a region of it.
 
         Parameters
         ----------
@@ -252,6 +254,8 @@ class Checkpoint:
         copy : False returns a read-only zero-copy view of the mapped file (host, fixed-size,
             unpartitioned, native-endian tensors only); the file stays mapped while it lives.
         dtype : restore a floating tensor as this dtype (converted on the device on a GPU).
+        region : a basic index (``np.s_[0:512, ::2]``): only that region is read, as
+            ``restore(regions={name: region})`` reads it (see there for what is checked).
         """
         self._check_open()
         target = self._resolve(device)
@@ -259,8 +263,11 @@ class Checkpoint:
         if not copy:
             if target != CPU:
                 raise ValueError("copy=False gives views of the mapped file: host only")
+            if region is not None:
+                raise InvalidArgumentError("copy=False gives a view of the whole tensor; region= reads a copy")
             return zero_copy_view(self._reader, entry)
-        return self.restore([name], device=target, verify=verify, dtype=dtype)[name]
+        regions = None if region is None else {name: region}
+        return self.restore([name], device=target, verify=verify, dtype=dtype, regions=regions)[name]
 
     def get_slice(self, name: str) -> LazyTensor:
         """A lazy handle: ``ckpt.get_slice(name)[2:4, :]`` reads only the bytes it needs (host arrays).
@@ -282,6 +289,7 @@ class Checkpoint:
         progress: ProgressCallback | None = None,
         dtype: Any = None,
         out: dict[str, Any] | None = None,
+        regions: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Read many tensors at once; returns ``{name: array}`` in key order.
 
@@ -299,6 +307,17 @@ class Checkpoint:
         dtype : restore floating tensors as this dtype, or a mapping ``{name regex: dtype}``.
         out : existing arrays to fill, by name (shape and dtype checked first; nothing is touched
             when a check fails).
+        regions : ``{name: index}``: restore only a region of those tensors, any basic index
+            (integers, slices with steps, ``...``, ``None``; ``np.s_[0:512, ::2]``), the result
+            shaped as numpy shapes ``tensor[index]``; an ``out=`` array has the region's shape.
+            Without ``names``, just these tensors are restored. Only the bytes the region needs
+            are read (:func:`gpuckpt.regions.read_groups`). A region that is the whole tensor is
+            a whole, verified read; so is a saved slice of a partitioned tensor the region holds
+            whole (a region exactly one saved slice reads that slice alone). Other reads cannot be
+            checked (the crc32c covers whole tensors and slices). A region of a string tensor
+            reads the whole tensor (its elements vary in length). A bad region (out of bounds,
+            too many indices, fancy indexing) is :class:`~gpuckpt.regions.RegionError` (an
+            ``InvalidArgumentError`` and an ``IndexError``) naming the tensor, before any read.
 
         Notes
         -----
@@ -308,7 +327,15 @@ class Checkpoint:
         on the device (see :mod:`gpuckpt.pipeline`). Nothing partial is returned on an error.
         """
         future = self.restore_async(
-            names, device=device, verify=verify, threads=threads, progress=progress, dtype=dtype, out=out, wait=True
+            names,
+            device=device,
+            verify=verify,
+            threads=threads,
+            progress=progress,
+            dtype=dtype,
+            out=out,
+            regions=regions,
+            wait=True,
         )
         return future.result()
 
@@ -322,22 +349,28 @@ class Checkpoint:
         progress: ProgressCallback | None = None,
         dtype: Any = None,
         out: dict[str, Any] | None = None,
+        regions: Mapping[str, Any] | None = None,
         wait: bool = False,
     ) -> RestoreFuture:
         """Start a restore and return at once: ``future.result()`` for everything,
         ``future.ready(name)`` / ``future.wait(name)`` per tensor as it arrives."""
         self._check_open()
         _check_threads(threads)
+        if regions is not None and names is None:
+            names = list(regions)
         entries = self._select(names)
+        wanted_regions = self._regions(entries, regions)
         verify = self.verify if verify is None else verify
         chooser = dtype_chooser(dtype)
         if isinstance(device, Mapping):
-            return self._restore_spread(place_by_prefix(entries, device), verify, chooser, out, wait)
+            groups = place_by_prefix(entries, device)
+            return self._restore_spread(groups, verify, chooser, out, wait, wanted_regions)
         if isinstance(device, (list, tuple)):
-            return self._restore_spread(balance_by_bytes(entries, device), verify, chooser, out, wait)
+            groups = balance_by_bytes(entries, device)
+            return self._restore_spread(groups, verify, chooser, out, wait, wanted_regions)
         target = self._resolve(device)
         if target == CPU:
-            return self._restore_host(entries, verify, threads, progress, chooser, out, wait)
+            return self._restore_host(entries, verify, threads, progress, chooser, out, wait, wanted_regions)
         return restore_to_device(
             self._reader,
             target,
@@ -348,10 +381,33 @@ class Checkpoint:
             out=out,
             progress=progress,
             wait=wait,
+            regions=wanted_regions,
         )
 
+    def _regions(self, entries: list[TensorEntry], regions: Mapping[str, Any] | None) -> dict[str, Region]:
+        """Each region normalized against its tensor's shape (:class:`RegionError` naming the
+        tensor for a bad one), before anything is read; every name must be restored."""
+        if not regions:
+            return {}
+        if not isinstance(regions, Mapping):
+            raise InvalidArgumentError(f"regions= is a {type(regions).__name__}: give a mapping {{name: index}}")
+        selected = {e.name: e for e in entries}
+        normalized = {}
+        for name, key in regions.items():
+            entry = self._entry(name)
+            if name not in selected:
+                raise InvalidArgumentError(
+                    f"regions= names {name!r}, which names= does not select: " + describe(self._index.path, name)
+                )
+            normalized[name] = region_of(key, entry.shape, describe(self._index.path, name))
+        return normalized
+
     def _check_out(
-        self, entries: list[TensorEntry], chooser: DtypeChooser | None, out: dict[str, Any]
+        self,
+        entries: list[TensorEntry],
+        chooser: DtypeChooser | None,
+        out: dict[str, Any],
+        regions: Mapping[str, Region] | None = None,
     ) -> dict[str, np.dtype]:
         """Refuse, before anything is read, an ``out=`` array that does not fit (shape, dtype; on
         the host also a read-only or non-contiguous one) and a ``dtype=`` conversion that is not
@@ -365,7 +421,9 @@ class Checkpoint:
                     converted[entry.name] = np.dtype(wanted)
             if entry.name in out:
                 check_host_out(out[entry.name], entry, self._index.path)
-                check_out_array(out[entry.name], entry, np.dtype(wanted), self._index.path)
+                region = (regions or {}).get(entry.name)
+                shape = None if region is None else region.shape
+                check_out_array(out[entry.name], entry, np.dtype(wanted), self._index.path, shape=shape)
         return converted
 
     def _restore_host(
@@ -377,23 +435,43 @@ class Checkpoint:
         chooser: DtypeChooser | None,
         out: dict[str, Any] | None,
         wait: bool,
+        regions: Mapping[str, Region] | None = None,
     ) -> RestoreFuture:
         """``out=`` arrays and converted tensors are read into in place, chunk by chunk
-        (:meth:`HostReader.read`): no temporary the size of a tensor, no second pass."""
+        (:meth:`HostReader.read`): no temporary the size of a tensor, no second pass. A region
+        that is the whole tensor is read with them (``out=`` seen in the tensor's shape); other
+        regions after them (:func:`~gpuckpt.host.lazy_slice.restore_region`)."""
         future = RestoreFuture([e.name for e in entries])
         out = out or {}
-        converted = self._check_out(entries, chooser, out)
+        regions = regions or {}
+        converted = self._check_out(entries, chooser, out, regions)
+        partial = {n: r for n, r in regions.items() if not r.whole}
+        whole = {n: r for n, r in regions.items() if r.whole and r.shape != r.tensor_shape}
+        plain = [e for e in entries if e.name not in partial]
+        plain_out = {n: (a.reshape(whole[n].tensor_shape) if n in whole else a) for n, a in out.items()}
 
         def run() -> None:
             try:
                 arrays = self._reader.read(
-                    entries,
+                    plain,
                     verify=verify,
                     threads=self.threads if threads is None else threads,
                     progress=progress,
-                    out=out,
+                    out=plain_out,
                     dtypes=converted,
                 )
+                for name, region in whole.items():
+                    arrays[name] = out[name] if name in out else arrays[name].reshape(region.shape)
+                for entry in entries:
+                    if entry.name in partial:
+                        arrays[entry.name] = restore_region(
+                            self._reader,
+                            entry,
+                            partial[entry.name],
+                            verify=verify,
+                            dtype=converted.get(entry.name),
+                            out=out.get(entry.name),
+                        )
                 future._arrive_all(arrays)
                 future._finish(None)
             except BaseException as exc:  # noqa: B036 - reported through the future
@@ -412,6 +490,7 @@ class Checkpoint:
         chooser: DtypeChooser | None,
         out: dict[str, Any] | None,
         wait: bool,
+        regions: Mapping[str, Region] | None = None,
     ) -> RestoreFuture:
         """Each ``(device, entries)`` group restored on its device, all concurrently."""
         entries = [e for _, group in groups for e in group]
@@ -420,10 +499,18 @@ class Checkpoint:
             for device, group in groups:
                 target = resolve_device(device)
                 if target == CPU:
-                    parts.append(self._restore_host(group, verify, None, None, chooser, out, wait=False))
+                    parts.append(self._restore_host(group, verify, None, None, chooser, out, False, regions))
                     continue
                 part = restore_to_device(
-                    self._reader, target, group, self.options, verify=verify, dtype_for=chooser, out=out, wait=False
+                    self._reader,
+                    target,
+                    group,
+                    self.options,
+                    verify=verify,
+                    dtype_for=chooser,
+                    out=out,
+                    wait=False,
+                    regions=regions,
                 )
                 parts.append(part)
         except BaseException:

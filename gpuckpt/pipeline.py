@@ -22,7 +22,7 @@ import dataclasses
 import functools
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -37,15 +37,27 @@ from .host.convert import kernel_for
 from .host.reader import HostReader, check_readable
 from .options import RestoreOptions
 from .plan import PlanOptions, ReadGroup, pieces_of, plan_reads
+from .regions import Region
 
 
-def check_out_array(given: Any, entry: TensorEntry, dtype: np.dtype, path: str, *, contiguous: bool = False) -> None:
-    """An ``out=`` array must have the tensor's shape and restored dtype, and for a device restore
-    be C-contiguous (the copies write its bytes in order); checked before any write."""
-    if tuple(given.shape) != entry.shape or np.dtype(given.dtype) != dtype:
+def check_out_array(
+    given: Any,
+    entry: TensorEntry,
+    dtype: np.dtype,
+    path: str,
+    *,
+    contiguous: bool = False,
+    shape: tuple[int, ...] | None = None,
+) -> None:
+    """An ``out=`` array must have the tensor's shape (``shape``: a region's) and restored dtype,
+    and for a device restore be C-contiguous (the copies write its bytes in order); checked
+    before any write."""
+    expected = entry.shape if shape is None else shape
+    if tuple(given.shape) != expected or np.dtype(given.dtype) != dtype:
+        what = "the tensor restores as" if shape is None else "the region restores as"
         raise ValueError(
-            f"out[{entry.name!r}] is {given.dtype}{list(given.shape)}, the tensor restores as "
-            f"{dtype}{list(entry.shape)}: nothing was written: " + describe(path, entry.name)
+            f"out[{entry.name!r}] is {given.dtype}{list(given.shape)}, {what} "
+            f"{dtype}{list(expected)}: nothing was written: " + describe(path, entry.name)
         )
     flags = getattr(given, "flags", None)
     if contiguous and flags is not None and not flags.c_contiguous:
@@ -275,8 +287,10 @@ class StagedRestore:
         dtype_for: DtypeChooser | None = None,
         out: dict[str, Any] | None = None,
         progress: Callable[[int, int], None] | None = None,
+        regions: Mapping[str, Region] | None = None,
     ) -> None:
         self.reader = reader
+        self.regions = dict(regions or {})
         self.device = device
         self.options = options
         self.verify = verify
@@ -314,6 +328,8 @@ class StagedRestore:
     def _check(self, entries: Sequence[TensorEntry]) -> dict[str, tuple[np.dtype, str | None]]:
         plans = {}
         path = self.reader.index.path
+        if self.regions:
+            raise UnsupportedError("regions= on a device restore: not yet: " + describe(path))
         for entry in entries:
             check_readable(self.reader.index, entry)
             info = DTYPES[entry.dtype]
@@ -691,9 +707,13 @@ def restore_to_device(
     out: dict[str, Any] | None = None,
     progress: Callable[[int, int], None] | None = None,
     wait: bool = True,
+    regions: Mapping[str, Region] | None = None,
 ) -> RestoreFuture:
-    """Start (and by default finish) restoring ``entries`` onto ``device``; returns the future."""
+    """Start (and by default finish) restoring ``entries`` (or the ``regions`` of some of them)
+    onto ``device``; returns the future."""
     future = RestoreFuture([e.name for e in entries])
-    restore = StagedRestore(reader, device, options, verify=verify, dtype_for=dtype_for, out=out, progress=progress)
+    restore = StagedRestore(
+        reader, device, options, verify=verify, dtype_for=dtype_for, out=out, progress=progress, regions=regions
+    )
     restore.run(entries, future, background=not wait)
     return future

@@ -18,8 +18,21 @@ import numpy as np
 
 from ..errors import FormatError, UnsupportedError, describe
 from ..format.bundle import BundleIndex, TensorEntry
-from .convert import fix_in_place
-from .reader import HostReader, check_dtype, check_readable
+from ..format.crc import crc32c
+from ..format.slices import TensorSlice
+from ..regions import (
+    Region,
+    as_slice,
+    bytes_to_read,
+    intersect,
+    is_full,
+    read_groups,
+    region_of,
+    run_layout,
+    run_offsets,
+)
+from .convert import check_conversion, fix_in_place, reference_convert
+from .reader import CHUNK_BYTES, HostReader, check_dtype, check_readable
 from .shards import ShardFiles
 
 # One more read call costs about as much as reading this many more bytes from the page cache
@@ -28,50 +41,9 @@ READ_CALL_COST_BYTES = 16 << 10
 SPAN_READ_BYTES = 4 << 20  # a span is read in pieces this big, through one buffer
 
 
-def _normalize(key: object, shape: tuple[int, ...]) -> tuple[list[range], list[int]]:
-    """The indices selected along each axis by a basic-indexing ``key`` (as ranges: nothing the
-    size of a whole axis is built), and the axes given as integers."""
-    items = key if isinstance(key, tuple) else (key,)
-    ellipses = [at for at, k in enumerate(items) if k is Ellipsis]
-    if len(ellipses) > 1:
-        raise IndexError("an index can only have a single ellipsis ('...')")
-    if ellipses:
-        at = ellipses[0]
-        items = items[:at] + (slice(None),) * (len(shape) - len(items) + 1) + items[at + 1 :]
-    if len(items) > len(shape):
-        raise IndexError(f"too many indices: tensor has rank {len(shape)}, {len(items)} were given")
-    items = items + (slice(None),) * (len(shape) - len(items))
-    selection, int_axes = [], []
-    for axis, (item, dim) in enumerate(zip(items, shape, strict=True)):
-        if isinstance(item, slice):
-            selection.append(range(*item.indices(dim)))
-        elif isinstance(item, (int, np.integer)) and not isinstance(item, bool):
-            if not -dim <= item < dim:
-                raise IndexError(f"index {item} is out of bounds for axis {axis} with size {dim}")
-            selection.append(range(item % dim, item % dim + 1))
-            int_axes.append(axis)
-        else:
-            raise IndexError(f"get_slice supports integers, slices and '...', not {type(item).__name__}")
-    return selection, int_axes
-
-
-def _is_run(selected: range) -> bool:
-    """Ascending and contiguous: one run of the axis."""
-    return len(selected) <= 1 or selected.step == 1
-
-
-def _is_full(selected: range, dim: int) -> bool:
-    return len(selected) == dim and _is_run(selected) and (dim == 0 or selected[0] == 0)
-
-
-def _as_slice(selected: range, shift: int) -> slice:
-    """The slice picking ``selected`` from an axis that starts at index ``shift``."""
-    first = selected[0] - shift
-    stop = selected[-1] - shift + (1 if selected.step > 0 else -1)
-    return slice(first, stop if stop >= 0 else None, selected.step)
-
-
-def read_region(shards: ShardFiles, entry: TensorEntry, dtype: np.dtype, selection: list[range]) -> np.ndarray:
+def read_region(
+    shards: ShardFiles, entry: TensorEntry, dtype: np.dtype, selection: list[range] | tuple[range, ...]
+) -> np.ndarray:
     """The elements ``entry[np.ix_(*selection)]`` as raw stored values, read from the shard.
 
     The trailing axes selected whole, plus the axis before them where it is an ascending run, are
@@ -82,35 +54,29 @@ def read_region(shards: ShardFiles, entry: TensorEntry, dtype: np.dtype, selecti
     if out.size == 0:
         return out
     itemsize = dtype.itemsize
-    strides = [math.prod(shape[axis + 1 :]) for axis in range(len(shape))]  # in elements
-    whole_from = len(shape)
-    while whole_from > 0 and _is_full(selection[whole_from - 1], shape[whole_from - 1]):
-        whole_from -= 1
-    block_from = whole_from - 1 if whole_from > 0 and _is_run(selection[whole_from - 1]) else whole_from
+    row_bytes = math.prod(shape[1:]) * itemsize
+    block_from, _ = run_layout(shape, selection)
     num_blocks = math.prod(out.shape[:block_from])
     block_bytes = math.prod(out.shape[block_from:]) * itemsize
     read_runs = True
     if shape:  # else a scalar: one run
         rows = selection[0]
         first_row, last_row = min(rows[0], rows[-1]), max(rows[0], rows[-1])
-        span_bytes = (last_row - first_row + 1) * strides[0] * itemsize
+        span_bytes = (last_row - first_row + 1) * row_bytes
         read_runs = num_blocks * (READ_CALL_COST_BYTES + block_bytes) <= READ_CALL_COST_BYTES + span_bytes
     if read_runs:
-        starts = np.zeros((), np.int64)
-        for axis in range(block_from):
-            indices = np.arange(selection[axis].start, selection[axis].stop, selection[axis].step, dtype=np.int64)
-            starts = np.add.outer(starts, indices * strides[axis])
-        start_in_block = selection[block_from][0] * strides[block_from] if block_from < whole_from else 0
-        offsets = ((starts.reshape(-1) + start_in_block) * itemsize + entry.offset).tolist()
+        offsets, run_bytes = run_offsets(shape, itemsize, selection)
         flat = memoryview(out.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
-        shards.read_runs(entry.shard_id, offsets, block_bytes, flat, entry.name)
+        shards.read_runs(entry.shard_id, (offsets + entry.offset).tolist(), run_bytes, flat, entry.name)
         shards.check_not_shrunk(entry.shard_id, entry.name)  # no checksum covers a partial read
         return out
-    _read_span(shards, entry, out, selection, strides[0] * itemsize)
+    _read_span(shards, entry, out, selection, row_bytes)
     return out
 
 
-def _read_span(shards: ShardFiles, entry: TensorEntry, out: np.ndarray, selection: list[range], row_bytes: int) -> None:
+def _read_span(
+    shards: ShardFiles, entry: TensorEntry, out: np.ndarray, selection: list[range] | tuple[range, ...], row_bytes: int
+) -> None:
     """Fill ``out`` by reading every row between the first and last selected ones, a few MiB at a
     time into one reused buffer (no page faults on a fresh span-sized one), picking the selection
     out of each piece with basic slicing."""
@@ -119,7 +85,7 @@ def _read_span(shards: ShardFiles, entry: TensorEntry, out: np.ndarray, selectio
     rows_per_read = max(1, SPAN_READ_BYTES // row_bytes)
     buffer = np.empty((min(rows_per_read, ascending[-1] - ascending[0] + 1), *entry.shape[1:]), out.dtype)
     flat = memoryview(buffer.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
-    picks = (slice(None),) + tuple(_as_slice(r, 0) for r in selection[1:])  # within a row
+    picks = (slice(None),) + tuple(as_slice(r, 0) for r in selection[1:])  # within a row
     done = 0  # output rows filled
     while done < len(ascending):
         first = ascending[done]
@@ -153,14 +119,14 @@ class LazyTensor:
             raise TypeError("len() of a scalar tensor")
         return self.shape[0]
 
-    def _read(self, entry: TensorEntry, selection: list[range]) -> np.ndarray:
+    def _read(self, entry: TensorEntry, selection: tuple[range, ...]) -> np.ndarray:
         assert self._info.numpy is not None  # strings are read whole
         return read_region(self._reader.shards, entry, self._info.numpy, selection)
 
     def __getitem__(self, key: Any) -> np.ndarray:
         index: BundleIndex = self._reader.index
         tensor = self._tensor
-        selection, int_axes = _normalize(key, tensor.shape)  # the same keys, and errors, for every dtype
+        region = region_of(key, tensor.shape)  # the same keys, and errors, for every dtype
         if self._info.is_string:
             # Strings have variable-length elements: locating one means decoding the lengths anyway.
             picked = self._reader.read([tensor])[tensor.name][key]
@@ -169,32 +135,22 @@ class LazyTensor:
                 single[()] = picked
                 return single
             return picked.copy()  # owns its memory: not a view of the whole tensor
-        kept_shape = tuple(len(s) for axis, s in enumerate(selection) if axis not in int_axes)
         out: np.ndarray
         if not tensor.slices:
-            out = self._read(tensor, selection).reshape(kept_shape)
+            out = self._read(tensor, region.selection).reshape(region.shape)
         else:
-            result = np.empty(kept_shape, self._info.numpy)
-            out = result.reshape(tuple(len(s) for s in selection))  # a view with the integer axes kept
-            filled = np.zeros(out.shape, dtype=bool)  # TF refuses regions the saved slices leave uncovered
+            result = np.empty(region.shape, self._info.numpy)
+            box = result.reshape(region.box_shape)  # a view with the integer axes kept
+            filled = np.zeros(box.shape, dtype=bool)  # TF refuses regions the saved slices leave uncovered
             for tensor_slice in tensor.slices:
-                entry = index.slice_entry(tensor, tensor_slice)
-                positions, within = [], []
-                for extent, dim, wanted in zip(tensor_slice, tensor.shape, selection, strict=True):
-                    start, stop = extent.bounds(dim)
-                    values = np.arange(wanted.start, wanted.stop, wanted.step)  # as long as the output axis
-                    hit = np.nonzero((values >= start) & (values < stop))[0]
-                    # The selection is monotonic, so the part of it inside [start, stop) is one stretch.
-                    lo, hi = (int(hit[0]), int(hit[-1]) + 1) if len(hit) else (0, 0)
-                    positions.append(slice(lo, hi))
-                    inside = wanted[lo:hi]
-                    within.append(range(inside.start - start, inside.stop - start, inside.step))
-                if all(len(w) for w in within) and out.size:
-                    target = tuple(positions)
-                    if filled[target].any():
-                        raise FormatError("saved slices overlap: " + describe(index.path, tensor.name))
-                    out[target] = self._read(entry, within)
-                    filled[target] = True
+                meet = intersect(region.selection, _bounds(tensor_slice, tensor.shape))
+                if meet is None or not box.size:
+                    continue
+                target = meet[0]
+                if filled[target].any():
+                    raise FormatError("saved slices overlap: " + describe(index.path, tensor.name))
+                box[target] = self._read(index.slice_entry(tensor, tensor_slice), meet[1])
+                filled[target] = True
             if not filled.all():
                 raise FormatError(
                     "does not have sufficient slices for the requested region of partitioned tensor: "
@@ -203,6 +159,172 @@ class LazyTensor:
             out = result
         fix_in_place(out, self._info, index.header.big_endian)
         return out
+
+
+def _bounds(tensor_slice: TensorSlice, shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    return tuple(e.bounds(d) for e, d in zip(tensor_slice, shape, strict=True))
+
+
+def read_window(
+    shards: ShardFiles, entry: TensorEntry, offsets: np.ndarray, run_bytes: int, lo: int, hi: int, dst: memoryview
+) -> None:
+    """Bytes ``[lo, hi)`` of a region's result (runs of ``run_bytes`` at ``offsets`` from the
+    entry's first byte, in order: :func:`gpuckpt.regions.run_offsets`) into ``dst``, reading only
+    the runs (neighbours close together in one read, :func:`gpuckpt.regions.read_groups`)."""
+    base, shard, name = entry.offset, entry.shard_id, entry.name
+    pos = lo
+    if pos < hi and pos % run_bytes:  # the window starts inside a run
+        run, within = divmod(pos, run_bytes)
+        count = min(run_bytes - within, hi - pos)
+        shards.read_into(shard, base + int(offsets[run]) + within, dst[:count], name)
+        pos += count
+    first, stop = pos // run_bytes, hi // run_bytes
+    if stop > first:
+        _read_runs(shards, entry, offsets[first:stop], run_bytes, dst[pos - lo : pos - lo + (stop - first) * run_bytes])
+        pos = stop * run_bytes
+    if pos < hi:  # and ends inside one
+        shards.read_into(shard, base + int(offsets[pos // run_bytes]), dst[pos - lo : hi - lo], name)
+
+
+def _read_runs(shards: ShardFiles, entry: TensorEntry, offsets: np.ndarray, run_bytes: int, dst: memoryview) -> None:
+    """Whole runs, in order, into ``dst``: a group of one run read straight into its place (a
+    stretch of them in one tight loop), a shared group's span into a buffer and its runs picked out."""
+    bounds = read_groups(offsets, run_bytes)
+    sizes = np.diff(bounds)
+    singles = sizes == 1
+    group = 0
+    while group < len(sizes):
+        first = int(bounds[group])
+        if singles[group]:
+            last = group
+            while last + 1 < len(sizes) and singles[last + 1]:
+                last += 1
+            stop = int(bounds[last + 1])
+            where = (offsets[first:stop] + entry.offset).tolist()
+            shards.read_runs(entry.shard_id, where, run_bytes, dst[first * run_bytes : stop * run_bytes], entry.name)
+            group = last + 1
+            continue
+        stop = int(bounds[group + 1])
+        runs = offsets[first:stop]
+        low, high = int(runs.min()), int(runs.max()) + run_bytes
+        span = np.empty(high - low, np.uint8)
+        shards.read_into(entry.shard_id, entry.offset + low, memoryview(span), entry.name)  # type: ignore[arg-type]
+        unit = math.gcd(run_bytes, 8, int(np.gcd.reduce(runs - low)))  # the widest word every run is made of
+        words = span.view(f"u{unit}")
+        picks = ((runs - low) // unit)[:, None] + np.arange(run_bytes // unit)
+        target = np.frombuffer(dst[first * run_bytes : stop * run_bytes], f"u{unit}")
+        target[...] = words[picks.reshape(-1)]
+        group += 1
+
+
+def region_bytes(entry: TensorEntry, region: Region, itemsize: int) -> int:
+    """The bytes a region read of an unpartitioned entry reads from its data file."""
+    offsets, run_bytes = run_offsets(entry.shape, itemsize, region.selection)
+    return bytes_to_read(offsets, run_bytes, read_groups(offsets, run_bytes))
+
+
+def read_region_into(
+    reader: HostReader, tensor: TensorEntry, region: Region, destination: np.ndarray, *, verify: bool
+) -> bool:
+    """The stored values of ``region`` of a fixed-size tensor into ``destination`` (C-contiguous,
+    the region's elements in the stored dtype), fixed up (byte order, narrow ints) as a whole read
+    is; reads only the bytes the region needs. Returns whether every byte read was checked
+    against a crc32c (a saved slice the region holds whole is read whole and checked; other
+    reads cannot be)."""
+    index = reader.index
+    info = tensor.dtype_info
+    assert info is not None and info.numpy is not None and not info.is_string
+    if region.num_elements == 0:
+        return True
+    flat = memoryview(destination.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+    shards = reader.shards
+    checked = True
+    if not tensor.slices:
+        offsets, run_bytes = run_offsets(tensor.shape, info.itemsize, region.selection)
+        read_window(shards, tensor, offsets, run_bytes, 0, len(flat), flat)
+        shards.check_not_shrunk(tensor.shard_id, tensor.name)  # no checksum covers a partial read
+        checked = False
+    else:
+        box = destination.reshape(region.box_shape)
+        for tensor_slice in tensor.slices:
+            bounds = _bounds(tensor_slice, tensor.shape)
+            meet = intersect(region.selection, bounds)
+            if meet is None:
+                continue
+            positions, within = meet
+            entry = index.slice_entry(tensor, tensor_slice)
+            whole = all(is_full(w, stop - start) for w, (start, stop) in zip(within, bounds, strict=True))
+            if whole:  # the saved slice is read whole, and checked
+                part = box[positions]
+                if part.flags.c_contiguous:
+                    _read_checked(reader, entry, tensor, memoryview(part.reshape(-1).view(np.uint8)), verify)  # type: ignore[arg-type]
+                else:
+                    values = np.empty(entry.shape, info.numpy)
+                    _read_checked(reader, entry, tensor, memoryview(values.reshape(-1).view(np.uint8)), verify)  # type: ignore[arg-type]
+                    box[positions] = values
+                continue
+            checked = False
+            offsets, run_bytes = run_offsets(entry.shape, info.itemsize, within)
+            values = np.empty(tuple(len(w) for w in within), info.numpy)
+            part_flat = memoryview(values.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+            read_window(shards, entry, offsets, run_bytes, 0, len(part_flat), part_flat)
+            shards.check_not_shrunk(entry.shard_id, tensor.name)
+            box[positions] = values
+    fix_in_place(destination, info, index.header.big_endian)
+    return checked
+
+
+def restore_region(
+    reader: HostReader,
+    tensor: TensorEntry,
+    region: Region,
+    *,
+    verify: bool,
+    dtype: np.dtype | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """``restore(regions=)`` on the host for a region that is not the whole tensor: a new array
+    of ``region.shape`` (or ``out``, C-contiguous, of that shape and the restored dtype), in
+    ``dtype`` when given. Strings are read whole (their lengths vary) and the region picked out."""
+    check_readable(reader.index, tensor)
+    info = tensor.dtype_info
+    assert info is not None
+    if info.is_string:
+        whole = reader.read([tensor], verify=verify)[tensor.name]
+        picked = whole[region.numpy_index()].reshape(region.shape)
+        if out is None:
+            return picked.copy()  # owns its memory: not a view of the whole tensor
+        out[...] = picked
+        return out
+    stored = info.numpy
+    assert stored is not None
+    wanted = stored if dtype is None else np.dtype(dtype)
+    kernel = check_conversion(stored, wanted, describe(reader.index.path, tensor.name))
+    if kernel is None:
+        destination = out if out is not None else np.empty(region.shape, stored)
+        read_region_into(reader, tensor, region, destination, verify=verify)
+        return destination
+    values = np.empty(region.shape, stored)
+    read_region_into(reader, tensor, region, values, verify=verify)
+    converted = reference_convert(kernel, values).reshape(region.shape)
+    if out is None:
+        return converted
+    out[...] = converted
+    return out
+
+
+def _read_checked(reader: HostReader, entry: TensorEntry, tensor: TensorEntry, dst: memoryview, verify: bool) -> None:
+    """One stored entry whole into ``dst``, its crc32c checked chunk by chunk when ``verify``."""
+    crc = 0
+    for start in range(0, entry.size, CHUNK_BYTES):
+        chunk = dst[start : min(entry.size, start + CHUNK_BYTES)]
+        reader.shards.read_into(entry.shard_id, entry.offset + start, chunk, tensor.name)
+        if verify:
+            crc = crc32c(chunk, crc)
+    if verify:
+        reader.verify_crc(crc, entry, tensor)
+    else:
+        reader.shards.check_not_shrunk(entry.shard_id, tensor.name)
 
 
 def zero_copy_view(reader: HostReader, tensor: TensorEntry) -> np.ndarray:

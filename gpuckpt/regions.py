@@ -1,0 +1,243 @@
+"""Regions of a tensor: a basic index normalized against a shape, and the byte runs it needs.
+
+A region is what ``restore(regions={name: index})`` and ``get_slice(name)[index]`` read: any basic
+numpy index (integers, slices with steps, ``...``, ``None``) against the tensor's shape. Pure: no
+I/O happens here. :func:`region_of` checks the index and gives a :class:`Region` (the indices
+selected along each axis, as ranges, and the result's shape, numpy's for that index);
+:func:`run_layout` and :func:`run_offsets` give the contiguous runs of stored bytes that hold it, in
+the order the result holds them; :func:`read_groups` says which runs share one read.
+
+In C order the trailing axes selected whole, plus the axis before them where it is an ascending
+run, are contiguous both in the file and in the result: a region is ``len(offsets)`` runs of
+``run_bytes`` bytes each, run ``i`` filling bytes ``[i * run_bytes, (i + 1) * run_bytes)`` of the
+result. Runs never overlap (a basic index selects each element at most once).
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import math
+import operator
+from typing import Any
+
+import numpy as np
+
+from .errors import InvalidArgumentError
+
+# Two runs are read in one call when at most this many unwanted bytes lie between them: a page,
+# which the page cache and most storage fetch whole anyway.
+REGION_GAP_BYTES = 4 << 10
+# A shared read spans at most this many bytes (read into a buffer, the runs picked out of it).
+GROUP_READ_BYTES = 1 << 20
+
+
+class RegionError(InvalidArgumentError, IndexError):
+    """A region that cannot be read: out of bounds, too many indices, or not a basic index.
+    Also an ``IndexError``, as numpy raises for the same index."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Region:
+    """A basic index applied to a tensor of ``tensor_shape``.
+
+    ``selection`` holds the indices selected along each axis of the tensor (a range; an integer
+    index is a range of one); ``shape`` is the result's shape, numpy's for the index (integer
+    axes dropped, ``None`` axes added).
+    """
+
+    tensor_shape: tuple[int, ...]
+    selection: tuple[range, ...]
+    shape: tuple[int, ...]
+
+    @property
+    def box_shape(self) -> tuple[int, ...]:
+        """The result's shape with every axis of the tensor kept (integer axes as length 1)."""
+        return tuple(len(s) for s in self.selection)
+
+    @property
+    def num_elements(self) -> int:
+        return math.prod(self.box_shape)
+
+    @property
+    def whole(self) -> bool:
+        """Every element of the tensor, in order: the region is the tensor (reshaped at most)."""
+        return all(is_full(s, d) for s, d in zip(self.selection, self.tensor_shape, strict=True))
+
+    def box(self) -> tuple[tuple[int, int], ...] | None:
+        """The ``[start, stop)`` box of the tensor the region is, when every axis is an ascending
+        run (a saved slice can then be exactly it); None otherwise."""
+        if not all(is_run(s) for s in self.selection) or self.num_elements == 0:
+            return None
+        return tuple((s[0], s[-1] + 1) for s in self.selection)
+
+    def numpy_index(self) -> tuple[slice, ...]:
+        """The index that picks the region's box out of the whole tensor (reshape to ``shape``)."""
+        return tuple(as_slice(s, 0) for s in self.selection)
+
+
+def _fancy(item: object) -> bool:
+    return isinstance(item, (list, np.ndarray, bool, np.bool_)) or hasattr(item, "__array__")
+
+
+def region_of(key: Any, shape: tuple[int, ...], where: str = "") -> Region:
+    """Normalize the basic index ``key`` against ``shape`` (numpy's rules), or raise
+    :class:`RegionError` (ending in ``where``, e.g. ``describe(path, name)``) without reading."""
+
+    def refuse(message: str) -> RegionError:
+        return RegionError(message + (f": {where}" if where else ""))
+
+    if isinstance(key, Region):
+        if key.tensor_shape != shape:
+            raise refuse(f"region of a tensor of shape {key.tensor_shape}, this one has shape {shape}")
+        return key
+    items = key if isinstance(key, tuple) else (key,)
+    ellipses = [at for at, k in enumerate(items) if k is Ellipsis]
+    if len(ellipses) > 1:
+        raise refuse("an index can only have a single ellipsis ('...')")
+    consuming = sum(1 for k in items if k is not None and k is not Ellipsis)
+    if consuming > len(shape):
+        raise refuse(f"too many indices: tensor has rank {len(shape)}, {consuming} were given")
+    if ellipses:
+        at = ellipses[0]
+        items = items[:at] + (slice(None),) * (len(shape) - consuming) + items[at + 1 :]
+    else:
+        items = items + (slice(None),) * (len(shape) - consuming)
+    selection: list[range] = []
+    result: list[int] = []
+    axis = 0
+    for item in items:
+        if item is None:
+            result.append(1)
+            continue
+        dim = shape[axis]
+        if isinstance(item, slice):
+            try:
+                selected = range(*item.indices(dim))
+            except (TypeError, ValueError) as exc:
+                raise refuse(f"slice {item!r} on axis {axis}: {exc}") from None
+            result.append(len(selected))
+        elif not _fancy(item) and hasattr(item, "__index__"):
+            index = operator.index(item)
+            if not -dim <= index < dim:
+                raise refuse(f"index {index} is out of bounds for axis {axis} with size {dim}")
+            selected = range(index % dim, index % dim + 1)
+        else:
+            what = type(item).__name__
+            raise refuse(
+                f"regions are basic indices (integers, slices, '...', None), not {what} "
+                "(fancy or boolean indexing reads arbitrary elements: read the tensor and index it)"
+            )
+        selection.append(selected)
+        axis += 1
+    return Region(tuple(shape), tuple(selection), tuple(result))
+
+
+def is_run(selected: range) -> bool:
+    """Ascending and contiguous: one run of the axis."""
+    return len(selected) <= 1 or selected.step == 1
+
+
+def is_full(selected: range, dim: int) -> bool:
+    """The whole axis, in order."""
+    return len(selected) == dim and is_run(selected) and (dim == 0 or selected[0] == 0)
+
+
+def as_slice(selected: range, shift: int) -> slice:
+    """The slice picking ``selected`` from an axis that starts at index ``shift``."""
+    if not len(selected):
+        return slice(0, 0)
+    first = selected[0] - shift
+    stop = selected[-1] - shift + (1 if selected.step > 0 else -1)
+    return slice(first, stop if stop >= 0 else None, selected.step)
+
+
+def run_layout(shape: tuple[int, ...], selection: tuple[range, ...] | list[range]) -> tuple[int, int]:
+    """``(block_from, whole_from)``: the axes from ``whole_from`` on are selected whole; those from
+    ``block_from`` on are contiguous in the file (``block_from`` is ``whole_from - 1`` where the axis
+    before the whole ones is an ascending run). One run per combination of the leading indices."""
+    whole_from = len(shape)
+    while whole_from > 0 and is_full(selection[whole_from - 1], shape[whole_from - 1]):
+        whole_from -= 1
+    block_from = whole_from - 1 if whole_from > 0 and is_run(selection[whole_from - 1]) else whole_from
+    return block_from, whole_from
+
+
+def run_offsets(
+    shape: tuple[int, ...], itemsize: int, selection: tuple[range, ...] | list[range]
+) -> tuple[np.ndarray, int]:
+    """The byte offsets (from the tensor's first byte, as int64, in the result's order) of the runs
+    holding the region, and the bytes of each run. No runs for an empty region."""
+    counts = [len(s) for s in selection]
+    if math.prod(counts) == 0:
+        return np.zeros(0, np.int64), 0
+    block_from, whole_from = run_layout(shape, selection)
+    strides = [math.prod(shape[axis + 1 :]) for axis in range(len(shape))]  # in elements
+    starts = np.zeros((), np.int64)
+    for axis in range(block_from):
+        picked = selection[axis]
+        indices = np.arange(picked.start, picked.stop, picked.step, dtype=np.int64)
+        starts = np.add.outer(starts, indices * strides[axis])
+    start_in_block = selection[block_from][0] * strides[block_from] if block_from < whole_from else 0
+    offsets = (starts.reshape(-1) + start_in_block) * itemsize
+    return offsets, math.prod(counts[block_from:]) * itemsize
+
+
+def read_groups(
+    offsets: np.ndarray, run_bytes: int, gap_bytes: int = REGION_GAP_BYTES, group_bytes: int = GROUP_READ_BYTES
+) -> np.ndarray:
+    """Which consecutive runs share one read: boundaries ``b`` (group ``g`` is runs
+    ``[b[g], b[g + 1])``). Neighbours join while at most ``gap_bytes`` lie between them, and a
+    group spans at most ``max(group_bytes, run_bytes)`` bytes; so a shared read reads at most
+    ``gap_bytes`` unwanted bytes per run it holds. Runs of ``group_bytes`` or more read alone."""
+    count = len(offsets)
+    if count == 0:
+        return np.zeros(1, np.int64)
+    per_group = max(1, group_bytes // (run_bytes + gap_bytes))
+    if per_group == 1 or count == 1:
+        return np.arange(count + 1, dtype=np.int64)
+    gaps = np.abs(np.diff(offsets)) - run_bytes  # >= 0: runs do not overlap
+    new = np.ones(count, bool)
+    new[1:] = gaps > gap_bytes
+    segment = np.cumsum(new) - 1
+    segment_start = np.flatnonzero(new)
+    position = np.arange(count) - segment_start[segment]
+    starts = np.flatnonzero(position % per_group == 0)
+    return np.append(starts, count).astype(np.int64)
+
+
+def bytes_to_read(offsets: np.ndarray, run_bytes: int, bounds: np.ndarray) -> int:
+    """What the reads of :func:`read_groups` read in all: each group's span."""
+    if len(offsets) == 0:
+        return 0
+    firsts = bounds[:-1]
+    low = np.minimum.reduceat(offsets, firsts)
+    high = np.maximum.reduceat(offsets, firsts) + run_bytes
+    return int((high - low).sum())
+
+
+def _ascending_hits(selected: range, start: int, stop: int) -> tuple[int, int]:
+    """``[lo, hi)``: the positions in the ascending ``selected`` of the indices in ``[start, stop)``."""
+    return bisect.bisect_left(selected, start), bisect.bisect_left(selected, stop)
+
+
+def intersect(
+    selection: tuple[range, ...], box: tuple[tuple[int, int], ...]
+) -> tuple[tuple[slice, ...], tuple[range, ...]] | None:
+    """Where the region ``selection`` meets the ``[start, stop)`` box of a saved slice: the part of
+    the region's box it fills (a slice per axis; the selection is monotonic, so the indices inside
+    the box are one stretch of it) and the indices it selects within the saved slice. None when
+    they do not meet."""
+    positions, within = [], []
+    for wanted, (start, stop) in zip(selection, box, strict=True):
+        if len(wanted) <= 1 or wanted.step > 0:
+            lo, hi = _ascending_hits(wanted, start, stop)
+        else:
+            a, b = _ascending_hits(wanted[::-1], start, stop)
+            lo, hi = len(wanted) - b, len(wanted) - a
+        if hi <= lo:
+            return None
+        positions.append(slice(lo, hi))
+        inside = wanted[lo:hi]
+        within.append(range(inside.start - start, inside.stop - start, inside.step))
+    return tuple(positions), tuple(within)
