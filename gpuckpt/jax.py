@@ -3,11 +3,14 @@ have), and a checkpoint restored into a pytree of arrays.
 
 ``import gpuckpt`` never imports this module (nor jax); ``import gpuckpt.jax`` does::
 
-    import gpuckpt, gpuckpt.jax
+    import gpuckpt, gpuckpt.jax, jax, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
     with gpuckpt.open("train_dir") as ckpt:
         arrays = gpuckpt.jax.restore(ckpt, ckpt.model_keys())    # {name: jax.Array} on JAX's default device
         params = gpuckpt.jax.restore_tree(ckpt, ckpt.model_keys())  # {"dense": {"kernel": ...}}
         params, report = gpuckpt.jax.load_into(params, ckpt)      # a new pytree, each leaf where the old one was
+        mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+        sharded = gpuckpt.jax.restore(ckpt, shardings={r".*/kernel": NamedSharding(mesh, P(None, "model"))})
 
 Dtypes
 ------
@@ -29,6 +32,20 @@ Lifetimes
   ``jax.lax.bitcast_convert_type`` makes the typed array: one device copy for those types only.
   Not yet run on a GPU (no GPU has been lent to this project); the same code runs on the host
   through numpy's DLPack export in the tests.
+* Shardings (``restore(..., shardings={name or regex: jax.sharding.Sharding})``): global arrays
+  (``jax.make_array_from_single_device_arrays``). The devices this process addresses are grouped
+  by their index in ``sharding.addressable_devices_indices_map(shape)``; each distinct index (a
+  region) is read once, only its bytes (``Checkpoint.restore(regions=)``; the whole tensor is
+  verified, a part cannot be: the crc32c covers whole tensors), into an aligned host array,
+  converted by ``dtype=`` as it is read, put on the first device of its group (aliased on a CPU
+  device) and copied device to device to the others. In a multi-process program each process
+  reads only the regions its own devices hold (tested with two processes of 4 CPU devices): a
+  tensor split over the processes is read once in all, a replicated one once per process. The
+  host holds one
+  tensor's regions at a time. A sharding that does not fit the shape (JAX's checks: rank, an
+  axis that does not divide) is refused by name before anything is read. GPU devices get the
+  host region by ``device_put`` (the staged pipeline is not used for shards yet); not yet run on
+  a GPU.
 * ``load_into`` builds new arrays (JAX arrays are immutable): each tensor is read on the host
   (one at a time, so the host holds one tensor beyond the new leaves) and ``device_put`` onto the
   old leaf's sharding, one host-to-device copy per leaf (the staged GPU pipeline is not used for
@@ -37,6 +54,8 @@ Lifetimes
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -153,12 +172,36 @@ def restore(
     dtype: Any = None,
     verify: bool | None = None,
     threads: int | None = None,
+    shardings: ShardingsLike = None,
 ) -> dict[str, jax.Array]:
     """:meth:`Checkpoint.restore` as ``{name: jax.Array}`` on ``device`` (JAX's default device
     when None; a jax Device, "cpu", "cuda:N"). Types JAX cannot hold now are refused by name
-    before anything is read. See the module docs for where the memory comes from."""
+    before anything is read. See the module docs for where the memory comes from.
+
+    Parameters
+    ----------
+    shardings : ``{name or regex: jax.sharding.Sharding or None}``: the tensors a key names (the
+        exact name first, then the regular expressions, matched against whole names, in the
+        order given; the first match decides) come back as global arrays laid out by that
+        sharding, each addressable device's shard read from its region only (see "Shardings"
+        in the module docs); a None value, or no matching key, restores the tensor on
+        ``device`` as without ``shardings``. ``dtype=`` converts sharded tensors by the same
+        rule, as each region is read.
+    """
     selected = [e.name for e in ckpt._select(names)]
     logical = _logical(ckpt, selected, dtype)
+    if shardings is not None:
+        chosen = sharding_for(selected, shardings)
+        plans = {
+            name: _plan_shards(ckpt, name, sharding, logical[name])
+            for name, sharding in chosen.items()
+            if sharding is not None
+        }
+        if plans:
+            rest = [name for name in selected if name not in plans]
+            unsharded = restore(ckpt, rest, device=device, dtype=dtype, verify=verify, threads=threads) if rest else {}
+            placed = {name: _restore_planned(ckpt, plan, dtype, verify, threads) for name, plan in plans.items()}
+            return {name: unsharded[name] if name in unsharded else placed[name] for name in selected}
     target = _jax_device(device)
     where = _gpuckpt_device(target)
     if where == "cpu":
@@ -167,6 +210,123 @@ def restore(
         return {name: _put(array, target) for name, array in arrays.items()}
     arrays = ckpt.restore(selected, device=where, dtype=dtype, verify=verify, threads=threads)
     return {name: from_dlpack(array, logical[name]) for name, array in arrays.items()}
+
+
+# -- shardings -----------------------------------------------------------------------------------
+
+ShardingsLike = Mapping[str | re.Pattern[str], jax.sharding.Sharding | None] | None
+
+
+def sharding_for(names: Iterable[str], shardings: ShardingsLike) -> dict[str, jax.sharding.Sharding | None]:
+    """Each name's sharding from a ``shardings=`` mapping: the key equal to the name, else the
+    first key (a regular expression) matching the whole name, else None. Bad keys and values
+    are InvalidArgumentErrors."""
+    if shardings is None:
+        return dict.fromkeys(names)
+    if not isinstance(shardings, Mapping):
+        raise InvalidArgumentError(f"shardings={shardings!r}: give a mapping {{name or regex: jax.sharding.Sharding}}")
+    rules = []
+    for key, value in shardings.items():
+        if value is not None and not isinstance(value, jax.sharding.Sharding):
+            raise InvalidArgumentError(f"shardings[{key!r}] is {value!r}, not a jax.sharding.Sharding (or None)")
+        try:
+            rules.append((re.compile(key), value))
+        except (re.error, TypeError) as exc:
+            raise InvalidArgumentError(f"shardings key {key!r} is not a name or regular expression: {exc}") from None
+    exact = {key: value for key, value in shardings.items() if isinstance(key, str)}
+    chosen: dict[str, jax.sharding.Sharding | None] = {}
+    for name in names:
+        if name in exact:
+            chosen[name] = exact[name]
+        else:
+            chosen[name] = next((value for pattern, value in rules if pattern.fullmatch(name)), None)
+    return chosen
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ShardRead:
+    """One distinct region of a tensor this process holds, and the local devices holding it."""
+
+    region: tuple[slice, ...]  #: normalised: ``slice(start, stop, step)`` on every axis
+    devices: tuple[Any, ...]  #: the first gets the bytes read, the others a device copy of it
+    whole: bool  #: the region is the whole tensor (read and verified as a whole)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ShardPlan:
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype  #: the restored dtype
+    sharding: jax.sharding.Sharding
+    reads: tuple[ShardRead, ...]
+
+
+def _plan_shards(ckpt: Checkpoint, name: str, sharding: jax.sharding.Sharding, dtype: np.dtype) -> ShardPlan:
+    """The distinct regions of ``name`` that ``sharding`` puts on this process's devices, each
+    with the devices holding it (devices grouped by their index in
+    ``addressable_devices_indices_map``). Refuses, before anything is read, a sharding that does
+    not fit the shape and devices gpuckpt cannot fill."""
+    shape = ckpt.info(name).shape
+    where = describe(ckpt.index.path, name)
+    try:
+        check = getattr(sharding, "check_compatible_aval", None)  # JAX's own check of the rank
+        if check is not None:
+            check(shape)
+        sharding.shard_shape(shape)  # and of the divisibility
+        indices = sharding.addressable_devices_indices_map(shape)
+    except (ValueError, TypeError, IndexError) as exc:
+        raise InvalidArgumentError(f"{sharding} does not fit shape {shape} ({exc}): {where}") from None
+    groups: dict[tuple[tuple[int, int, int], ...], list[Any]] = {}
+    for device, index in indices.items():
+        _gpuckpt_device(device)  # a host or CUDA device, else UnsupportedError
+        key = _region_key(index, shape, where)
+        groups.setdefault(key, []).append(device)
+    reads = tuple(
+        ShardRead(
+            region=tuple(slice(*bounds) for bounds in key),
+            devices=tuple(devices),
+            whole=all(bounds == (0, dim, 1) for bounds, dim in zip(key, shape, strict=True)),
+        )
+        for key, devices in groups.items()
+    )
+    return ShardPlan(name, shape, dtype, sharding, reads)
+
+
+def _region_key(index: Any, shape: tuple[int, ...], where: str) -> tuple[tuple[int, int, int], ...]:
+    """A device's index (a tuple of slices, None for the whole) as hashable bounds per axis."""
+    if index is None:
+        index = (slice(None),) * len(shape)
+    if not isinstance(index, tuple) or len(index) != len(shape) or not all(isinstance(s, slice) for s in index):
+        raise UnsupportedError(f"a shard index {index!r} that is not one slice per axis of {shape}: {where}")
+    return tuple(s.indices(dim) for s, dim in zip(index, shape, strict=True))
+
+
+def _read_region(
+    ckpt: Checkpoint, plan: ShardPlan, read: ShardRead, dtype: Any, verify: bool | None, threads: int | None
+) -> np.ndarray:
+    """One region on the host, read into an :data:`ALIGNMENT`-aligned array of the restored
+    dtype by ``Checkpoint.restore(regions=)``: only its bytes, converted as they are read; the
+    whole tensor verified, a part not (the crc32c covers whole tensors)."""
+    name = plan.name
+    shape = tuple(len(range(*bounds.indices(dim))) for bounds, dim in zip(read.region, plan.shape, strict=True))
+    out = {name: aligned_empty(shape, plan.dtype)}
+    regions = None if read.whole else {name: read.region}
+    arrays = ckpt.restore([name], device="cpu", out=out, regions=regions, dtype=dtype, verify=verify, threads=threads)
+    return arrays[name]
+
+
+def _restore_planned(
+    ckpt: Checkpoint, plan: ShardPlan, dtype: Any, verify: bool | None, threads: int | None
+) -> jax.Array:
+    """The global array of one planned tensor: each distinct region read once, put on the first
+    of its devices (aliased on a CPU device), copied device to device to the others."""
+    shards = []
+    # LIFETIME: one tensor's regions on the host at a time (on CPU devices they become the shards)
+    for read in plan.reads:
+        first = _put(_read_region(ckpt, plan, read, dtype, verify, threads), read.devices[0])
+        shards.append(first)
+        shards.extend(jax.device_put(first, device) for device in read.devices[1:])
+    return jax.make_array_from_single_device_arrays(plan.shape, plan.sharding, shards, dtype=plan.dtype)
 
 
 def get_tensor(
@@ -305,6 +465,4 @@ def load_into(
 
 
 def _escape(name: str) -> str:
-    import re
-
     return re.escape(name)
