@@ -57,6 +57,24 @@ class ClosedCheckpointError(CheckpointError, RuntimeError):
     """A method was called on a ``Checkpoint`` after it was closed."""
 
 
+class DistributedRestoreError(CheckpointError, RuntimeError):
+    """A restore over a process group failed on at least one rank (a damaged tensor, memory refused,
+    a rank gone or too slow); every rank of the group raises it, naming the rank(s) and tensor(s).
+
+    ``failures`` lists ``(rank, tensor, error type, message)`` for every rank that reported one;
+    ``rank`` and ``tensor`` are the first of them (None when a rank never reported, e.g. it died)."""
+
+    def __init__(
+        self,
+        message: str,
+        failures: list[tuple[int, str | None, str, str]] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.failures = list(failures or [])
+        self.rank: int | None = self.failures[0][0] if self.failures else None
+        self.tensor: str | None = self.failures[0][1] if self.failures else None
+
+
 def describe(path: object, tensor: str | None = None, offset: int | None = None) -> str:
     """Return the ``file ..., tensor ..., offset ...`` context that every message ends with."""
     parts = [f"file {str(path)!r}"]

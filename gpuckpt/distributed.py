@@ -1,0 +1,596 @@
+"""torch.distributed: one checkpoint restored by every rank of a process group, each rank reading only
+its own shards, or every byte read once by one rank and shared through the group's collectives.
+
+``import gpuckpt`` never imports this module (nor torch); ``import gpuckpt.distributed`` does. It
+works with the process group the program already has (``torch.distributed.init_process_group``:
+gloo on CPUs, NCCL on GPUs); it opens no transport of its own::
+
+    import gpuckpt, gpuckpt.distributed as gd
+    from gpuckpt.distributed import Split
+
+    # tensor parallelism: each rank reads its piece of the sharded weights, and nothing else
+    got = gd.restore("ckpt/model.ckpt-1000", shardings={r".*/attention/(q|k|v)/kernel": Split(dim=1),
+                                                        r".*/attention/output/kernel": Split(dim=0)})
+    got.tensors["layer_0/attention/q/kernel"]      # this rank's columns, a torch.Tensor
+    got.bytes_read                                 # {rank: {data file: bytes}}: what each rank read
+
+    # slow storage (NFS, cold cache): each tensor read once, by one rank, and broadcast to the others
+    got = gd.restore("ckpt/model.ckpt-1000", mode="once")
+
+Modes
+-----
+``mode="own"`` (each rank its own shards): a tensor with a sharding spec is read as the region the
+spec gives this rank (only those bytes: ``Checkpoint.get_slice``'s runs, or the ``regions=`` path
+of :meth:`Checkpoint.restore`); a tensor without one is replicated, read whole (and verified) by
+every rank. No data collective at all.
+
+``mode="once"`` (read once, share): the selected tensors are split between the ranks by bytes
+(:func:`plan_owners`: largest first, each to the rank holding the fewest bytes so far, ties by
+name, then lowest rank, so every rank computes the same plan from the index alone); each rank reads
+its share whole and verified, then every tensor is broadcast from its owner (``broadcast`` with
+``group_src=``, received straight into the tensor's final memory). Storage sees each byte once:
+the ranks' reads add up to the checkpoint's data, not N times it. With a spec as well, a rank keeps
+only its region of what it received.
+
+Why a broadcast per tensor and not one ``all_gather`` of each rank's bytes: an all_gather needs
+equal contributions (every share padded to the largest), a receive buffer of N shares, and a copy
+out of it into each tensor (twice the checkpoint in memory, unless tensors are left as views at
+offsets their types may not be aligned to, all keeping one block alive). A broadcast per tensor
+moves the same bytes, pads nothing, and lands in the tensor's own memory. They are queued
+asynchronously (``async_op=True``) in key order and waited for at the end, so Python's per-call
+cost overlaps the transfers.
+
+Failures
+--------
+Nothing a rank does before the data phase can leave another rank waiting in a collective: every
+rank first does all its local work (opening the checkpoint, choosing names, computing its regions,
+reading, allocating what it will receive) with every exception caught, then all ranks exchange a
+status (``all_gather_object``: ok, or the tensor, error type and message; with each rank's bytes
+read and an index fingerprint, so ranks that opened different checkpoints are refused too). If any
+rank failed, every rank raises :class:`~gpuckpt.DistributedRestoreError` naming each failed rank
+and tensor, together, before any data moves, and the group stays usable. A rank that dies, hangs
+or never calls ``restore`` makes the others' status exchange fail (at once for a closed connection,
+after ``timeout`` for a silent peer), and they raise the same error. ``timeout`` is how long the
+ranks wait for the slowest one to finish reading; the data collectives that follow run under the
+group's own timeout (``init_process_group(timeout=)``).
+
+The status exchange runs on ``group`` when it is a gloo group and no ``timeout`` is given (the
+group's own timeout then applies); otherwise on a gloo group over the same ranks with ``timeout``
+(torch's default, 30 minutes, for ``timeout=None`` on an NCCL group), created by the first call
+that needs it and reused: as for every ``torch.distributed.new_group``, every process of the
+default group must make that first call.
+
+Memory a rank cannot get is reported when the allocation raises (``MemoryError``); the kernel's
+OOM killer ending a process shows up on the others as a rank gone.
+
+Devices
+-------
+Tensors arrive on the host (``torch.from_numpy`` over the restored arrays, no copy); ``device=``
+moves them after the restore (``Tensor.to``). On an NCCL group the broadcasts run between CUDA
+tensors on ``torch.cuda.current_device()`` (the owner copies its host bytes there first). The NCCL
+path is written to torch's documented API but has not run (no GPU build of torch here).
+
+``mesh=`` (a 1-D ``DeviceMesh`` over the group) returns ``DTensor``\\ s: a tensor under a
+:class:`Split` of ``mesh.size()`` pieces as ``Shard(dim)`` (torch.chunk's split, which is
+:func:`split_region`'s), the others as ``Replicate()``; the local tensor is the one read, no copy
+and no collective (``DTensor.from_local(run_check=False)`` with the global shape and stride given).
+Regions from a callable cannot be described as placements and are refused with a mesh.
+
+Dtypes: those :mod:`gpuckpt.torch` has (strings and the sub-byte types are refused by name); no
+``dtype=`` conversion here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import inspect
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .checkpoint import Checkpoint, NameSelector
+from .checkpoint import open as open_checkpoint
+from .errors import DistributedRestoreError, InvalidArgumentError, UnsupportedError, describe
+from .torch import from_numpy, torch_dtype
+
+MODES = ("own", "once")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Split:
+    """Split a tensor along ``dim`` into ``pieces`` (default: the group's size), as tensor
+    parallelism does; rank ``r`` holds piece ``r % pieces`` (its mesh coordinate with ``mesh=``).
+    Pieces are torch.chunk's: ``ceil(size / pieces)`` long, the last ones shorter or empty."""
+
+    dim: int
+    pieces: int | None = None
+
+
+RegionFunction = Callable[[int, int, tuple[int, ...]], Any]
+ShardingSpec = Union[Split, tuple[int, int], tuple[int], RegionFunction]  # noqa: UP007 - a runtime alias on 3.10
+
+
+def split_region(shape: Sequence[int], dim: int, pieces: int, piece: int) -> tuple[slice, ...]:
+    """The region (one slice per axis) of piece ``piece`` of ``pieces`` along ``dim`` of a tensor of
+    ``shape``, with torch.chunk's sizes (what ``DTensor``'s ``Shard(dim)`` holds)."""
+    shape = tuple(shape)
+    if not -len(shape) <= dim < len(shape):
+        raise InvalidArgumentError(f"Split(dim={dim}) is out of range for a tensor of shape {shape}")
+    if pieces < 1 or not 0 <= piece < pieces:
+        raise InvalidArgumentError(f"piece {piece} of {pieces} does not exist")
+    dim %= len(shape)
+    chunk = -(-shape[dim] // pieces)
+    start = min(piece * chunk, shape[dim])
+    stop = min(start + chunk, shape[dim])
+    return tuple(slice(start, stop) if axis == dim else slice(None) for axis in range(len(shape)))
+
+
+def plan_owners(sizes: Sequence[tuple[str, int]], world: int) -> dict[str, int]:
+    """Which rank reads each tensor in ``mode="once"``: largest first, each to the rank holding the
+    fewest bytes so far (ties: the lower rank), equal sizes in name order; the same plan whatever
+    order ``(name, bytes)`` pairs come in. No rank ends more than the largest tensor above another."""
+    if world < 1:
+        raise InvalidArgumentError(f"a group of {world} ranks")
+    loads = [0] * world
+    owners = {}
+    for name, nbytes in sorted(sizes, key=lambda pair: (-pair[1], pair[0])):
+        lightest = loads.index(min(loads))
+        owners[name] = lightest
+        loads[lightest] += nbytes
+    return owners
+
+
+@dataclasses.dataclass
+class DistributedRestore:
+    """What :func:`restore` returns on each rank."""
+
+    tensors: dict[str, Any]  #: name -> torch.Tensor (this rank's region of it), or DTensor with ``mesh=``
+    regions: dict[str, Any]  #: name -> the basic index of the full tensor this rank holds (None: whole)
+    owners: dict[str, int]  #: mode "once": the rank that read each tensor; mode "own": empty
+    bytes_read: dict[int, dict[str, int]]  #: rank -> {data file: bytes read from it by this restore}
+    read_seconds: dict[int, float]  #: rank -> seconds its local phase took (open, read, allocate)
+    mode: str
+    rank: int
+    world_size: int
+
+    def bytes_read_by_rank(self) -> dict[int, int]:
+        """Rank -> bytes it read from storage in this restore."""
+        return {rank: sum(files.values()) for rank, files in self.bytes_read.items()}
+
+    def total_bytes_read(self) -> int:
+        """Bytes read from storage by all ranks together (the checkpoint's data once, in mode "once")."""
+        return sum(self.bytes_read_by_rank().values())
+
+
+# -- the local phase: everything a rank does alone, every failure caught ---------------------------
+
+
+class _Failed(Exception):
+    """A local failure, with the tensor it happened on."""
+
+    def __init__(self, tensor: str | None, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.tensor = tensor
+        self.cause = cause
+
+
+def _compile(shardings: Mapping[str, Any] | None) -> list[tuple[str, re.Pattern[str], Any]]:
+    """Check every spec's type (rank-independent, raised at once) and compile the name patterns."""
+    compiled = []
+    for key, spec in (shardings or {}).items():
+        if isinstance(spec, tuple):
+            if not 1 <= len(spec) <= 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in spec):
+                raise InvalidArgumentError(f"sharding {key!r}: a tuple spec is (dim, pieces), not {spec!r}")
+            spec = Split(*spec)
+        elif not isinstance(spec, Split) and not callable(spec):
+            raise InvalidArgumentError(
+                f"sharding {key!r}: give Split(dim, pieces), (dim, pieces) or a function (rank, world, shape) -> "
+                f"region, not {type(spec).__name__}"
+            )
+        if isinstance(spec, Split) and spec.pieces is not None and spec.pieces < 1:
+            raise InvalidArgumentError(f"sharding {key!r}: Split(pieces={spec.pieces}) needs at least one piece")
+        try:
+            pattern = re.compile(key)
+        except re.error as exc:
+            raise InvalidArgumentError(f"sharding {key!r} is not a valid regular expression: {exc}") from None
+        compiled.append((key, pattern, spec))
+    return compiled
+
+
+def _spec_for(name: str, compiled: list[tuple[str, re.Pattern[str], Any]]) -> Any:
+    """The spec for ``name``: the key equal to it, else the first pattern matching it whole."""
+    for key, _, spec in compiled:
+        if key == name:
+            return spec
+    for _, pattern, spec in compiled:
+        if pattern.fullmatch(name):
+            return spec
+    return None
+
+
+def _region(spec: Any, rank: int, world: int, piece: int, shape: tuple[int, ...]) -> Any:
+    """This rank's basic index of a tensor of ``shape`` under ``spec`` (None: the whole tensor)."""
+    if spec is None:
+        return None
+    if isinstance(spec, Split):
+        pieces = world if spec.pieces is None else spec.pieces
+        return split_region(shape, spec.dim, pieces, piece % pieces)
+    region = spec(rank, world, shape)
+    # numpy's own checks (bounds, too many indices), on a view of one byte: here, not after the reads
+    np.broadcast_to(np.zeros((), np.uint8), shape)[region]
+    return region
+
+
+def _is_whole(region: Any, shape: tuple[int, ...]) -> bool:
+    """Whether ``region`` is plainly the whole tensor (slices and ``...`` only, each axis whole and
+    ascending); anything else is read as a region, which is right either way."""
+    if region is None:
+        return True
+    items = region if isinstance(region, tuple) else (region,)
+    if not all(isinstance(item, slice) or item is Ellipsis for item in items) or len(items) > len(shape) + 1:
+        return False
+    slices = [item for item in items if item is not Ellipsis]
+    if len(slices) > len(shape):
+        return False
+    if Ellipsis in items:
+        at = items.index(Ellipsis)
+        slices = list(items[:at]) + [slice(None)] * (len(shape) - len(slices)) + list(items[at + 1 :])
+    slices = slices + [slice(None)] * (len(shape) - len(slices))
+    return all(range(*item.indices(dim)) == range(dim) for item, dim in zip(slices, shape, strict=True))
+
+
+def _has_regions(ckpt: Checkpoint) -> bool:
+    """Whether :meth:`Checkpoint.restore` takes ``regions=`` (reads a region in one planned call)."""
+    return "regions" in inspect.signature(ckpt.restore).parameters
+
+
+def _read_region(ckpt: Checkpoint, name: str, region: Any, verify: bool | None, threads: int | None) -> np.ndarray:
+    if _is_whole(region, ckpt.info(name).shape):
+        whole = ckpt.restore([name], verify=verify, threads=threads)[name]
+        return whole if region is None else whole[region]
+    if _has_regions(ckpt):
+        return ckpt.restore([name], regions={name: region}, verify=verify, threads=threads)[name]  # type: ignore[call-arg]
+    return ckpt.get_slice(name)[region]
+
+
+def _fingerprint(ckpt: Checkpoint, names: list[str]) -> str:
+    """What every rank must agree on: the names selected and their index entries."""
+    digest = hashlib.sha256()
+    for name in names:
+        e = ckpt.index.tensors[name]
+        digest.update(repr((e.name, e.dtype, e.shape, e.size, e.masked_crc32c, len(e.slices))).encode())
+    return digest.hexdigest()
+
+
+def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {path: n - before.get(path, 0) for path, n in after.items() if n - before.get(path, 0)}
+
+
+@dataclasses.dataclass
+class _Local:
+    """What a rank's local phase produced."""
+
+    names: list[str] = dataclasses.field(default_factory=list)
+    shapes: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    dtypes: dict[str, np.dtype] = dataclasses.field(default_factory=dict)
+    regions: dict[str, Any] = dataclasses.field(default_factory=dict)
+    specs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    owners: dict[str, int] = dataclasses.field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  #: read here, or received into
+    buffers: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  #: uint8 views broadcast
+    fingerprint: str = ""
+
+
+def _local_phase(
+    ckpt: Checkpoint,
+    names: NameSelector,
+    compiled: list[tuple[str, re.Pattern[str], Any]],
+    mode: str,
+    rank: int,
+    world: int,
+    piece: int,
+    verify: bool | None,
+    threads: int | None,
+    comm_device: torch.device,
+) -> _Local:
+    """Choose, check, read and allocate; raises :class:`_Failed` naming the tensor it failed on."""
+    local = _Local()
+    current: str | None = None
+    try:
+        local.names = [e.name for e in ckpt._select(names)]
+        for current in local.names:
+            info = ckpt.info(current)
+            where = describe(ckpt.index.path, current)
+            if info.dtype is None:
+                raise UnsupportedError(f"{info.tf_dtype} tensors cannot be read: {where}")
+            torch_dtype(info.dtype, where)  # strings and sub-byte types are refused by name
+            local.shapes[current] = info.shape
+            local.dtypes[current] = info.dtype
+            local.specs[current] = _spec_for(current, compiled)
+            local.regions[current] = _region(local.specs[current], rank, world, piece, info.shape)
+        current = None
+        local.fingerprint = _fingerprint(ckpt, local.names)
+        if mode == "own":
+            for current in local.names:
+                local.arrays[current] = _read_region(ckpt, current, local.regions[current], verify, threads)
+            return local
+        local.owners = plan_owners([(n, ckpt.info(n).nbytes) for n in local.names], world)
+        for current in local.names:
+            if local.owners[current] == rank:
+                local.arrays[current] = ckpt.restore([current], verify=verify, threads=threads)[current]
+        for current in local.names:  # what the others will send: allocated now, so no rank fails later
+            shape, dtype = local.shapes[current], local.dtypes[current]
+            nbytes = math.prod(shape) * dtype.itemsize
+            if comm_device.type == "cpu":
+                if current not in local.arrays:
+                    local.arrays[current] = np.empty(shape, dtype)
+                flat = np.ascontiguousarray(local.arrays[current]).reshape(-1).view(np.uint8)
+                local.arrays[current] = flat.view(dtype).reshape(shape)  # the same memory when contiguous
+                local.buffers[current] = torch.from_numpy(flat)
+            elif current in local.arrays:
+                flat = np.ascontiguousarray(local.arrays.pop(current)).reshape(-1).view(np.uint8)
+                local.buffers[current] = torch.from_numpy(flat).to(comm_device)
+            else:
+                local.buffers[current] = torch.empty(nbytes, dtype=torch.uint8, device=comm_device)
+        return local
+    except Exception as exc:  # noqa: BLE001 - every local failure is reported to the group
+        raise _Failed(current, exc) from exc
+
+
+# -- the status exchange ----------------------------------------------------------------------------
+
+_STATUS_GROUPS: dict[tuple[int, float], tuple[Any, Any]] = {}
+
+
+def _status_group(group: Any, timeout: datetime.timedelta | None) -> Any:
+    """The gloo group the status exchange runs on (see the module docs)."""
+    if timeout is None and "gloo" in str(dist.get_backend(group)):
+        return group
+    if timeout is None:
+        from torch.distributed.constants import default_pg_timeout
+
+        timeout = default_pg_timeout
+    key = (id(group), timeout.total_seconds())
+    found = _STATUS_GROUPS.get(key)
+    if found is None or found[0] is not group:
+        side = dist.new_group(ranks=dist.get_process_group_ranks(group), backend="gloo", timeout=timeout)
+        _STATUS_GROUPS[key] = found = (group, side)
+    return found[1]
+
+
+def _as_timedelta(timeout: Any) -> datetime.timedelta | None:
+    if timeout is None or isinstance(timeout, datetime.timedelta):
+        return timeout
+    if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0:
+        return datetime.timedelta(seconds=timeout)
+    raise InvalidArgumentError(f"timeout={timeout!r}: give seconds (> 0), a datetime.timedelta, or None")
+
+
+def _failure_lines(failures: list[tuple[int, str | None, str, str]]) -> str:
+    return "; ".join(
+        f"rank {rank}" + (f" on tensor {tensor!r}" if tensor is not None else "") + f": {kind}: {message}"
+        for rank, tensor, kind, message in failures
+    )
+
+
+# -- the entry point --------------------------------------------------------------------------------
+
+
+def restore(
+    checkpoint: Checkpoint | str | os.PathLike[str],
+    names: NameSelector = None,
+    *,
+    shardings: Mapping[str, ShardingSpec] | None = None,
+    mode: str = "own",
+    group: Any = None,
+    mesh: Any = None,
+    device: Any = None,
+    verify: bool | None = None,
+    threads: int | None = None,
+    timeout: float | datetime.timedelta | None = None,
+) -> DistributedRestore:
+    """Restore a checkpoint on every rank of a process group; every rank must call it, with the
+    same arguments (the regions a function gives may differ by rank, as they should).
+
+    Parameters
+    ----------
+    checkpoint : an open :class:`~gpuckpt.Checkpoint`, or a path (opened here and closed at the
+        end, so a rank that cannot open it is reported to the others like any other failure).
+    names : which tensors, as for :meth:`Checkpoint.restore` (None: all).
+    shardings : ``{name or regular expression (matched whole): spec}``, the exact name winning,
+        then the first pattern in order. A spec is :class:`Split` ``(dim, pieces)`` (or that
+        tuple), or a function ``(rank, world_size, shape) -> basic index`` (ranges, integers,
+        steps) giving this rank's region. Tensors without one are whole on every rank.
+    mode : ``"own"``: each rank reads only what it holds; ``"once"``: each tensor is read by one
+        rank and broadcast (see the module docs).
+    group : the process group (default: the default group).
+    mesh : a 1-D ``DeviceMesh`` over the group: return ``DTensor``\\ s (see the module docs).
+    device : where the tensors end up (a torch device or "cuda:N"; default the host, or the CUDA
+        device of the broadcasts on an NCCL group in mode "once").
+    verify : check crc32c of what is read whole (default: the checkpoint's setting). Regions are
+        not checked: the crc32c covers whole tensors.
+    timeout : seconds (or a timedelta) every rank waits for the others to finish their reads
+        before giving up (see the module docs for None).
+
+    Returns
+    -------
+    DistributedRestore : this rank's tensors and regions, the owner of each tensor (mode "once"),
+        and every rank's bytes read per data file during this call.
+
+    Raises
+    ------
+    DistributedRestoreError : on every rank, when any rank failed (naming it and the tensor), when
+        the ranks opened different checkpoints or selected different tensors, when a rank died or
+        did not report within ``timeout``, or when a data collective failed.
+    InvalidArgumentError : arguments no rank could use (a bad mode, spec or pattern), at once.
+    """
+    if mode not in MODES:
+        raise InvalidArgumentError(f"mode={mode!r}: give 'own' (each rank its own shards) or 'once' (read once, share)")
+    if not dist.is_available() or not dist.is_initialized():
+        raise InvalidArgumentError("gpuckpt.distributed.restore needs an initialized torch.distributed process group")
+    compiled = _compile(shardings)
+    wait = _as_timedelta(timeout)
+    group = dist.group.WORLD if group is None else group
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    piece = rank
+    if mesh is not None:
+        if mesh.ndim != 1 or mesh.size() != world:
+            raise UnsupportedError(f"mesh={mesh}: a 1-D mesh over the group's {world} ranks is supported")
+        for key, _, spec in compiled:
+            if not isinstance(spec, Split):
+                raise InvalidArgumentError(f"sharding {key!r}: a region function has no DTensor placement; drop mesh=")
+            if spec.pieces not in (None, world):
+                raise InvalidArgumentError(f"sharding {key!r}: Split(pieces={spec.pieces}) on a mesh of {world}")
+        piece = mesh.get_local_rank()
+    backend = str(dist.get_backend(group))
+    comm_device = torch.device("cpu")
+    if mode == "once" and "gloo" not in backend:
+        comm_device = torch.device("cuda", torch.cuda.current_device())
+    status_group = _status_group(group, wait)
+
+    started = time.perf_counter()
+    ckpt: Checkpoint | None = None
+    opened_here = not isinstance(checkpoint, Checkpoint)
+    failure: tuple[int, str | None, str, str] | None = None
+    cause: BaseException | None = None
+    local = _Local()
+    before: dict[str, int] = {}
+    try:
+        try:
+            ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
+            before = ckpt.bytes_read()
+        except Exception as exc:  # noqa: BLE001 - reported to the group
+            raise _Failed(None, exc) from exc
+        local = _local_phase(ckpt, names, compiled, mode, rank, world, piece, verify, threads, comm_device)
+    except _Failed as failed:
+        failure = (rank, failed.tensor, type(failed.cause).__name__, str(failed.cause))
+        cause = failed.cause
+        local = _Local()  # LIFETIME: what was read or allocated goes before anyone waits
+    read = _delta(ckpt.bytes_read(), before) if ckpt is not None else {}
+    status = {
+        "failure": failure,
+        "fingerprint": local.fingerprint,
+        "bytes_read": read,
+        "seconds": time.perf_counter() - started,
+    }
+    try:
+        statuses = _exchange(status, status_group, world, rank, failure, cause)
+        failures = [s["failure"] for s in statuses if s["failure"] is not None]
+        if failures:
+            raise DistributedRestoreError(
+                f"restore failed on {len(failures)} of {world} ranks: {_failure_lines(failures)}", failures
+            ) from cause
+        prints = {s["fingerprint"] for s in statuses}
+        if len(prints) > 1:
+            differ = [r for r, s in enumerate(statuses) if s["fingerprint"] != statuses[0]["fingerprint"]]
+            raise DistributedRestoreError(
+                f"ranks {differ} selected other tensors, or opened another checkpoint, than rank 0 "
+                f"(names and index entries differ); nothing was exchanged",
+                [(r, None, "Mismatch", "another checkpoint or selection than rank 0") for r in differ],
+            )
+        if mode == "once":
+            _share(local, group, rank)
+        tensors = _finish(local, mode, mesh, device, comm_device, ckpt)
+    finally:
+        if opened_here and ckpt is not None:
+            ckpt.close()
+    return DistributedRestore(
+        tensors=tensors,
+        regions={n: local.regions[n] for n in local.names},
+        owners=dict(local.owners),
+        bytes_read={r: dict(s["bytes_read"]) for r, s in enumerate(statuses)},
+        read_seconds={r: float(s["seconds"]) for r, s in enumerate(statuses)},
+        mode=mode,
+        rank=rank,
+        world_size=world,
+    )
+
+
+def _exchange(
+    status: dict[str, Any],
+    status_group: Any,
+    world: int,
+    rank: int,
+    failure: tuple[int, str | None, str, str] | None,
+    cause: BaseException | None,
+) -> list[dict[str, Any]]:
+    """Every rank's status, or DistributedRestoreError when some rank never sent one."""
+    statuses: list[Any] = [None] * world
+    try:
+        dist.all_gather_object(statuses, status, group=status_group)
+    except Exception as exc:  # noqa: BLE001 - gloo raises RuntimeError subclasses for a dead or silent peer
+        own = [failure] if failure is not None else []
+        mine = f"; this rank failed too: {_failure_lines(own)}" if own else ""
+        raise DistributedRestoreError(
+            f"rank {rank}: not every rank reported its status (a rank died, hangs, is still reading after the "
+            f"timeout, or never called restore): {type(exc).__name__}: {exc}{mine}",
+            own,
+        ) from (cause or exc)
+    return statuses
+
+
+def _share(local: _Local, group: Any, rank: int) -> None:
+    """Broadcast every tensor from its owner, in key order, queued together and waited for in turn."""
+    works = []
+    current = None
+    try:
+        for current in local.names:
+            buffer = local.buffers[current]
+            if buffer.numel():
+                owner = local.owners[current]
+                works.append((current, dist.broadcast(buffer, group=group, group_src=owner, async_op=True)))
+        for current, work in works:  # noqa: B007 - named in the error below
+            work.wait()
+    except Exception as exc:  # noqa: BLE001 - a collective failing: name the tensor it was on
+        raise DistributedRestoreError(
+            f"rank {rank}: the broadcast of tensor {current!r} (from rank {local.owners.get(current or '')}) "
+            f"failed: {type(exc).__name__}: {exc}",
+            [(rank, current, type(exc).__name__, str(exc))],
+        ) from exc
+
+
+def _finish(
+    local: _Local, mode: str, mesh: Any, device: Any, comm_device: torch.device, ckpt: Checkpoint | None
+) -> dict[str, Any]:
+    """The torch tensors this rank returns: its regions, on ``device``, as DTensors with a mesh."""
+    path = ckpt.index.path if ckpt is not None else ""
+    tensors: dict[str, Any] = {}
+    for name in local.names:
+        where = describe(path, name)
+        region = local.regions[name]
+        if mode == "once" and comm_device.type != "cpu":
+            buffer = local.buffers.pop(name)
+            dtype = local.dtypes[name]
+            tensor = buffer.view(torch_dtype(dtype, where)).reshape(local.shapes[name])
+            tensor = tensor if region is None else tensor[region].clone()
+        else:
+            array = local.arrays.pop(name)
+            local.buffers.pop(name, None)
+            if mode == "once" and region is not None:
+                array = np.ascontiguousarray(array[region])  # a copy: not a view keeping the whole alive
+            tensor = from_numpy(array, where)
+        if device is not None:
+            tensor = tensor.to(device)
+        if mesh is not None:
+            tensor = _dtensor(tensor, mesh, local.specs[name], local.shapes[name])
+        tensors[name] = tensor
+    return tensors
+
+
+def _dtensor(local_tensor: torch.Tensor, mesh: Any, spec: Any, shape: tuple[int, ...]) -> Any:
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if mesh.device_type != local_tensor.device.type:
+        local_tensor = local_tensor.to(mesh.device_type)
+    placement = Replicate() if spec is None else Shard(spec.dim % len(shape))
+    stride = tuple(math.prod(shape[axis + 1 :]) for axis in range(len(shape)))
+    return DTensor.from_local(local_tensor, mesh, [placement], run_check=False, shape=torch.Size(shape), stride=stride)

@@ -1,0 +1,444 @@
+"""gpuckpt.distributed on 4 processes over loopback (gloo; the rendezvous store is this process's,
+on a port the system picked): each rank its own shards, and read once and share, every rank's
+tensors equal to the single-process restore bit for bit; the bytes each rank read (each-own: only
+its regions; read-once: the ranks' reads add up to the checkpoint's data); a rank failing part-way
+(a damaged copy of a tensor, memory refused, a rank too slow, a rank gone) makes every rank raise
+DistributedRestoreError naming the rank and the tensor, and every process exits by itself.
+
+Each scenario is one spawn of 4 workers (this file run as a script), which write what they got to
+a pickle per rank; the tests compare those with a restore in this process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="gpuckpt.distributed needs PyTorch (pip install torch==2.13.0)")
+dist = torch.distributed
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+ml_dtypes = pytest.importorskip("ml_dtypes")
+
+import gpuckpt  # noqa: E402
+from gpuckpt.distributed import Split, plan_owners, split_region  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORLD = 4
+SPAWN_TIMEOUT_S = 60  # a hung worker is killed, and the test fails
+
+
+def _rows_every_world(rank: int, world: int, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """A region function: every world-th row from the rank's own (steps on the first axis)."""
+    return np.s_[rank::world]
+
+
+SHARDINGS = {
+    "dense/kernel": Split(1),  # (8, 8192) float32: columns, one run of 8 KiB per row
+    "embed/table": (0, 4),  # (1000, 64) bfloat16: 250 rows each
+    r"layer_\d+/w": Split(0),  # (10, 3000) float16: torch.chunk's 3, 3, 3, 1 rows
+    "odd/rows": _rows_every_world,  # (64, 2048) float32: rows rank, rank + 4, ...
+    "tiny": Split(0),  # (3,) int32: 1, 1, 1, 0 elements
+}
+MESH_SHARDINGS = {"dense/kernel": Split(1), "embed/table": Split(0), r"layer_\d+/w": Split(0), "tiny": Split(0)}
+
+
+def _tensors() -> dict[str, object]:
+    rng = np.random.default_rng(12)
+    part = rng.standard_normal((64, 300)).astype(np.float32)
+    return {
+        "dense/kernel": rng.standard_normal((8, 8192)).astype(np.float32),
+        "embed/table": rng.standard_normal((1000, 64)).astype(ml_dtypes.bfloat16),
+        "layer_0/w": rng.standard_normal((10, 3000)).astype(np.float16),
+        "layer_1/w": rng.standard_normal((10, 3000)).astype(np.float16),
+        "odd/rows": rng.standard_normal((64, 2048)).astype(np.float32),
+        "tiny": np.array([1, 2, 3], np.int32),
+        "bias": rng.standard_normal(5000).astype(np.float16),
+        "mask": rng.integers(0, 2, (7, 5)).astype(bool),
+        "step": np.array(1234, np.int64),
+        "phase": (rng.standard_normal(300) + 1j * rng.standard_normal(300)).astype(np.complex64),
+        "empty": np.zeros((0, 4), np.float32),
+        "part/var": gpuckpt.Partitioned((64, 300), [(np.s_[:40, :], part[:40]), (np.s_[40:, :], part[40:])]),
+    }
+
+
+# -- the workers -------------------------------------------------------------------------------
+
+
+def _bits(tensor: torch.Tensor) -> bytes:
+    if tensor.numel() == 0:
+        return b""
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _summary(got) -> dict:  # type: ignore[no-untyped-def]
+    return {
+        "tensors": {n: (str(t.dtype), tuple(t.shape), _bits(t)) for n, t in got.tensors.items()},
+        "regions": got.regions,
+        "owners": got.owners,
+        "bytes_read": got.bytes_read,
+        "rank": got.rank,
+        "world_size": got.world_size,
+    }
+
+
+def _error(exc: BaseException) -> dict:
+    return {
+        "type": type(exc).__name__,
+        "message": str(exc),
+        "rank": getattr(exc, "rank", None),
+        "tensor": getattr(exc, "tensor", None),
+        "failures": getattr(exc, "failures", None),
+        "is_checkpoint_error": isinstance(exc, gpuckpt.CheckpointError),
+    }
+
+
+def _attempt(call) -> dict:  # type: ignore[no-untyped-def]
+    started = time.monotonic()
+    try:
+        return {"ok": _summary(call()), "seconds": time.monotonic() - started}
+    except Exception as exc:
+        return {"error": _error(exc), "seconds": time.monotonic() - started}
+
+
+def _worker(rank: int, port: int, scenario: str, config_path: str) -> None:
+    import gpuckpt.distributed as gd
+
+    with open(config_path, "rb") as f:
+        config = pickle.load(f)
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=30))
+    dist.init_process_group(
+        "gloo", store=store, rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=config["group_timeout"])
+    )
+    prefix = config["prefix"]
+    results: dict[str, object] = {}
+    if scenario == "modes":
+        results["own"] = _attempt(lambda: gd.restore(prefix, shardings=SHARDINGS, mode="own", timeout=20))
+        results["once"] = _attempt(lambda: gd.restore(prefix, mode="once", timeout=20))
+        results["once_sharded"] = _attempt(lambda: gd.restore(prefix, shardings=SHARDINGS, mode="once", timeout=20))
+        with gpuckpt.open(prefix) as ckpt:  # an open Checkpoint, a selection by pattern
+            results["own_open"] = _attempt(lambda: gd.restore(ckpt, r"layer_.*", shardings=SHARDINGS))
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import DTensor
+
+        mesh = init_device_mesh("cpu", (WORLD,))
+        got = gd.restore(prefix, shardings=MESH_SHARDINGS, mesh=mesh, timeout=20)
+        results["mesh"] = {
+            name: (
+                isinstance(t, DTensor),
+                [repr(p) for p in t.placements],
+                tuple(t.shape),
+                _bits(t.to_local()),
+                _bits(t.full_tensor()),
+            )
+            for name, t in got.tensors.items()
+        }
+    elif scenario == "failures":
+        bad_rank, damaged = config["bad_rank"], config["damaged_prefix"]
+        mine = damaged if rank == bad_rank else prefix
+        results["damaged_once"] = _attempt(lambda: gd.restore(mine, mode="once", timeout=20))
+        results["damaged_own"] = _attempt(lambda: gd.restore(mine, shardings=SHARDINGS, timeout=20))
+
+        def refused(r: int, world: int, shape: tuple[int, ...]) -> tuple[slice, ...]:
+            if r == 1:
+                raise MemoryError("injected: no memory for this region")
+            return np.s_[r::world]
+
+        results["memory"] = _attempt(lambda: gd.restore(prefix, shardings={**SHARDINGS, "odd/rows": refused}))
+        results["other_checkpoint"] = _attempt(
+            lambda: gd.restore(prefix, ["bias"] if rank == 3 else ["bias", "step"], timeout=20)
+        )
+        results["after"] = _attempt(lambda: gd.restore(prefix, mode="once", timeout=20))  # the group still works
+
+        def slow(r: int, world: int, shape: tuple[int, ...]) -> tuple[slice, ...]:
+            if r == 3:
+                time.sleep(4)  # still reading when the others stop waiting
+            return np.s_[r::world]
+
+        results["slow"] = _attempt(lambda: gd.restore(prefix, shardings={"odd/rows": slow}, timeout=1.5))
+    elif scenario == "gone":
+        if rank == 3:
+            os._exit(7)  # dies without a word
+        results["gone"] = _attempt(lambda: gd.restore(prefix, mode="once"))
+    with open(os.path.join(config["out"], f"rank{rank}.pkl"), "wb") as f:
+        pickle.dump(results, f)
+    try:
+        dist.destroy_process_group()
+    finally:
+        os._exit(0)  # nothing left to wait for: a broken gloo pair must not keep the process
+
+
+# -- the driver ------------------------------------------------------------------------------------
+
+
+def _spawn(scenario: str, config: dict, tmp_path) -> tuple[list[dict], float]:  # type: ignore[no-untyped-def]
+    out = tmp_path / f"out-{scenario}"
+    out.mkdir()
+    config = {"group_timeout": 20, **config, "out": str(out)}
+    config_path = tmp_path / f"{scenario}.pkl"
+    config_path.write_bytes(pickle.dumps(config))
+    store = dist.TCPStore(
+        "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=30)
+    )
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    started = time.monotonic()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, str(rank), str(store.port), scenario, str(config_path)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for rank in range(WORLD)
+    ]
+    logs = []
+    try:
+        for proc in procs:
+            left = max(1.0, SPAWN_TIMEOUT_S - (time.monotonic() - started))
+            logs.append(proc.communicate(timeout=left)[0].decode(errors="replace"))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    elapsed = time.monotonic() - started
+    del store
+    codes = [proc.returncode for proc in procs]
+    expected = [7 if scenario == "gone" and rank == 3 else 0 for rank in range(WORLD)]
+    assert codes == expected, "\n".join(
+        f"rank {r} exited {c}:\n{log[-3000:]}" for r, (c, log) in enumerate(zip(codes, logs, strict=True))
+    )
+    results = []
+    for rank in range(WORLD):
+        path = out / f"rank{rank}.pkl"
+        results.append(pickle.loads(path.read_bytes()) if path.exists() else None)
+    return results, elapsed
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):  # type: ignore[no-untyped-def]
+    root = tmp_path_factory.mktemp("distributed")
+    prefix = gpuckpt.save(str(root / "model.ckpt-1"), _tensors())
+    with gpuckpt.open(prefix) as ckpt:
+        full = ckpt.restore()
+        sizes = {n: ckpt.info(n).nbytes for n in ckpt}
+        files = ckpt.data_files()
+    return {"prefix": prefix, "full": full, "sizes": sizes, "files": files, "root": root}
+
+
+def _region_bytes(full: np.ndarray, region: object) -> bytes:
+    return np.ascontiguousarray(full if region is None else full[region]).tobytes()
+
+
+def _expected_region(name: str, rank: int, shape: tuple[int, ...], shardings: dict) -> object:
+    from gpuckpt.distributed import _compile, _spec_for
+
+    spec = _spec_for(name, _compile(shardings))
+    if spec is None:
+        return None
+    if isinstance(spec, Split):
+        return split_region(shape, spec.dim, WORLD if spec.pieces is None else spec.pieces, rank)
+    return spec(rank, WORLD, shape)
+
+
+def _check_tensors(summary: dict, checkpoint: dict, rank: int, shardings: dict, names: list[str] | None = None) -> None:
+    full = checkpoint["full"]
+    names = list(full) if names is None else names
+    assert list(summary["tensors"]) == names
+    for name in names:
+        region = _expected_region(name, rank, full[name].shape, shardings)
+        dtype, shape, data = summary["tensors"][name]
+        expected = full[name] if region is None else full[name][region]
+        assert shape == expected.shape, (rank, name)
+        assert data == _region_bytes(full[name], region), (rank, name)
+        got_region = summary["regions"][name]
+        assert (got_region is None) == (region is None) and (region is None or str(got_region) == str(region))
+
+
+@pytest.fixture(scope="module")
+def modes(checkpoint, tmp_path_factory):  # type: ignore[no-untyped-def]
+    results, elapsed = _spawn("modes", {"prefix": checkpoint["prefix"]}, tmp_path_factory.mktemp("modes"))
+    return results
+
+
+def test_plan_owners_is_balanced_and_deterministic():
+    sizes = [("a", 100), ("b", 100), ("c", 60), ("d", 50), ("e", 40), ("f", 0)]
+    owners = plan_owners(sizes, 3)
+    assert owners == plan_owners(list(reversed(sizes)), 3)
+    assert owners == {"a": 0, "b": 1, "c": 2, "d": 2, "e": 0, "f": 1}
+    loads = [sum(n for name, n in sizes if owners[name] == r) for r in range(3)]
+    assert max(loads) - min(loads) <= max(n for _, n in sizes)
+    assert plan_owners(sizes, 1) == dict.fromkeys("abcdef", 0)
+
+
+def test_split_region_is_torch_chunk():
+    for size in range(0, 12):
+        for pieces in range(1, 6):
+            full = torch.arange(size * 2).reshape(size, 2)
+            chunks = list(torch.chunk(full, pieces, dim=0)) if size else []
+            for piece in range(pieces):
+                got = full[split_region((size, 2), 0, pieces, piece)]
+                want = chunks[piece] if piece < len(chunks) else full[:0]
+                assert torch.equal(got, want), (size, pieces, piece)
+    assert split_region((4, 6), -1, 3, 2) == (slice(None), slice(4, 6))
+    with pytest.raises(gpuckpt.InvalidArgumentError):
+        split_region((4,), 1, 2, 0)
+
+
+def test_every_rank_own_shards_bit_for_bit_and_only_their_bytes(modes, checkpoint):
+    full, sizes = checkpoint["full"], checkpoint["sizes"]
+    for rank, result in enumerate(modes):
+        assert "ok" in result["own"], result["own"]
+        summary = result["own"]["ok"]
+        assert summary["rank"] == rank and summary["world_size"] == WORLD and summary["owners"] == {}
+        _check_tensors(summary, checkpoint, rank, SHARDINGS)
+        expected = 0
+        for name in full:
+            region = _expected_region(name, rank, full[name].shape, SHARDINGS)
+            expected += sizes[name] if region is None else full[name][region].nbytes
+        # every rank reports every rank's reads, the same figures
+        assert summary["bytes_read"] == modes[0]["own"]["ok"]["bytes_read"]
+        assert sum(summary["bytes_read"][rank].values()) == expected, rank
+    # the sharded bytes are read once between the ranks; the replicated ones by each
+    sharded = [n for n in full if _expected_region(n, 0, full[n].shape, SHARDINGS) is not None]
+    replicated = sum(sizes[n] for n in full if n not in sharded)
+    total = sum(sum(files.values()) for files in modes[0]["own"]["ok"]["bytes_read"].values())
+    assert total == sum(sizes[n] for n in sharded) + WORLD * replicated
+
+
+def test_read_once_every_rank_everything_and_each_byte_read_once(modes, checkpoint):
+    sizes = checkpoint["sizes"]
+    data_bytes = sum(os.path.getsize(f) for f in checkpoint["files"])
+    assert data_bytes == sum(sizes.values())  # gpuckpt.save packs tensors densely
+    owners = plan_owners(list(sizes.items()), WORLD)
+    for rank, result in enumerate(modes):
+        summary = result["once"]["ok"]
+        _check_tensors(summary, checkpoint, rank, {})
+        assert summary["owners"] == owners
+        per_rank = {r: sum(files.values()) for r, files in summary["bytes_read"].items()}
+        assert per_rank == {r: sum(n for name, n in sizes.items() if owners[name] == r) for r in range(WORLD)}
+        assert sum(per_rank.values()) == data_bytes
+        assert max(per_rank.values()) - min(per_rank.values()) <= max(sizes.values())
+        # with specs too: each rank keeps its region of what it received; storage still read once
+        sharded = result["once_sharded"]["ok"]
+        _check_tensors(sharded, checkpoint, rank, SHARDINGS)
+        assert sum(sum(files.values()) for files in sharded["bytes_read"].values()) == data_bytes
+
+
+def test_an_open_checkpoint_and_a_selection(modes, checkpoint):
+    names = ["layer_0/w", "layer_1/w"]
+    for rank, result in enumerate(modes):
+        summary = result["own_open"]["ok"]
+        _check_tensors(summary, checkpoint, rank, SHARDINGS, names)
+        assert (
+            sum(summary["bytes_read"][rank].values())
+            == 2 * checkpoint["full"]["layer_0/w"][split_region((10, 3000), 0, WORLD, rank)].nbytes
+        )
+
+
+def test_dtensors_on_a_device_mesh(modes, checkpoint):
+    full = checkpoint["full"]
+    for rank, result in enumerate(modes):
+        assert set(result["mesh"]) == set(full)
+        for name, (is_dtensor, placements, shape, local, whole) in result["mesh"].items():
+            region = _expected_region(name, rank, full[name].shape, MESH_SHARDINGS)
+            assert is_dtensor and shape == full[name].shape, name
+            assert placements == (
+                ["Replicate()"] if region is None else ["Shard(dim=0)" if name != "dense/kernel" else "Shard(dim=1)"]
+            ), (name, placements)
+            assert local == _region_bytes(full[name], region), (rank, name)
+            assert whole == full[name].tobytes(), (rank, name)
+
+
+@pytest.fixture(scope="module")
+def failures(checkpoint, tmp_path_factory):  # type: ignore[no-untyped-def]
+    owners = plan_owners(list(checkpoint["sizes"].items()), WORLD)
+    bad_rank = owners["bias"]  # the rank that reads "bias" in mode "once"; every rank reads it in mode "own"
+    with gpuckpt.open(checkpoint["prefix"]) as ckpt:
+        entry = ckpt.index.tensors["bias"]
+    damaged_dir = checkpoint["root"] / "damaged"
+    damaged_dir.mkdir()
+    for path in [checkpoint["prefix"] + ".index", *checkpoint["files"]]:
+        shutil.copy(path, damaged_dir)
+    damaged = str(damaged_dir / os.path.basename(checkpoint["prefix"]))
+    data = damaged_dir / os.path.basename(checkpoint["files"][0])
+    raw = bytearray(data.read_bytes())
+    raw[entry.offset + 100] ^= 0x40
+    data.write_bytes(bytes(raw))
+    config = {"prefix": checkpoint["prefix"], "damaged_prefix": damaged, "bad_rank": bad_rank}
+    results, _ = _spawn("failures", config, tmp_path_factory.mktemp("failures"))
+    return results, bad_rank
+
+
+def _all_raised(results: list[dict], key: str) -> list[dict]:
+    errors = []
+    for rank, result in enumerate(results):
+        assert "error" in result[key], (rank, key, result[key])
+        error = result[key]["error"]
+        assert error["type"] == "DistributedRestoreError" and error["is_checkpoint_error"], error
+        errors.append(error)
+    return errors
+
+
+def test_a_damaged_tensor_on_one_rank_makes_every_rank_raise(failures):
+    results, bad_rank = failures
+    for key in ("damaged_once", "damaged_own"):
+        for error in _all_raised(results, key):
+            assert error["rank"] == bad_rank and error["tensor"] == "bias", error
+            assert error["failures"] == [(bad_rank, "bias", "ChecksumError", error["failures"][0][3])]
+            assert f"rank {bad_rank} on tensor 'bias': ChecksumError" in error["message"]
+
+
+def test_memory_refused_on_one_rank_makes_every_rank_raise(failures):
+    results, _ = failures
+    for error in _all_raised(results, "memory"):
+        assert error["rank"] == 1 and error["tensor"] == "odd/rows", error
+        assert "MemoryError: injected" in error["message"]
+
+
+def test_ranks_that_select_other_tensors_are_refused_together(failures):
+    results, _ = failures
+    for error in _all_raised(results, "other_checkpoint"):
+        assert error["rank"] == 3 and "ranks [3]" in error["message"], error
+
+
+def test_the_group_is_usable_after_a_reported_failure(failures, checkpoint):
+    results, _ = failures
+    for rank, result in enumerate(results):
+        _check_tensors(result["after"]["ok"], checkpoint, rank, {})
+
+
+def test_a_rank_still_reading_after_the_timeout(failures):
+    results, _ = failures
+    errors = _all_raised(results, "slow")
+    for rank, error in enumerate(errors):
+        assert "not every rank reported" in error["message"], error
+        if rank != 3:  # the waiting ranks gave up after the timeout, not after the slow rank
+            assert results[rank]["slow"]["seconds"] < 3.9, results[rank]["slow"]
+
+
+def test_a_rank_gone_makes_the_others_raise(checkpoint, tmp_path):
+    results, elapsed = _spawn("gone", {"prefix": checkpoint["prefix"]}, tmp_path)
+    assert results[3] is None
+    for rank in range(3):
+        error = results[rank]["gone"]["error"]
+        assert error["type"] == "DistributedRestoreError" and "not every rank reported" in error["message"], error
+        assert results[rank]["gone"]["seconds"] < 15
+
+
+def test_import_gpuckpt_does_not_import_torch():
+    code = "import gpuckpt, sys; assert 'torch' not in sys.modules and 'gpuckpt.distributed' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+
+
+if __name__ == "__main__":
+    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
