@@ -330,11 +330,19 @@ def _restore_planned(
 
 
 def get_tensor(
-    ckpt: Checkpoint, name: str, *, device: Any = None, dtype: Any = None, verify: bool | None = None
+    ckpt: Checkpoint,
+    name: str,
+    *,
+    device: Any = None,
+    dtype: Any = None,
+    verify: bool | None = None,
+    sharding: jax.sharding.Sharding | None = None,
 ) -> Any:
-    """One tensor as a jax.Array (see :func:`restore`)."""
+    """One tensor as a jax.Array (see :func:`restore`); with ``sharding``, the global array laid
+    out by it, each of this process's distinct shards read once."""
     ckpt._entry(name)
-    return restore(ckpt, [name], device=device, dtype=dtype, verify=verify)[name]
+    shardings: ShardingsLike = None if sharding is None else {name: sharding}
+    return restore(ckpt, [name], device=device, dtype=dtype, verify=verify, shardings=shardings)[name]
 
 
 # -- trees ----------------------------------------------------------------------------------------

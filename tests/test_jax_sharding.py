@@ -130,8 +130,18 @@ def case_specs(prefix: str) -> None:
     replicas on distinct device buffers (copied, not shared)."""
     with gpuckpt.open(prefix) as ckpt:
         reference = ckpt.get_tensor("wide")
+    filled: list[int] = []  # the host buffers the regions were read into
+    read_region = gj._read_region
+
+    def spy(*args, **kwargs):
+        array = read_region(*args, **kwargs)
+        filled.append(array.ctypes.data)
+        return array
+
+    gj._read_region = spy
     for mesh_shape, spec, distinct in SPECS:
         sharding = _named(mesh_shape, spec)
+        filled.clear()
         with gpuckpt.open(prefix) as ckpt:
             array = gj.restore(ckpt, ["wide"], shardings={"wide": sharding})["wide"]
             read = _total(ckpt)
@@ -143,6 +153,7 @@ def case_specs(prefix: str) -> None:
         assert read == region_bytes == reference.nbytes, (where, read, region_bytes)
         pointers = {s.data.unsafe_buffer_pointer() for s in array.addressable_shards}
         assert len(pointers) == len(array.addressable_shards), where  # every device its own buffer
+        assert len(filled) == distinct and set(filled) <= pointers, where  # one read each, aliased
         print(where, "shards", len(array.addressable_shards), "distinct", distinct, "bytes read", read)
 
 
@@ -187,6 +198,9 @@ def case_kinds(prefix: str) -> None:
         assert list(arrays) == names
         for name, sharding in [("odd", rows2), ("scalar", replicated), ("parts", grid), ("bf16", cols), ("int4", cols)]:
             _check_global(arrays[name], sharding, reference[name], name)
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[5])
+        _check_global(gj.get_tensor(ckpt, "odd", sharding=one), one, reference["odd"], "odd on device 5")
+        _check_global(gj.get_tensor(ckpt, "odd", sharding=rows2), rows2, reference["odd"], "odd by get_tensor")
         for name in ("narrow", "wide"):  # no sharding: today's restore, on the default device
             assert arrays[name].devices() == {jax.devices("cpu")[0]}, name
             assert np.asarray(arrays[name]).tobytes() == reference[name].tobytes(), name
@@ -295,6 +309,17 @@ def case_process(prefix: str, process: str, port: str) -> None:
             region_bytes = sum(reference[tuple(slice(*b) for b in r)].nbytes for r in regions)
             assert read == region_bytes == reference.nbytes // fraction, (spec, read, region_bytes)
             print("process", process, spec, "bytes read", read, "of", reference.nbytes)
+        first = _mesh((2, 2))  # the first process's devices only: the second holds no shard
+        sharding = _named((2, 2), ("x", "y"))
+        assert set(first.devices.flat) == set(jax.devices()[:4])
+        with gpuckpt.open(prefix) as ckpt:
+            array = gj.restore(ckpt, ["wide"], shardings={"wide": sharding})["wide"]
+            read = _total(ckpt)
+        assert array.shape == reference.shape and array.dtype == reference.dtype
+        assert read == (reference.nbytes if process == "0" else 0), (process, read)
+        assert len(array.addressable_shards) == (4 if process == "0" else 0)
+        _check_global(array, sharding, reference, "first process only")
+        print("process", process, "on the first process's devices: bytes read", read)
     finally:
         jax.distributed.shutdown()
 
@@ -348,7 +373,7 @@ def test_two_processes_each_read_only_their_shards(prefix):
                 w.kill()
     for w, (out, err) in zip(workers, results, strict=True):
         assert w.returncode == 0, f"{out}\n{err}"
-        assert out.count("bytes read") == 5, out
+        assert out.count("bytes read") == 6, out
 
 
 if __name__ == "__main__":
