@@ -20,6 +20,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import math
 import queue
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -34,10 +35,11 @@ from .errors import CheckpointError, InvalidArgumentError, UnsupportedError, des
 from .format.bundle import TensorEntry
 from .format.crc import PartChecksums, crc32c
 from .host.convert import kernel_for
+from .host.lazy_slice import read_window
 from .host.reader import HostReader, check_readable
 from .options import RestoreOptions
 from .plan import PlanOptions, ReadGroup, pieces_of, plan_reads
-from .regions import Region
+from .regions import Region, intersect, is_full, run_offsets
 
 
 def check_out_array(
@@ -144,6 +146,14 @@ class _Parts:
         """Record a finished part; True for the caller that finished the last one."""
         self.events[part] = event  # before recording: the last recorder then sees every event
         return self.checksums.record(part, crc)
+
+
+@dataclasses.dataclass(frozen=True)
+class _RegionItem:
+    """Work item: the region (not the whole) of one tensor, staged on one stream."""
+
+    target: _Target
+    region: Region
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,7 +317,7 @@ class StagedRestore:
         self._slots: list[_Slot] = []
         self._free: queue.Queue[_Slot] = queue.Queue()
         self._streams: list[Any] = []
-        self._work: queue.Queue[ReadGroup | TensorEntry | _Part] = queue.Queue()
+        self._work: queue.Queue[ReadGroup | TensorEntry | _Part | _RegionItem] = queue.Queue()
 
     # -- planning, before anything is allocated ---------------------------------------------------
     def _target_dtype(self, entry: TensorEntry) -> tuple[np.dtype, str | None]:
@@ -328,8 +338,6 @@ class StagedRestore:
     def _check(self, entries: Sequence[TensorEntry]) -> dict[str, tuple[np.dtype, str | None]]:
         plans = {}
         path = self.reader.index.path
-        if self.regions:
-            raise UnsupportedError("regions= on a device restore: not yet: " + describe(path))
         for entry in entries:
             check_readable(self.reader.index, entry)
             info = DTYPES[entry.dtype]
@@ -347,12 +355,12 @@ class StagedRestore:
                         f"out[{entry.name!r}] is not an array on {self.device.name}, where this restore puts the "
                         f"tensor ({type(given).__name__}): nothing was written: " + describe(path, entry.name)
                     )
-                check_out_array(given, entry, dtype, path, contiguous=True)
+                check_out_array(given, entry, dtype, path, contiguous=True, shape=self._shape(entry))
             plans[entry.name] = (dtype, kernel)
         needed = sum(
-            (e.num_elements * plans[e.name][0].itemsize if e.name not in self.out else 0)
-            + (e.stored_bytes if plans[e.name][1] else 0)  # the stored bytes a kernel converts
-            + (e.stored_bytes if e.slices else 0)  # the saved slices, held until the restore ends
+            (self._elements(e) * plans[e.name][0].itemsize if e.name not in self.out else 0)
+            + (self._stored_bytes(e) if plans[e.name][1] else 0)  # the stored bytes a kernel converts
+            + (self._stored_bytes(e) if e.slices else 0)  # the saved slices, held until the restore ends
             for e in entries
         )
         if self.options.single_allocation:
@@ -366,6 +374,24 @@ class StagedRestore:
                 )
         return plans
 
+    # -- regions: a partial one is a work item of its own; a whole one restores as the tensor does,
+    # into an array of the region's shape (the copies and kernels see flat bytes) ---------------
+    def _shape(self, entry: TensorEntry) -> tuple[int, ...]:
+        region = self.regions.get(entry.name)
+        return entry.shape if region is None else region.shape
+
+    def _elements(self, entry: TensorEntry) -> int:
+        region = self.regions.get(entry.name)
+        return entry.num_elements if region is None else region.num_elements
+
+    def _stored_bytes(self, entry: TensorEntry) -> int:
+        region = self.regions.get(entry.name)
+        return entry.stored_bytes if region is None else region.num_elements * DTYPES[entry.dtype].itemsize
+
+    def _partial(self, entry: TensorEntry) -> Region | None:
+        region = self.regions.get(entry.name)
+        return None if region is None or region.whole else region
+
     def _allocate(
         self, entries: Sequence[TensorEntry], plans: dict[str, tuple[np.dtype, str | None]]
     ) -> dict[str, _Target]:
@@ -378,15 +404,17 @@ class StagedRestore:
             array = self.out[entry.name] if entry.name in self.out else arrays[entry.name]
             width = info.swap_bytes if swap else 0
             target = targets[entry.name] = _Target(entry, array, None, kernel, width, info.narrow_bits)
-            if entry.slices:  # slices are placed into a whole array of the stored type
+            partial = self._partial(entry)
+            if entry.slices:  # slices are placed into a whole array (the region's box) of the stored type
                 assert info.numpy is not None  # strings were refused in _check
                 stored = self.device.array_dtype(info.numpy)
-                target.full = array if kernel is None else self._scratch.new(target, entry.shape, stored)
+                shape = entry.shape if partial is None else partial.box_shape
+                target.full = array.reshape(shape) if kernel is None else self._scratch.new(target, shape, stored)
                 target.raw = self.device.byte_view(target.full)
             elif kernel is None:
                 target.raw = self.device.byte_view(array)  # the bytes land in their final place
             else:
-                target.raw = self._scratch.new(target, (entry.stored_bytes,), np.dtype(np.uint8))
+                target.raw = self._scratch.new(target, (self._stored_bytes(entry),), np.dtype(np.uint8))
         return targets
 
     def _new_arrays(
@@ -396,14 +424,15 @@ class StagedRestore:
         carved from one, each piece aligned to ARENA_ALIGNMENT bytes."""
         empty, carve = self.device.empty, self.device.carve
         if not self.options.single_allocation:
-            return {e.name: self._allocating(e.name, empty, e.shape, plans[e.name][0]) for e in entries}
+            return {e.name: self._allocating(e.name, empty, self._shape(e), plans[e.name][0]) for e in entries}
         offsets, total = {}, 0
         for entry in entries:
             offsets[entry.name] = total
-            total += -(-entry.num_elements * plans[entry.name][0].itemsize // ARENA_ALIGNMENT) * ARENA_ALIGNMENT
+            total += -(-self._elements(entry) * plans[entry.name][0].itemsize // ARENA_ALIGNMENT) * ARENA_ALIGNMENT
         arena = self._allocating(None, empty, (total,), np.dtype(np.uint8))
         return {
-            e.name: self._allocating(e.name, carve, arena, offsets[e.name], e.shape, plans[e.name][0]) for e in entries
+            e.name: self._allocating(e.name, carve, arena, offsets[e.name], self._shape(e), plans[e.name][0])
+            for e in entries
         }
 
     def _allocating(self, name: str | None, allocate: Callable[..., Any], *args: Any) -> Any:
@@ -562,8 +591,9 @@ class StagedRestore:
         the pool hands out again): they wait for an event recorded on it."""
         plans = self._check(entries)
         self._targets = self._allocate(entries, plans)
-        partitioned = [e for e in entries if e.slices]
-        plain = [e for e in entries if not e.slices]
+        regioned = [e for e in entries if self._partial(e) is not None]
+        partitioned = [e for e in entries if e.slices and self._partial(e) is None]
+        plain = [e for e in entries if not e.slices and self._partial(e) is None]
         slot_bytes = self.options.staging_slot_bytes
         groups = plan_reads(
             [p for e in plain for p in pieces_of(self.reader.index, e)],
@@ -571,6 +601,7 @@ class StagedRestore:
         )
         self._bytes_total = sum(g.byte_range.length for g in groups)
         self._bytes_total += sum(self.reader.index.slice_entry(e, s).size for e in partitioned for s in e.slices)
+        self._bytes_total += sum(self._stored_bytes(e) for e in regioned)
         for _ in range(self.options.staging_slots):
             self._pinned.append(self.device.pinned(slot_bytes))
             self._slots.append(_Slot(self._pinned[-1]))
@@ -582,6 +613,8 @@ class StagedRestore:
                 self.device.wait_event(self._streams[-1], callers_work)
         for entry in partitioned:  # each partitioned tensor is one work item, on one stream
             self._work.put(entry)
+        for entry in regioned:  # and each partial region
+            self._work.put(_RegionItem(self._targets[entry.name], self.regions[entry.name]))
         split = self.options.staging_slot_bytes * PART_SLOTS
         for group in groups:
             size = group.byte_range.length
@@ -608,6 +641,10 @@ class StagedRestore:
                     target = targets[item.name]
                     self._stage_partitioned(target, free, stream)
                     future._arrive(item.name, target.array, target.ready)
+                    continue
+                if isinstance(item, _RegionItem):
+                    self._stage_region(item.target, item.region, free, stream)
+                    future._arrive(item.target.entry.name, item.target.array, item.target.ready)
                     continue
                 if isinstance(item, _Part):
                     if self._stage_part(item, free, stream):
@@ -682,6 +719,78 @@ class StagedRestore:
             self._fix_bytes(target, buffer, stream)
             region = tuple(e.bounds(d) for e, d in zip(tensor_slice, entry.shape, strict=True))
             self.device.place(target.full, region, buffer, part.shape, stream)
+        if target.kernel is not None:
+            self.device.convert(target.kernel, target.raw, target.array, stream)
+        target.ready = self.device.record(stream)
+
+    def _stage_runs(
+        self, stored: TensorEntry, offsets: Any, run_bytes: int, dst: Any, free: queue.Queue[_Slot], stream: Any
+    ) -> bool:
+        """The runs of a region of one stored entry (:func:`gpuckpt.regions.run_offsets`) through
+        the staging slots, packed in the region's order, into the device buffer ``dst``: each slot
+        filled with the next bytes of the region (only the runs read, close ones in one read),
+        then one copy. Unchecked: no crc32c covers part of an entry. False if aborted."""
+        slot_bytes = self.options.staging_slot_bytes
+        total = len(offsets) * run_bytes
+        for start in range(0, total, slot_bytes):
+            if self._abort.is_set():
+                return False
+            end = min(total, start + slot_bytes)
+            slot = free.get()
+            try:
+                slot.wait_until_free()
+                read_window(self.reader.shards, stored, offsets, run_bytes, start, end, slot.view[: end - start])
+                self.device.copy_to_device(dst, start, slot.buffer, end - start, stream)
+            finally:
+                slot.last_copy = self.device.record(stream)  # LIFETIME: guards the slot's bytes
+                free.put(slot)
+            self._add_progress(end - start)
+        self.reader.shards.check_not_shrunk(stored.shard_id, stored.name)  # a truncation racing the reads
+        return True
+
+    def _stage_region(self, target: _Target, region: Region, free: queue.Queue[_Slot], stream: Any) -> None:
+        """A region of one tensor onto the device: an unpartitioned tensor's runs packed into
+        ``raw``; for a partitioned one, each saved slice it meets: one it holds whole is staged
+        whole and checked (straight into ``raw`` when the region is exactly that slice), of the
+        others only the runs, each part placed into its box of ``full``. Then the fix-ups and the
+        conversion on the device, as for a whole tensor."""
+        entry = target.entry
+        itemsize = DTYPES[entry.dtype].itemsize
+        if region.num_elements == 0:
+            target.ready = self.device.record(stream)
+            return
+        if not entry.slices:
+            offsets, run_bytes = run_offsets(entry.shape, itemsize, region.selection)
+            if not self._stage_runs(entry, offsets, run_bytes, target.raw, free, stream):
+                return
+            self._fix_bytes(target, target.raw, stream)
+        for tensor_slice in entry.slices:
+            bounds = tuple(e.bounds(d) for e, d in zip(tensor_slice, entry.shape, strict=True))
+            meet = intersect(region.selection, bounds)
+            if meet is None:
+                continue
+            positions, within = meet
+            part = self.reader.index.slice_entry(entry, tensor_slice)
+            shape = tuple(len(w) for w in within)
+            whole = all(is_full(w, stop - start) for w, (start, stop) in zip(within, bounds, strict=True))
+            exact = whole and shape == region.box_shape
+            buffer = (
+                target.raw if exact else self._scratch.new(target, (math.prod(shape) * itemsize,), np.dtype(np.uint8))
+            )
+            if whole:  # the saved slice read whole, and checked
+                crc = self._stage_bytes(part, 0, part.size, buffer, free, stream)
+                if crc is None:
+                    return
+                if self.verify:
+                    self.reader.verify_crc(crc, part, entry)
+            else:
+                offsets, run_bytes = run_offsets(part.shape, itemsize, within)
+                if not self._stage_runs(part, offsets, run_bytes, buffer, free, stream):
+                    return
+            self._fix_bytes(target, buffer, stream)
+            if not exact:
+                box = tuple((p.start, p.stop) for p in positions)
+                self.device.place(target.full, box, buffer, shape, stream)
         if target.kernel is not None:
             self.device.convert(target.kernel, target.raw, target.array, stream)
         target.ready = self.device.record(stream)
