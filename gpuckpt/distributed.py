@@ -20,9 +20,9 @@ gloo on CPUs, NCCL on GPUs); it opens no transport of its own::
 Modes
 -----
 ``mode="own"`` (each rank its own shards): a tensor with a sharding spec is read as the region the
-spec gives this rank (only those bytes: ``Checkpoint.get_slice``'s runs, or the ``regions=`` path
-of :meth:`Checkpoint.restore`); a tensor without one is replicated, read whole (and verified) by
-every rank. No data collective at all.
+spec gives this rank (only those bytes: the runs ``Checkpoint.restore(regions=)`` reads, which
+the crc32c cannot check; a region that is the whole tensor is a whole, verified read); a tensor
+without one is replicated, read whole (and verified) by every rank. No data collective at all.
 
 ``mode="once"`` (read once, share): the selected tensors are split between the ranks by bytes
 (:func:`plan_owners`: largest first, each to the rank holding the fewest bytes so far, ties by
@@ -85,7 +85,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
-import inspect
 import math
 import os
 import re
@@ -230,36 +229,11 @@ def _region(spec: Any, rank: int, world: int, piece: int, shape: tuple[int, ...]
     return region
 
 
-def _is_whole(region: Any, shape: tuple[int, ...]) -> bool:
-    """Whether ``region`` is plainly the whole tensor (slices and ``...`` only, each axis whole and
-    ascending); anything else is read as a region, which is right either way."""
-    if region is None:
-        return True
-    items = region if isinstance(region, tuple) else (region,)
-    if not all(isinstance(item, slice) or item is Ellipsis for item in items) or len(items) > len(shape) + 1:
-        return False
-    slices = [item for item in items if item is not Ellipsis]
-    if len(slices) > len(shape):
-        return False
-    if Ellipsis in items:
-        at = items.index(Ellipsis)
-        slices = list(items[:at]) + [slice(None)] * (len(shape) - len(slices)) + list(items[at + 1 :])
-    slices = slices + [slice(None)] * (len(shape) - len(slices))
-    return all(range(*item.indices(dim)) == range(dim) for item, dim in zip(slices, shape, strict=True))
-
-
-def _has_regions(ckpt: Checkpoint) -> bool:
-    """Whether :meth:`Checkpoint.restore` takes ``regions=`` (reads a region in one planned call)."""
-    return "regions" in inspect.signature(ckpt.restore).parameters
-
-
 def _read_region(ckpt: Checkpoint, name: str, region: Any, verify: bool | None, threads: int | None) -> np.ndarray:
-    if _is_whole(region, ckpt.info(name).shape):
-        whole = ckpt.restore([name], verify=verify, threads=threads)[name]
-        return whole if region is None else whole[region]
-    if _has_regions(ckpt):
-        return ckpt.restore([name], regions={name: region}, verify=verify, threads=threads)[name]  # type: ignore[call-arg]
-    return ckpt.get_slice(name)[region]
+    """This rank's region of one tensor: only the runs it needs (``restore(regions=)``; the whole
+    tensor, verified, for no region or one that is the whole)."""
+    regions = None if region is None else {name: region}
+    return ckpt.restore([name], regions=regions, verify=verify, threads=threads)[name]
 
 
 def _fingerprint(ckpt: Checkpoint, names: list[str]) -> str:
