@@ -157,6 +157,17 @@ class _RegionItem:
 
 
 @dataclasses.dataclass(frozen=True)
+class _RegionPart:
+    """Work item: bytes ``parts.bounds[index]`` of a large region of an unpartitioned tensor,
+    whose runs are at ``offsets`` (shared by the parts)."""
+
+    parts: _Parts
+    index: int
+    offsets: Any
+    run_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
 class _Part:
     """Work item: bytes [start, end) of a large tensor, one part of ``parts``."""
 
@@ -317,7 +328,7 @@ class StagedRestore:
         self._slots: list[_Slot] = []
         self._free: queue.Queue[_Slot] = queue.Queue()
         self._streams: list[Any] = []
-        self._work: queue.Queue[ReadGroup | TensorEntry | _Part | _RegionItem] = queue.Queue()
+        self._work: queue.Queue[ReadGroup | TensorEntry | _Part | _RegionItem | _RegionPart] = queue.Queue()
 
     # -- planning, before anything is allocated ---------------------------------------------------
     def _target_dtype(self, entry: TensorEntry) -> tuple[np.dtype, str | None]:
@@ -613,9 +624,19 @@ class StagedRestore:
                 self.device.wait_event(self._streams[-1], callers_work)
         for entry in partitioned:  # each partitioned tensor is one work item, on one stream
             self._work.put(entry)
-        for entry in regioned:  # and each partial region
-            self._work.put(_RegionItem(self._targets[entry.name], self.regions[entry.name]))
         split = self.options.staging_slot_bytes * PART_SLOTS
+        for entry in regioned:  # each partial region one work item; a large one, parts for several threads
+            region = self.regions[entry.name]
+            size = self._stored_bytes(entry)
+            if entry.slices or size <= 2 * split:
+                self._work.put(_RegionItem(self._targets[entry.name], region))
+                continue
+            offsets, run_bytes = run_offsets(entry.shape, DTYPES[entry.dtype].itemsize, region.selection)
+            parts = _Parts(
+                self._targets[entry.name], [(start, min(size, start + split)) for start in range(0, size, split)]
+            )
+            for index in range(len(parts.bounds)):
+                self._work.put(_RegionPart(parts, index, offsets, run_bytes))
         for group in groups:
             size = group.byte_range.length
             if len(group.pieces) == 1 and size > 2 * split:  # a large tensor: parts for several threads
@@ -645,6 +666,11 @@ class StagedRestore:
                 if isinstance(item, _RegionItem):
                     self._stage_region(item.target, item.region, free, stream)
                     future._arrive(item.target.entry.name, item.target.array, item.target.ready)
+                    continue
+                if isinstance(item, _RegionPart):
+                    if self._stage_region_part(item, free, stream):
+                        target = item.parts.target
+                        future._arrive(target.entry.name, target.array, target.ready)
                     continue
                 if isinstance(item, _Part):
                     if self._stage_part(item, free, stream):
@@ -724,18 +750,26 @@ class StagedRestore:
         target.ready = self.device.record(stream)
 
     def _stage_runs(
-        self, stored: TensorEntry, offsets: Any, run_bytes: int, dst: Any, free: queue.Queue[_Slot], stream: Any
+        self,
+        stored: TensorEntry,
+        offsets: Any,
+        run_bytes: int,
+        dst: Any,
+        free: queue.Queue[_Slot],
+        stream: Any,
+        window: tuple[int, int] | None = None,
     ) -> bool:
         """The runs of a region of one stored entry (:func:`gpuckpt.regions.run_offsets`) through
-        the staging slots, packed in the region's order, into the device buffer ``dst``: each slot
-        filled with the next bytes of the region (only the runs read, close ones in one read),
-        then one copy. Unchecked: no crc32c covers part of an entry. False if aborted."""
+        the staging slots, packed in the region's order, into the device buffer ``dst`` (bytes
+        ``window`` of the region: all by default): each slot filled with the next bytes of the
+        region (only the runs read, close ones in one read), then one copy. Unchecked: no crc32c
+        covers part of an entry. False if aborted."""
         slot_bytes = self.options.staging_slot_bytes
-        total = len(offsets) * run_bytes
-        for start in range(0, total, slot_bytes):
+        first, last = window if window is not None else (0, len(offsets) * run_bytes)
+        for start in range(first, last, slot_bytes):
             if self._abort.is_set():
                 return False
-            end = min(total, start + slot_bytes)
+            end = min(last, start + slot_bytes)
             slot = free.get()
             try:
                 slot.wait_until_free()
@@ -746,6 +780,24 @@ class StagedRestore:
                 free.put(slot)
             self._add_progress(end - start)
         self.reader.shards.check_not_shrunk(stored.shard_id, stored.name)  # a truncation racing the reads
+        return True
+
+    def _stage_region_part(self, item: _RegionPart, free: queue.Queue[_Slot], stream: Any) -> bool:
+        """Stage one part of a large region of an unpartitioned tensor; True when this finished
+        it (then, after every part's copies, the fix-ups and conversion, as :meth:`_stage_part`)."""
+        parts, target = item.parts, item.parts.target
+        window = parts.bounds[item.index]
+        if not self._stage_runs(target.entry, item.offsets, item.run_bytes, target.raw, free, stream, window):
+            return False
+        if not parts.done(item.index, 0, self.device.record(stream)):
+            return False
+        for event in parts.events:
+            if event is not None:
+                self.device.wait_event(stream, event)
+        self._fix_bytes(target, target.raw, stream)
+        if target.kernel is not None:
+            self.device.convert(target.kernel, target.raw, target.array, stream)
+        target.ready = self.device.record(stream)
         return True
 
     def _stage_region(self, target: _Target, region: Region, free: queue.Queue[_Slot], stream: Any) -> None:

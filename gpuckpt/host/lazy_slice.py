@@ -23,7 +23,6 @@ from ..format.slices import TensorSlice
 from ..regions import (
     Region,
     as_slice,
-    bytes_to_read,
     intersect,
     is_full,
     read_groups,
@@ -217,12 +216,6 @@ def _read_runs(shards: ShardFiles, entry: TensorEntry, offsets: np.ndarray, run_
         group += 1
 
 
-def region_bytes(entry: TensorEntry, region: Region, itemsize: int) -> int:
-    """The bytes a region read of an unpartitioned entry reads from its data file."""
-    offsets, run_bytes = run_offsets(entry.shape, itemsize, region.selection)
-    return bytes_to_read(offsets, run_bytes, read_groups(offsets, run_bytes))
-
-
 def read_region_into(
     reader: HostReader, tensor: TensorEntry, region: Region, destination: np.ndarray, *, verify: bool
 ) -> bool:
@@ -303,6 +296,21 @@ def restore_region(
     if kernel is None:
         destination = out if out is not None else np.empty(region.shape, stored)
         read_region_into(reader, tensor, region, destination, verify=verify)
+        return destination
+    if not tensor.slices:  # converted 1 MiB at a time: no temporary the size of the region
+        destination = out if out is not None else np.empty(region.shape, wanted)
+        elements = destination.reshape(-1)  # a view: out= arrays are C-contiguous
+        offsets, run_bytes = run_offsets(tensor.shape, info.itemsize, region.selection)
+        total = len(offsets) * run_bytes
+        stage = np.empty(min(total, CHUNK_BYTES), np.uint8)
+        for start in range(0, total, CHUNK_BYTES):  # CHUNK_BYTES is a multiple of every itemsize
+            end = min(total, start + CHUNK_BYTES)
+            read_window(reader.shards, tensor, offsets, run_bytes, start, end, memoryview(stage[: end - start]))  # type: ignore[arg-type]
+            values = stage[: end - start].view(stored)
+            fix_in_place(values, info, reader.index.header.big_endian)
+            first = start // info.itemsize
+            elements[first : first + values.size] = reference_convert(kernel, values)
+        reader.shards.check_not_shrunk(tensor.shard_id, tensor.name)
         return destination
     values = np.empty(region.shape, stored)
     read_region_into(reader, tensor, region, values, verify=verify)
