@@ -27,8 +27,8 @@ without one is replicated, read whole (and verified) by every rank. No data coll
 ``mode="once"`` (read once, share): the selected tensors are split between the ranks by bytes
 (:func:`plan_owners`: largest first, each to the rank holding the fewest bytes so far, ties by
 name, then lowest rank, so every rank computes the same plan from the index alone); each rank reads
-its share whole and verified, then every tensor is broadcast from its owner (``broadcast`` with
-``group_src=``, received straight into the tensor's final memory). Storage sees each byte once:
+its share whole and verified, then every tensor is broadcast from its owner (``broadcast``,
+received straight into the tensor's final memory). Storage sees each byte once:
 the ranks' reads add up to the checkpoint's data, not N times it. With a spec as well, a rank keeps
 only its region of what it received.
 
@@ -521,7 +521,8 @@ def _share(local: _Local, group: Any, rank: int) -> None:
             buffer = local.buffers[current]
             if buffer.numel():
                 owner = local.owners[current]
-                works.append((current, dist.broadcast(buffer, group=group, group_src=owner, async_op=True)))
+                source = dist.get_global_rank(group, owner)  # broadcast's src= is a global rank
+                works.append((current, dist.broadcast(buffer, src=source, group=group, async_op=True)))
         for current, work in works:  # noqa: B007 - named in the error below
             work.wait()
     except Exception as exc:  # noqa: BLE001 - a collective failing: name the tensor it was on

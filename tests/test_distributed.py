@@ -126,6 +126,9 @@ def _worker(rank: int, port: int, scenario: str, config_path: str) -> None:
         results["once_sharded"] = _attempt(lambda: gd.restore(prefix, shardings=SHARDINGS, mode="once", timeout=20))
         with gpuckpt.open(prefix) as ckpt:  # an open Checkpoint, a selection by pattern
             results["own_open"] = _attempt(lambda: gd.restore(ckpt, r"layer_.*", shardings=SHARDINGS))
+        pair = dist.new_group([2, 3])  # every rank creates it; ranks 2 and 3 restore on it alone
+        if rank in (2, 3):
+            results["subgroup"] = _attempt(lambda: gd.restore(prefix, mode="once", group=pair, timeout=20))
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import DTensor
 
@@ -343,6 +346,18 @@ def test_an_open_checkpoint_and_a_selection(modes, checkpoint):
             sum(summary["bytes_read"][rank].values())
             == 2 * checkpoint["full"]["layer_0/w"][split_region((10, 3000), 0, WORLD, rank)].nbytes
         )
+
+
+def test_read_once_on_a_subgroup(modes, checkpoint):
+    sizes = checkpoint["sizes"]
+    owners = plan_owners(list(sizes.items()), 2)
+    for rank in (2, 3):
+        summary = modes[rank]["subgroup"]["ok"]
+        assert summary["rank"] == rank - 2 and summary["world_size"] == 2 and summary["owners"] == owners
+        _check_tensors(summary, checkpoint, rank, {})
+        per_rank = {r: sum(files.values()) for r, files in summary["bytes_read"].items()}
+        assert per_rank == {r: sum(n for name, n in sizes.items() if owners[name] == r) for r in range(2)}
+    assert "subgroup" not in modes[0] and "subgroup" not in modes[1]
 
 
 def test_dtensors_on_a_device_mesh(modes, checkpoint):
