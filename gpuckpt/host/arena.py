@@ -9,8 +9,8 @@ machine (a 2-core VM, transparent huge pages on ``madvise``) it costs 0.40 to 0.
 memory the VM's host has not backed yet costs far more, either way). numpy advises huge pages only
 for blocks it gets from malloc at 4 MiB and over, and only on the part that happens to be aligned;
 a heap block is often not. Issue 13 saw a 1 GiB restore take 2 to 3 times as long in a process
-that had first built 100,000 small objects. (The benchmark's nine runs since, on a busy machine:
-0.75 to 1.26 times with numpy's allocator, 0.85 to 1.52 with this one, eight of them under 1.22;
+that had first built 100,000 small objects. (The benchmark's ten runs since, on a busy machine:
+0.74 to 1.27 times with numpy's allocator, 0.85 to 1.93 with this one, eight of them under 1.22;
 the effect did not reproduce, and noise of that size hides any smaller one.)
 
 What this does instead: the tensors at or above :data:`MIN_BYTES` that one restore creates share one
