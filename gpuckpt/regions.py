@@ -187,23 +187,22 @@ def read_groups(
     offsets: np.ndarray, run_bytes: int, gap_bytes: int = REGION_GAP_BYTES, group_bytes: int = GROUP_READ_BYTES
 ) -> np.ndarray:
     """Which consecutive runs share one read: boundaries ``b`` (group ``g`` is runs
-    ``[b[g], b[g + 1])``). Neighbours join while at most ``gap_bytes`` lie between them, and a
-    group spans at most ``max(group_bytes, run_bytes)`` bytes; so a shared read reads at most
-    ``gap_bytes`` unwanted bytes per run it holds. Runs of ``group_bytes`` or more read alone."""
+    ``[b[g], b[g + 1])``). Neighbours join while at most ``gap_bytes`` lie between them, so a
+    shared read reads at most ``gap_bytes`` unwanted bytes per run it holds; and a group holds
+    only runs within ``group_bytes`` of its first one (its span is at most ``group_bytes +
+    run_bytes`` where the runs go one way, as they do along one axis). Runs of ``group_bytes`` or
+    more are read alone."""
     count = len(offsets)
-    if count == 0:
-        return np.zeros(1, np.int64)
-    per_group = max(1, group_bytes // (run_bytes + gap_bytes))
-    if per_group == 1 or count == 1:
+    if count <= 1 or run_bytes >= group_bytes:
         return np.arange(count + 1, dtype=np.int64)
     gaps = np.abs(np.diff(offsets)) - run_bytes  # >= 0: runs do not overlap
     new = np.ones(count, bool)
     new[1:] = gaps > gap_bytes
     segment = np.cumsum(new) - 1
-    segment_start = np.flatnonzero(new)
-    position = np.arange(count) - segment_start[segment]
-    starts = np.flatnonzero(position % per_group == 0)
-    return np.append(starts, count).astype(np.int64)
+    first = offsets[np.flatnonzero(new)][segment]  # each run's segment's first offset
+    bucket = np.abs(offsets - first) // group_bytes
+    new[1:] |= bucket[1:] != bucket[:-1]
+    return np.append(np.flatnonzero(new), count).astype(np.int64)
 
 
 def bytes_to_read(offsets: np.ndarray, run_bytes: int, bounds: np.ndarray) -> int:

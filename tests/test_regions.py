@@ -162,6 +162,17 @@ def _expected_bytes(ckpt: gpuckpt.Checkpoint, name: str, key: object) -> tuple[i
     return needed, planned, most
 
 
+def _check_bytes(ckpt: gpuckpt.Checkpoint, name: str, key: object, read: int, backend: str) -> None:
+    """The host reads what the plan says; a device reads a region slot by slot, each slot's runs
+    grouped anew (a run cut by a slot's end is read in two), so it may read less, never more than
+    the runs and a gap's slack between two."""
+    needed, planned, most = _expected_bytes(ckpt, name, key)
+    if backend == "host":
+        assert needed <= read == planned <= most, (name, key)
+    else:
+        assert needed <= read <= most, (name, key)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=cases())
@@ -181,8 +192,7 @@ def test_a_region_equals_numpy_indexing_of_the_whole_tensor(cupy, backend, case)
         got = ckpt.restore(regions={name: key}, device=_device(backend))[name]
         read = _delta(ckpt, before)
         _same(_as_numpy(got, backend, cupy), np.asarray(expected), backend, (name, shape, key))
-        needed, planned, most = _expected_bytes(ckpt, name, key)
-        assert needed <= read == planned <= most, (name, shape, key)
+        _check_bytes(ckpt, name, key, read, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -217,8 +227,7 @@ def test_partitioned_regions_read_only_the_parts_of_the_slices_they_need(cupy, b
         got = ckpt.restore(regions={"pv": key}, device=_device(backend))["pv"]
         read = _delta(ckpt, before)
         _same(_as_numpy(got, backend, cupy), np.asarray(expected), backend, key)
-        needed, planned, most = _expected_bytes(ckpt, "pv", key)
-        assert needed <= read == planned <= most, key
+        _check_bytes(ckpt, "pv", key, read, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -371,3 +380,44 @@ def test_a_large_region_is_staged_in_parts_by_several_threads(cupy, backend, tmp
             got = ckpt.restore(regions={"a": key}, device=_device(backend), dtype=np.float64)["a"]
             np.testing.assert_array_equal(_as_numpy(got, backend, cupy), a[key].astype(np.float64))
     assert len(staged) > 4
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    start=st.integers(0, 1 << 20),
+    stride=st.integers(1, 1 << 14),
+    count=st.integers(0, 400),
+    run_bytes=st.sampled_from([1, 2, 4, 8, 100, 512, 4096, 1 << 20]),
+    descending=st.booleans(),
+)
+def test_read_groups_bound_what_a_shared_read_wastes(start, stride, count, run_bytes, descending):
+    """Runs along one axis (one way, evenly spaced, not overlapping): every group's span is at
+    most GROUP_READ_BYTES + run_bytes, holds at most REGION_GAP_BYTES unwanted bytes per run, and
+    runs of GROUP_READ_BYTES or more are read alone."""
+    from gpuckpt.regions import GROUP_READ_BYTES
+
+    step = max(stride, run_bytes)
+    offsets = start + np.arange(count, dtype=np.int64) * step
+    if descending:
+        offsets = offsets[::-1].copy()
+    bounds = read_groups(offsets, run_bytes)
+    assert bounds[0] == 0 and bounds[-1] == count and (np.diff(bounds) > 0).all()
+    for first, stop in itertools.pairwise(bounds.tolist()):
+        runs = offsets[first:stop]
+        span = int(runs.max()) + run_bytes - int(runs.min())
+        assert span <= GROUP_READ_BYTES + run_bytes
+        assert span - len(runs) * run_bytes <= REGION_GAP_BYTES * (len(runs) - 1)
+        assert run_bytes < GROUP_READ_BYTES or len(runs) == 1
+    assert bytes_to_read(offsets, run_bytes, bounds) >= count * run_bytes
+
+
+def test_a_region_may_be_given_as_a_region_or_as_slices_from_a_sharding(tmp_path):
+    a = np.arange(60, dtype=np.float32).reshape(6, 10)
+    prefix = make_bundle({"a": a}).write(str(tmp_path / "ck"))
+    with gpuckpt.open(prefix) as ckpt:
+        region = region_of(np.s_[1:3, ::3], a.shape)
+        np.testing.assert_array_equal(ckpt.get_tensor("a", region=region), a[1:3, ::3])
+        jax_style = (slice(2, 4, None), slice(None, None, None))  # as addressable_devices_indices_map gives
+        np.testing.assert_array_equal(ckpt.restore(regions={"a": jax_style})["a"], a[2:4])
+        with pytest.raises(RegionError, match="shape"):
+            ckpt.restore(regions={"a": region_of(np.s_[0], (7, 10))})

@@ -38,6 +38,7 @@ from .shards import ShardFiles
 # (~1.5 us per preadv against ~10 GB/s): the break-even between many small runs and one span.
 READ_CALL_COST_BYTES = 16 << 10
 SPAN_READ_BYTES = 4 << 20  # a span is read in pieces this big, through one buffer
+PICK_LOOP_BYTES = 512  # runs this long are copied out of a shared read one by one, shorter ones gathered
 
 
 def read_region(
@@ -208,11 +209,14 @@ def _read_runs(shards: ShardFiles, entry: TensorEntry, offsets: np.ndarray, run_
         low, high = int(runs.min()), int(runs.max()) + run_bytes
         span = np.empty(high - low, np.uint8)
         shards.read_into(entry.shard_id, entry.offset + low, memoryview(span), entry.name)  # type: ignore[arg-type]
-        unit = math.gcd(run_bytes, 8, int(np.gcd.reduce(runs - low)))  # the widest word every run is made of
-        words = span.view(f"u{unit}")
-        picks = ((runs - low) // unit)[:, None] + np.arange(run_bytes // unit)
-        target = np.frombuffer(dst[first * run_bytes : stop * run_bytes], f"u{unit}")
-        target[...] = words[picks.reshape(-1)]
+        target = np.frombuffer(dst[first * run_bytes : stop * run_bytes], np.uint8)
+        if run_bytes >= PICK_LOOP_BYTES:  # few, long runs: one copy each
+            for number, start in enumerate((runs - low).tolist()):
+                target[number * run_bytes : (number + 1) * run_bytes] = span[start : start + run_bytes]
+        else:  # many short ones: one gather, in the widest word every run is made of
+            unit = math.gcd(run_bytes, 8, int(np.gcd.reduce(runs - low)))
+            picks = ((runs - low) // unit)[:, None] + np.arange(run_bytes // unit)
+            target.view(f"u{unit}")[...] = span.view(f"u{unit}")[picks.reshape(-1)]
         group += 1
 
 
