@@ -450,6 +450,24 @@ def test_a_rank_gone_makes_the_others_raise(checkpoint, tmp_path):
         assert results[rank]["gone"]["seconds"] < 15
 
 
+def test_benchmark_smoke(tmp_path):
+    """benchmarks/restore_distributed.py at its smallest: 2 ranks, 4 MiB, every mode checked bit
+    for bit before it is timed; read once reads the checkpoint once, every rank reading all, twice."""
+    import json
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import restore_distributed
+
+    out = tmp_path / "distributed.json"
+    argv = ["--ranks", "2", "--size-mb", "4", "--repeat", "1", "--timeout-s", "60"]
+    assert restore_distributed.main([*argv, "--work-dir", str(tmp_path / "work"), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["modes"]["once"]["read_over_checkpoint"] == 1.0
+    assert result["modes"]["all"]["read_over_checkpoint"] == 2.0
+    assert 0.5 < result["modes"]["own"]["read_over_checkpoint"] < 2.0
+    assert result["modes"]["own"]["cold_s"]["best"] > 0 and result["machine"]["cores"] >= 1
+
+
 def test_import_gpuckpt_does_not_import_torch():
     code = "import gpuckpt, sys; assert 'torch' not in sys.modules and 'gpuckpt.distributed' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
