@@ -34,18 +34,24 @@ Lifetimes
   through numpy's DLPack export in the tests.
 * Shardings (``restore(..., shardings={name or regex: jax.sharding.Sharding})``): global arrays
   (``jax.make_array_from_single_device_arrays``). The devices this process addresses are grouped
-  by their index in ``sharding.addressable_devices_indices_map(shape)``; each distinct index (a
-  region) is read once, only its bytes (``Checkpoint.restore(regions=)``; the whole tensor is
-  verified, a part cannot be: the crc32c covers whole tensors), into an aligned host array,
-  converted by ``dtype=`` as it is read, put on the first device of its group (aliased on a CPU
-  device) and copied device to device to the others. In a multi-process program each process
-  reads only the regions its own devices hold (tested with two processes of 4 CPU devices): a
-  tensor split over the processes is read once in all, a replicated one once per process. The
-  host holds one
-  tensor's regions at a time. A sharding that does not fit the shape (JAX's checks: rank, an
-  axis that does not divide) is refused by name before anything is read. GPU devices get the
-  host region by ``device_put`` (the staged pipeline is not used for shards yet); not yet run on
-  a GPU.
+  by their index in ``sharding.addressable_devices_indices_map(shape)``: each distinct index (a
+  region) comes to the host once, into an aligned array, converted by ``dtype=`` as it is read.
+  When the process's regions tile a box (always on a process holding every shard: the box is
+  the whole tensor), the box is read once, by ``Checkpoint.restore(regions=)`` (the whole tensor
+  verified against its crc32c), and the regions cut from it on the host (one copy each, none for
+  a single region); the region reader would otherwise read across the gaps of column shards of
+  small rows. Else (a process holding scattered shards) each region is read by itself, only its
+  bytes, unchecked (the crc32c covers whole tensors). A region goes onto the first device of its
+  group in one batched ``device_put`` and is copied device to device to the others; on CPU
+  devices, whose memory is the host's, every device of the group aliases the one host array
+  instead (``jax.device_put`` of a numpy array onto a replicated sharding does the same). In a
+  multi-process program each process reads only the regions its own devices hold (tested with
+  two processes of 4 CPU devices): a tensor split over the processes is read once in all, a
+  replicated one once per process. The host holds one tensor's regions at a time (on a GPU; on
+  CPU devices they become the shards). A sharding that does not fit the shape (JAX's checks:
+  rank, an axis that does not divide) is refused by name before anything is read. GPU devices
+  get the host region by ``device_put`` (the staged pipeline is not used for shards yet); not
+  yet run on a GPU.
 * ``load_into`` builds new arrays (JAX arrays are immutable): each tensor is read on the host
   (one at a time, so the host holds one tensor beyond the new leaves) and ``device_put`` onto the
   old leaf's sharding, one host-to-device copy per leaf (the staged GPU pipeline is not used for
@@ -55,8 +61,10 @@ Lifetimes
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -139,6 +147,17 @@ def _put(array: np.ndarray, where: Any) -> jax.Array:
         return jax.device_put(array, where, may_alias=True)
     except TypeError:  # a JAX without may_alias
         return jax.device_put(array, where)
+
+
+def _put_each(arrays: list[np.ndarray], devices: list[Any]) -> list[jax.Array]:
+    """Each host array onto its device in one batched call, aliasing where XLA can (each array
+    onto one device only: no two device buffers share memory)."""
+    if not arrays:
+        return []
+    try:
+        return list(jax.device_put(arrays, devices, may_alias=True))
+    except TypeError:  # a JAX without may_alias
+        return list(jax.device_put(arrays, devices))
 
 
 def from_dlpack(array: Any, logical: Any = None) -> jax.Array:
@@ -243,31 +262,57 @@ def sharding_for(names: Iterable[str], shardings: ShardingsLike) -> dict[str, ja
     return chosen
 
 
+Bounds = tuple[tuple[int, int, int], ...]  # (start, stop, step) per axis, as slice.indices gives them
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
-class ShardRead:
+class ShardGroup:
     """One distinct region of a tensor this process holds, and the local devices holding it."""
 
-    region: tuple[slice, ...]  #: normalised: ``slice(start, stop, step)`` on every axis
-    devices: tuple[Any, ...]  #: the first gets the bytes read, the others a device copy of it
-    whole: bool  #: the region is the whole tensor (read and verified as a whole)
+    region: tuple[slice, ...]  #: ``slice(start, stop, step)`` on every axis
+    devices: tuple[Any, ...]  #: the first gets the host bytes, the others a device copy of them
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ShardPlan:
+    """What one process reads of a sharded tensor: ``box`` (one read) when the distinct regions
+    tile it, else each region by itself (``box`` None)."""
+
     name: str
     shape: tuple[int, ...]
     dtype: np.dtype  #: the restored dtype
     sharding: jax.sharding.Sharding
-    reads: tuple[ShardRead, ...]
+    groups: tuple[ShardGroup, ...]
+    box: tuple[slice, ...] | None  #: the regions' bounding box, when they tile it exactly
+
+
+def _full(shape: tuple[int, ...]) -> Bounds:
+    return tuple((0, dim, 1) for dim in shape)
+
+
+def _bounds(region: tuple[slice, ...], shape: tuple[int, ...]) -> Bounds:
+    return tuple(s.indices(dim) for s, dim in zip(region, shape, strict=True))
 
 
 def _plan_shards(ckpt: Checkpoint, name: str, sharding: jax.sharding.Sharding, dtype: np.dtype) -> ShardPlan:
     """The distinct regions of ``name`` that ``sharding`` puts on this process's devices, each
     with the devices holding it (devices grouped by their index in
-    ``addressable_devices_indices_map``). Refuses, before anything is read, a sharding that does
-    not fit the shape and devices gpuckpt cannot fill."""
+    ``addressable_devices_indices_map``), and their bounding box when they tile it (always, on
+    a process holding every shard: the box is then the whole tensor). Refuses, before anything
+    is read, a sharding that does not fit the shape and devices gpuckpt cannot fill."""
     shape = ckpt.info(name).shape
-    where = describe(ckpt.index.path, name)
+    try:
+        groups, box = _layout(sharding, shape)
+    except (InvalidArgumentError, UnsupportedError) as exc:
+        raise type(exc)(f"{exc}: {describe(ckpt.index.path, name)}") from None
+    return ShardPlan(name, shape, dtype, sharding, groups, box)
+
+
+@functools.lru_cache(maxsize=1024)
+def _layout(
+    sharding: jax.sharding.Sharding, shape: tuple[int, ...]
+) -> tuple[tuple[ShardGroup, ...], tuple[slice, ...] | None]:
+    """:func:`_plan_shards` for a sharding and a shape (the same for every layer of a model)."""
     try:
         check = getattr(sharding, "check_compatible_aval", None)  # JAX's own check of the rank
         if check is not None:
@@ -275,57 +320,111 @@ def _plan_shards(ckpt: Checkpoint, name: str, sharding: jax.sharding.Sharding, d
         sharding.shard_shape(shape)  # and of the divisibility
         indices = sharding.addressable_devices_indices_map(shape)
     except (ValueError, TypeError, IndexError) as exc:
-        raise InvalidArgumentError(f"{sharding} does not fit shape {shape} ({exc}): {where}") from None
-    groups: dict[tuple[tuple[int, int, int], ...], list[Any]] = {}
+        raise InvalidArgumentError(f"{sharding} does not fit shape {shape} ({exc})") from None
+    devices_by_region: dict[Bounds, list[Any]] = {}
     for device, index in indices.items():
         _gpuckpt_device(device)  # a host or CUDA device, else UnsupportedError
-        key = _region_key(index, shape, where)
-        groups.setdefault(key, []).append(device)
-    reads = tuple(
-        ShardRead(
-            region=tuple(slice(*bounds) for bounds in key),
-            devices=tuple(devices),
-            whole=all(bounds == (0, dim, 1) for bounds, dim in zip(key, shape, strict=True)),
-        )
-        for key, devices in groups.items()
+        devices_by_region.setdefault(_region_key(index, shape), []).append(device)
+    groups = tuple(
+        ShardGroup(tuple(slice(*b) for b in key), tuple(devices)) for key, devices in devices_by_region.items()
     )
-    return ShardPlan(name, shape, dtype, sharding, reads)
+    return groups, _tiled_box(list(devices_by_region), shape)
 
 
-def _region_key(index: Any, shape: tuple[int, ...], where: str) -> tuple[tuple[int, int, int], ...]:
+def _region_key(index: Any, shape: tuple[int, ...]) -> Bounds:
     """A device's index (a tuple of slices, None for the whole) as hashable bounds per axis."""
     if index is None:
         index = (slice(None),) * len(shape)
     if not isinstance(index, tuple) or len(index) != len(shape) or not all(isinstance(s, slice) for s in index):
-        raise UnsupportedError(f"a shard index {index!r} that is not one slice per axis of {shape}: {where}")
-    return tuple(s.indices(dim) for s, dim in zip(index, shape, strict=True))
+        raise UnsupportedError(f"a shard index {index!r} that is not one slice per axis of {shape}")
+    bounds = _bounds(index, shape)
+    if any(step != 1 for _, _, step in bounds):
+        raise UnsupportedError(f"a shard index {index!r} with a step")
+    return bounds
+
+
+def _tiled_box(regions: list[Bounds], shape: tuple[int, ...]) -> tuple[slice, ...] | None:
+    """The bounding box of distinct regions when they tile it (a sharding's shards never
+    overlap, so equal element counts mean no gaps), else None."""
+    if not regions:
+        return None
+    box = tuple((min(r[axis][0] for r in regions), max(r[axis][1] for r in regions)) for axis in range(len(shape)))
+    covered = sum(math.prod(stop - start for start, stop, _ in region) for region in regions)
+    if covered != math.prod(stop - start for start, stop in box):
+        return None
+    return tuple(slice(start, stop, 1) for start, stop in box)
 
 
 def _read_region(
-    ckpt: Checkpoint, plan: ShardPlan, read: ShardRead, dtype: Any, verify: bool | None, threads: int | None
+    ckpt: Checkpoint,
+    plan: ShardPlan,
+    region: tuple[slice, ...],
+    dtype: Any,
+    verify: bool | None,
+    threads: int | None,
 ) -> np.ndarray:
     """One region on the host, read into an :data:`ALIGNMENT`-aligned array of the restored
     dtype by ``Checkpoint.restore(regions=)``: only its bytes, converted as they are read; the
     whole tensor verified, a part not (the crc32c covers whole tensors)."""
     name = plan.name
-    shape = tuple(len(range(*bounds.indices(dim))) for bounds, dim in zip(read.region, plan.shape, strict=True))
-    out = {name: aligned_empty(shape, plan.dtype)}
-    regions = None if read.whole else {name: read.region}
+    bounds = _bounds(region, plan.shape)
+    out = {name: aligned_empty(tuple(stop - start for start, stop, _ in bounds), plan.dtype)}
+    regions = None if bounds == _full(plan.shape) else {name: region}
     arrays = ckpt.restore([name], device="cpu", out=out, regions=regions, dtype=dtype, verify=verify, threads=threads)
     return arrays[name]
+
+
+def _host_shards(
+    ckpt: Checkpoint, plan: ShardPlan, dtype: Any, verify: bool | None, threads: int | None
+) -> Iterator[tuple[ShardGroup, np.ndarray]]:
+    """Each group's region on the host, aligned: cut from one read of the box when the regions
+    tile it (one copy per region, none when the box is the one region), else read by itself."""
+    if plan.box is None:
+        for group in plan.groups:
+            yield group, _read_region(ckpt, plan, group.region, dtype, verify, threads)
+        return
+    box = _read_region(ckpt, plan, plan.box, dtype, verify, threads)
+    if len(plan.groups) == 1:
+        yield plan.groups[0], box
+        return
+    origin = [start for start, _, _ in _bounds(plan.box, plan.shape)]
+    for group in plan.groups:
+        bounds = _bounds(group.region, plan.shape)
+        within = tuple(slice(start - at, stop - at) for (start, stop, _), at in zip(bounds, origin, strict=True))
+        piece = aligned_empty(box[within].shape, box.dtype)
+        piece[...] = box[within]
+        yield group, piece
+
+
+def _shares_host_memory(device: Any) -> bool:
+    """A device whose buffers are host memory (a CPU device): replicas there alias one host
+    buffer, as ``jax.device_put`` of a numpy array onto a replicated sharding does."""
+    return bool(device.platform == "cpu")
 
 
 def _restore_planned(
     ckpt: Checkpoint, plan: ShardPlan, dtype: Any, verify: bool | None, threads: int | None
 ) -> jax.Array:
-    """The global array of one planned tensor: each distinct region read once, put on the first
-    of its devices (aliased on a CPU device), copied device to device to the others."""
-    shards = []
-    # LIFETIME: one tensor's regions on the host at a time (on CPU devices they become the shards)
-    for read in plan.reads:
-        first = _put(_read_region(ckpt, plan, read, dtype, verify, threads), read.devices[0])
-        shards.append(first)
-        shards.extend(jax.device_put(first, device) for device in read.devices[1:])
+    """The global array of one planned tensor: each distinct region on the host once, put on the
+    first of its devices, then copied device to device to the others (on CPU devices, which hold
+    host memory, every device of the group aliases the one host array instead, as JAX's own
+    ``device_put`` does)."""
+    # LIFETIME: one tensor's box and regions on the host at a time (on CPU devices the regions
+    # become the shards; the box is dropped once the regions are cut from it)
+    hosts: list[np.ndarray] = []
+    targets: list[Any] = []
+    copies: list[tuple[int, Any]] = []  # (position in hosts of the region's first put, device)
+    for group, host in _host_shards(ckpt, plan, dtype, verify, threads):
+        first = len(hosts)
+        for device in group.devices:
+            if len(hosts) == first or _shares_host_memory(device):
+                hosts.append(host)
+                targets.append(device)
+            else:
+                copies.append((first, device))
+    shards = _put_each(hosts, targets)  # one batched call
+    if copies:  # device to device, in one batched call: no region is read twice
+        shards += jax.device_put([shards[at] for at, _ in copies], [device for _, device in copies])
     return jax.make_array_from_single_device_arrays(plan.shape, plan.sharding, shards, dtype=plan.dtype)
 
 
