@@ -221,6 +221,8 @@ def case_kinds(prefix: str) -> None:
         converted = gj.restore(ckpt, ["wide", "bf16"], shardings={".*": grid}, dtype="bfloat16")
         for name in ("wide", "bf16"):
             _check_global(converted[name], grid, ckpt.get_tensor(name, dtype="bfloat16"), name)
+        nested = gj.restore_tree(ckpt, ["wide", "scalar"], shardings={"wide": grid})
+        _check_global(nested["wide"], grid, reference["wide"], "restore_tree")
         halves = gj.restore(ckpt, ["f64"], shardings={"f64": rows2}, dtype="float32")["f64"]
         _check_global(halves, rows2, ckpt.get_tensor("f64", dtype="float32"), "f64")
 
@@ -249,6 +251,42 @@ def case_kinds(prefix: str) -> None:
                 raise AssertionError(f"{name} was accepted")
             assert _total(ckpt) == start, name
     print("kinds ok")
+
+
+def case_damaged(prefix: str, copy: str) -> None:
+    """A flipped byte in WIDE (in ``copy``, a copy of the checkpoint): the one read of the whole
+    a process's shards tile is verified, so every sharded restore of it raises ChecksumError
+    naming the tensor; ``verify=False`` reads it, the flipped element in the global array."""
+    import glob
+    import shutil
+
+    for path in glob.glob(prefix + ".*"):
+        shutil.copy(path, copy + path[len(prefix) :])
+    with gpuckpt.open(copy) as ckpt:
+        entry = ckpt.index.tensors["wide"]
+        reference = ckpt.get_tensor("narrow")  # other tensors are still fine
+        data = ckpt.data_files()[entry.shard_id]
+    with open(data, "r+b") as f:
+        f.seek(entry.offset + 5 * 16384 * 4 + 7)  # row 5, element 1
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x40]))
+    with gpuckpt.open(prefix) as ckpt:
+        good = ckpt.get_tensor("wide")
+    for mesh_shape, spec in [((2, 4), ("x", "y")), ((8,), ()), ((2, 4), (None, "y"))]:
+        sharding = _named(mesh_shape, spec)
+        with gpuckpt.open(copy) as ckpt:
+            try:
+                gj.restore(ckpt, ["wide", "narrow"], shardings={".*": sharding})
+            except gpuckpt.ChecksumError as exc:
+                assert "'wide'" in str(exc), exc
+            else:
+                raise AssertionError(f"{spec}: the flipped byte was not noticed")
+            array = gj.restore(ckpt, ["wide"], shardings={"wide": sharding}, verify=False)["wide"]
+            values = np.asarray(array)
+            assert (values != good).sum() == 1 and values[5, 1] != good[5, 1], spec
+            _check_global(gj.get_tensor(ckpt, "narrow", sharding=sharding), sharding, reference, "narrow")
+    print("damaged ok")
 
 
 def case_x64(prefix: str) -> None:
@@ -363,6 +401,10 @@ def test_small_rows_read_once_as_the_box_the_shards_tile(prefix):
 
 def test_shapes_dtypes_defaults_and_refusals(prefix):
     _run("case_kinds", prefix)
+
+
+def test_a_damaged_tensor_is_noticed_by_its_sharded_restore(prefix, tmp_path):
+    _run("case_damaged", prefix, str(tmp_path / "damaged"))
 
 
 def test_64_bit_types_sharded_with_x64(prefix):
