@@ -202,10 +202,11 @@ def restore(
     shardings : ``{name or regex: jax.sharding.Sharding or None}``: the tensors a key names (the
         exact name first, then the regular expressions, matched against whole names, in the
         order given; the first match decides) come back as global arrays laid out by that
-        sharding, each addressable device's shard read from its region only (see "Shardings"
-        in the module docs); a None value, or no matching key, restores the tensor on
-        ``device`` as without ``shardings``. ``dtype=`` converts sharded tensors by the same
-        rule, as each region is read.
+        sharding, each distinct shard this process's devices hold read once and nothing else
+        (the box its shards tile in one read, else each region by itself; see "Shardings" in
+        the module docs); a None value, or no matching key, restores the tensor on ``device``
+        as without ``shardings``. ``dtype=`` converts sharded tensors by the same rule, as they
+        are read.
     """
     selected = [e.name for e in ckpt._select(names)]
     logical = _logical(ckpt, selected, dtype)
