@@ -16,21 +16,27 @@ gloo on CPUs, NCCL on GPUs); it opens no transport of its own::
 
     # slow storage (NFS, cold cache): each tensor read once, by one rank, and broadcast to the others
     got = gd.restore("ckpt/model.ckpt-1000", mode="once")
+    # or sent as regions: each rank receives only its pieces, storage still read once
+    got = gd.restore("ckpt/model.ckpt-1000", shardings=..., mode="once")
 
 Modes
 -----
 ``mode="own"`` (each rank its own shards): a tensor with a sharding spec is read as the region the
 spec gives this rank (only those bytes: the runs ``Checkpoint.restore(regions=)`` reads, which
-the crc32c cannot check; a region that is the whole tensor is a whole, verified read); a tensor
-without one is replicated, read whole (and verified) by every rank. No data collective at all.
+the crc32c cannot check; a region that is the whole tensor is a whole, verified read). A tensor
+without one is replicated: read whole (and verified) by every rank (``replicated="each"``, no data
+collective at all), or read once and shared as in mode "once" (``replicated="once"``; where the
+specs tile their tensors, storage then sees each byte once).
 
 ``mode="once"`` (read once, share): the selected tensors are split between the ranks by bytes
 (:func:`plan_owners`: largest first, each to the rank holding the fewest bytes so far, ties by
 name, then lowest rank, so every rank computes the same plan from the index alone); each rank reads
-its share whole and verified, then every tensor is broadcast from its owner (``broadcast``,
-received straight into the tensor's final memory). Storage sees each byte once:
-the ranks' reads add up to the checkpoint's data, not N times it. With a spec as well, a rank keeps
-only its region of what it received.
+its share whole and verified. A tensor every rank needs whole is then broadcast from its owner
+(``broadcast``, received straight into the tensor's final memory); a tensor with a spec is sent by
+its owner to each rank as that rank's region alone (``isend``/``irecv``, tagged by the tensor's
+position), so each rank receives and holds only its pieces. Storage sees each byte once: the ranks'
+reads add up to the checkpoint's data, not N times it. (The owner computes every rank's region, so
+a region function must give the same answer for a rank on every rank.)
 
 Why a broadcast per tensor and not one ``all_gather`` of each rank's bytes: an all_gather needs
 equal contributions (every share padded to the largest), a receive buffer of N shares, and a copy
@@ -38,7 +44,7 @@ out of it into each tensor (twice the checkpoint in memory, unless tensors are l
 offsets their types may not be aligned to, all keeping one block alive). A broadcast per tensor
 moves the same bytes, pads nothing, and lands in the tensor's own memory. They are queued
 asynchronously (``async_op=True``) in key order and waited for at the end, so Python's per-call
-cost overlaps the transfers.
+cost overlaps the transfers; the point-to-point regions follow, queued the same way.
 
 Failures
 --------
@@ -66,15 +72,17 @@ OOM killer ending a process shows up on the others as a rank gone.
 Devices
 -------
 Tensors arrive on the host (``torch.from_numpy`` over the restored arrays, no copy); ``device=``
-moves them after the restore (``Tensor.to``). On an NCCL group the broadcasts run between CUDA
-tensors on ``torch.cuda.current_device()`` (the owner copies its host bytes there first). The NCCL
+moves them after the restore (``Tensor.to``). On an NCCL group what is shared travels between
+CUDA tensors on ``torch.cuda.current_device()`` (the owner copies its host bytes there first) and
+arrives there. The NCCL
 path is written to torch's documented API but has not run (no GPU build of torch here).
 
 ``mesh=`` (a 1-D ``DeviceMesh`` over the group) returns ``DTensor``\\ s: a tensor under a
 :class:`Split` of ``mesh.size()`` pieces as ``Shard(dim)`` (torch.chunk's split, which is
 :func:`split_region`'s), the others as ``Replicate()``; the local tensor is the one read, no copy
 and no collective (``DTensor.from_local(run_check=False)`` with the global shape and stride given).
-Regions from a callable cannot be described as placements and are refused with a mesh.
+A Split's piece is then the rank's mesh coordinate. Regions from a callable cannot be described as
+placements and are refused with a mesh.
 
 Dtypes: those :mod:`gpuckpt.torch` has (strings and the sub-byte types are refused by name); no
 ``dtype=`` conversion here.
@@ -249,6 +257,16 @@ def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
     return {path: n - before.get(path, 0) for path, n in after.items() if n - before.get(path, 0)}
 
 
+def _region_shape(region: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """numpy's shape of ``tensor[region]`` for a tensor of ``shape``, without a tensor."""
+    return tuple(np.broadcast_to(np.zeros((), np.uint8), shape)[() if region is None else region].shape)
+
+
+def _wire(array: np.ndarray) -> torch.Tensor:
+    """The bytes of a C-contiguous host array as a uint8 tensor over the same memory."""
+    return torch.from_numpy(array.reshape(-1).view(np.uint8))
+
+
 @dataclasses.dataclass
 class _Local:
     """What a rank's local phase produced."""
@@ -256,11 +274,14 @@ class _Local:
     names: list[str] = dataclasses.field(default_factory=list)
     shapes: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
     dtypes: dict[str, np.dtype] = dataclasses.field(default_factory=dict)
-    regions: dict[str, Any] = dataclasses.field(default_factory=dict)
     specs: dict[str, Any] = dataclasses.field(default_factory=dict)
-    owners: dict[str, int] = dataclasses.field(default_factory=dict)
-    arrays: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  #: read here, or received into
-    buffers: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  #: uint8 views broadcast
+    regions: dict[str, Any] = dataclasses.field(default_factory=dict)  #: this rank's
+    owners: dict[str, int] = dataclasses.field(default_factory=dict)  #: tensors read once and shared
+    results: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  #: host arrays returned
+    #: uint8 buffers the collectives fill (host: views of ``results``; CUDA: the memory returned)
+    wires: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    #: an owner's region of a sharded shared tensor for each other rank: (rank, bytes)
+    sends: dict[str, list[tuple[int, torch.Tensor]]] = dataclasses.field(default_factory=dict)
     fingerprint: str = ""
 
 
@@ -269,14 +290,16 @@ def _local_phase(
     names: NameSelector,
     compiled: list[tuple[str, re.Pattern[str], Any]],
     mode: str,
+    replicated: str,
     rank: int,
     world: int,
-    piece: int,
+    pieces: list[int],
     verify: bool | None,
     threads: int | None,
     comm_device: torch.device,
 ) -> _Local:
-    """Choose, check, read and allocate; raises :class:`_Failed` naming the tensor it failed on."""
+    """Choose, check, read and allocate; raises :class:`_Failed` naming the tensor it failed on.
+    ``pieces[r]``: the piece a Split gives rank ``r``."""
     local = _Local()
     current: str | None = None
     try:
@@ -290,31 +313,47 @@ def _local_phase(
             local.shapes[current] = info.shape
             local.dtypes[current] = info.dtype
             local.specs[current] = _spec_for(current, compiled)
-            local.regions[current] = _region(local.specs[current], rank, world, piece, info.shape)
+            local.regions[current] = _region(local.specs[current], rank, world, pieces[rank], info.shape)
         current = None
         local.fingerprint = _fingerprint(ckpt, local.names)
-        if mode == "own":
-            for current in local.names:
-                local.arrays[current] = _read_region(ckpt, current, local.regions[current], verify, threads)
-            return local
-        local.owners = plan_owners([(n, ckpt.info(n).nbytes) for n in local.names], world)
-        for current in local.names:
-            if local.owners[current] == rank:
-                local.arrays[current] = ckpt.restore([current], verify=verify, threads=threads)[current]
-        for current in local.names:  # what the others will send: allocated now, so no rank fails later
-            shape, dtype = local.shapes[current], local.dtypes[current]
-            nbytes = math.prod(shape) * dtype.itemsize
+        if mode == "once":
+            shared = list(local.names)
+        else:
+            shared = [n for n in local.names if local.specs[n] is None] if replicated == "once" else []
+        local.owners = plan_owners([(n, ckpt.info(n).nbytes) for n in shared], world)
+        for current in local.names:  # this rank's own reads: its regions, and all it owns, whole
+            owner = local.owners.get(current)
+            if owner is None:
+                local.results[current] = _read_region(ckpt, current, local.regions[current], verify, threads)
+            elif owner == rank:
+                whole = ckpt.restore([current], verify=verify, threads=threads)[current]
+                region = local.regions[current]
+                if local.specs[current] is None:
+                    local.results[current] = whole
+                else:  # each rank gets its region only
+                    local.results[current] = whole[region].copy()  # its own memory, not a view of the whole
+                    sends = []
+                    for other in range(world):
+                        theirs = _region(local.specs[current], other, world, pieces[other], local.shapes[current])
+                        part = whole[theirs]
+                        part = part if part.flags.c_contiguous else part.copy()  # a view where it is contiguous
+                        if other != rank and part.size:
+                            sends.append((other, _wire(part).to(comm_device)))
+                    local.sends[current] = sends
+                del whole  # LIFETIME: the regions sent are copies, or views their wires keep alive
+        for current in local.owners:  # what the others send: allocated now, so no rank fails later
+            if local.owners[current] != rank:
+                shape = _region_shape(local.regions[current], local.shapes[current])
+                if comm_device.type == "cpu":
+                    local.results[current] = np.empty(shape, local.dtypes[current])
+                else:
+                    nbytes = math.prod(shape) * local.dtypes[current].itemsize
+                    local.wires[current] = torch.empty(nbytes, dtype=torch.uint8, device=comm_device)
+                    continue
             if comm_device.type == "cpu":
-                if current not in local.arrays:
-                    local.arrays[current] = np.empty(shape, dtype)
-                flat = np.ascontiguousarray(local.arrays[current]).reshape(-1).view(np.uint8)
-                local.arrays[current] = flat.view(dtype).reshape(shape)  # the same memory when contiguous
-                local.buffers[current] = torch.from_numpy(flat)
-            elif current in local.arrays:
-                flat = np.ascontiguousarray(local.arrays.pop(current)).reshape(-1).view(np.uint8)
-                local.buffers[current] = torch.from_numpy(flat).to(comm_device)
+                local.wires[current] = _wire(local.results[current])
             else:
-                local.buffers[current] = torch.empty(nbytes, dtype=torch.uint8, device=comm_device)
+                local.wires[current] = _wire(local.results.pop(current)).to(comm_device)
         return local
     except Exception as exc:  # noqa: BLE001 - every local failure is reported to the group
         raise _Failed(current, exc) from exc
@@ -365,6 +404,7 @@ def restore(
     *,
     shardings: Mapping[str, ShardingSpec] | None = None,
     mode: str = "own",
+    replicated: str = "each",
     group: Any = None,
     mesh: Any = None,
     device: Any = None,
@@ -385,11 +425,13 @@ def restore(
         tuple), or a function ``(rank, world_size, shape) -> basic index`` (ranges, integers,
         steps) giving this rank's region. Tensors without one are whole on every rank.
     mode : ``"own"``: each rank reads only what it holds; ``"once"``: each tensor is read by one
-        rank and broadcast (see the module docs).
+        rank and broadcast, or sent as regions (see the module docs).
+    replicated : mode "own", tensors without a spec: ``"each"`` rank reads them, or they are
+        read ``"once"`` and broadcast.
     group : the process group (default: the default group).
     mesh : a 1-D ``DeviceMesh`` over the group: return ``DTensor``\\ s (see the module docs).
     device : where the tensors end up (a torch device or "cuda:N"; default the host, or the CUDA
-        device of the broadcasts on an NCCL group in mode "once").
+        device that shared tensors travel on, for those, on an NCCL group).
     verify : check crc32c of what is read whole (default: the checkpoint's setting). Regions are
         not checked: the crc32c covers whole tensors.
     timeout : seconds (or a timedelta) every rank waits for the others to finish their reads
@@ -409,13 +451,15 @@ def restore(
     """
     if mode not in MODES:
         raise InvalidArgumentError(f"mode={mode!r}: give 'own' (each rank its own shards) or 'once' (read once, share)")
+    if replicated not in ("each", "once"):
+        raise InvalidArgumentError(f"replicated={replicated!r}: give 'each' (every rank reads them) or 'once'")
     if not dist.is_available() or not dist.is_initialized():
         raise InvalidArgumentError("gpuckpt.distributed.restore needs an initialized torch.distributed process group")
     compiled = _compile(shardings)
     wait = _as_timedelta(timeout)
     group = dist.group.WORLD if group is None else group
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    piece = rank
+    pieces = list(range(world))
     if mesh is not None:
         if mesh.ndim != 1 or mesh.size() != world:
             raise UnsupportedError(f"mesh={mesh}: a 1-D mesh over the group's {world} ranks is supported")
@@ -424,10 +468,11 @@ def restore(
                 raise InvalidArgumentError(f"sharding {key!r}: a region function has no DTensor placement; drop mesh=")
             if spec.pieces not in (None, world):
                 raise InvalidArgumentError(f"sharding {key!r}: Split(pieces={spec.pieces}) on a mesh of {world}")
-        piece = mesh.get_local_rank()
+        order = [int(r) for r in mesh.mesh.reshape(-1).tolist()]  # global ranks, by mesh coordinate
+        pieces = [order.index(dist.get_global_rank(group, r)) for r in range(world)]
     backend = str(dist.get_backend(group))
     comm_device = torch.device("cpu")
-    if mode == "once" and "gloo" not in backend:
+    if (mode == "once" or replicated == "once") and "gloo" not in backend:
         comm_device = torch.device("cuda", torch.cuda.current_device())
     status_group = _status_group(group, wait)
 
@@ -444,7 +489,7 @@ def restore(
             before = ckpt.bytes_read()
         except Exception as exc:  # noqa: BLE001 - reported to the group
             raise _Failed(None, exc) from exc
-        local = _local_phase(ckpt, names, compiled, mode, rank, world, piece, verify, threads, comm_device)
+        local = _local_phase(ckpt, names, compiled, mode, replicated, rank, world, pieces, verify, threads, comm_device)
     except _Failed as failed:
         failure = (rank, failed.tensor, type(failed.cause).__name__, str(failed.cause))
         cause = failed.cause
@@ -471,9 +516,9 @@ def restore(
                 f"(names and index entries differ); nothing was exchanged",
                 [(r, None, "Mismatch", "another checkpoint or selection than rank 0") for r in differ],
             )
-        if mode == "once":
+        if local.owners:
             _share(local, group, rank)
-        tensors = _finish(local, mode, mesh, device, comm_device, ckpt)
+        tensors = _finish(local, mesh, device, comm_device, ckpt.index.path if ckpt is not None else "")
     finally:
         if opened_here and ckpt is not None:
             ckpt.close()
@@ -513,46 +558,52 @@ def _exchange(
 
 
 def _share(local: _Local, group: Any, rank: int) -> None:
-    """Broadcast every tensor from its owner, in key order, queued together and waited for in turn."""
-    works = []
-    current = None
+    """Every shared tensor from its owner: the whole ones broadcast, in key order, queued together
+    and waited for in turn; then each rank's region of the sharded ones, point to point."""
+    current: str | None = None
     try:
-        for current in local.names:
-            buffer = local.buffers[current]
-            if buffer.numel():
-                owner = local.owners[current]
-                source = dist.get_global_rank(group, owner)  # broadcast's src= is a global rank
-                works.append((current, dist.broadcast(buffer, src=source, group=group, async_op=True)))
+        works = []
+        for current in local.owners:
+            if local.specs[current] is None and local.wires[current].numel():
+                source = dist.get_global_rank(group, local.owners[current])  # src= is a global rank
+                works.append((current, dist.broadcast(local.wires[current], src=source, group=group, async_op=True)))
         for current, work in works:  # noqa: B007 - named in the error below
             work.wait()
+        works = []
+        for tag, current in enumerate(local.names):
+            owner = local.owners.get(current)
+            if owner is None or local.specs[current] is None:
+                continue
+            if owner == rank:
+                for other, payload in local.sends.pop(current):
+                    works.append(
+                        (current, dist.isend(payload, dst=dist.get_global_rank(group, other), group=group, tag=tag))
+                    )
+            elif local.wires[current].numel():
+                source = dist.get_global_rank(group, owner)
+                works.append((current, dist.irecv(local.wires[current], src=source, group=group, tag=tag)))
+        for current, work in works:  # noqa: B007 - named in the error below
+            work.wait()  # LIFETIME: each payload sent stays referenced by ``works`` until here
     except Exception as exc:  # noqa: BLE001 - a collective failing: name the tensor it was on
         raise DistributedRestoreError(
-            f"rank {rank}: the broadcast of tensor {current!r} (from rank {local.owners.get(current or '')}) "
+            f"rank {rank}: sending tensor {current!r} from rank {local.owners.get(current or '')} "
             f"failed: {type(exc).__name__}: {exc}",
             [(rank, current, type(exc).__name__, str(exc))],
         ) from exc
 
 
-def _finish(
-    local: _Local, mode: str, mesh: Any, device: Any, comm_device: torch.device, ckpt: Checkpoint | None
-) -> dict[str, Any]:
+def _finish(local: _Local, mesh: Any, device: Any, comm_device: torch.device, path: str) -> dict[str, Any]:
     """The torch tensors this rank returns: its regions, on ``device``, as DTensors with a mesh."""
-    path = ckpt.index.path if ckpt is not None else ""
     tensors: dict[str, Any] = {}
     for name in local.names:
         where = describe(path, name)
-        region = local.regions[name]
-        if mode == "once" and comm_device.type != "cpu":
-            buffer = local.buffers.pop(name)
-            dtype = local.dtypes[name]
-            tensor = buffer.view(torch_dtype(dtype, where)).reshape(local.shapes[name])
-            tensor = tensor if region is None else tensor[region].clone()
+        if name in local.results:
+            tensor = from_numpy(local.results.pop(name), where)
+            local.wires.pop(name, None)
         else:
-            array = local.arrays.pop(name)
-            local.buffers.pop(name, None)
-            if mode == "once" and region is not None:
-                array = np.ascontiguousarray(array[region])  # a copy: not a view keeping the whole alive
-            tensor = from_numpy(array, where)
+            wanted = torch_dtype(local.dtypes[name], where)
+            shape = _region_shape(local.regions[name], local.shapes[name])
+            tensor = local.wires.pop(name).view(wanted).reshape(shape)
         if device is not None:
             tensor = tensor.to(device)
         if mesh is not None:

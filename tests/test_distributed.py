@@ -124,6 +124,7 @@ def _worker(rank: int, port: int, scenario: str, config_path: str) -> None:
         results["own"] = _attempt(lambda: gd.restore(prefix, shardings=SHARDINGS, mode="own", timeout=20))
         results["once"] = _attempt(lambda: gd.restore(prefix, mode="once", timeout=20))
         results["once_sharded"] = _attempt(lambda: gd.restore(prefix, shardings=SHARDINGS, mode="once", timeout=20))
+        results["own_shared"] = _attempt(lambda: gd.restore(prefix, shardings=SHARDINGS, replicated="once", timeout=20))
         with gpuckpt.open(prefix) as ckpt:  # an open Checkpoint, a selection by pattern
             results["own_open"] = _attempt(lambda: gd.restore(ckpt, r"layer_.*", shardings=SHARDINGS))
         pair = dist.new_group([2, 3])  # every rank creates it; ranks 2 and 3 restore on it alone
@@ -134,6 +135,8 @@ def _worker(rank: int, port: int, scenario: str, config_path: str) -> None:
 
         mesh = init_device_mesh("cpu", (WORLD,))
         got = gd.restore(prefix, shardings=MESH_SHARDINGS, mesh=mesh, timeout=20)
+        once = gd.restore(prefix, shardings=MESH_SHARDINGS, mesh=mesh, mode="once", timeout=20)
+        results["mesh_once"] = {name: _bits(t.to_local()) for name, t in once.tensors.items()}
         results["mesh"] = {
             name: (
                 isinstance(t, DTensor),
@@ -337,6 +340,23 @@ def test_read_once_every_rank_everything_and_each_byte_read_once(modes, checkpoi
         assert sum(sum(files.values()) for files in sharded["bytes_read"].values()) == data_bytes
 
 
+def test_own_shards_with_the_replicated_tensors_read_once(modes, checkpoint):
+    full, sizes = checkpoint["full"], checkpoint["sizes"]
+    replicated = [n for n in full if _expected_region(n, 0, full[n].shape, SHARDINGS) is None]
+    owners = plan_owners([(n, sizes[n]) for n in replicated], WORLD)
+    for rank, result in enumerate(modes):
+        summary = result["own_shared"]["ok"]
+        _check_tensors(summary, checkpoint, rank, SHARDINGS)
+        assert summary["owners"] == owners
+        expected = sum(sizes[n] for n in replicated if owners[n] == rank)
+        expected += sum(
+            full[n][_expected_region(n, rank, full[n].shape, SHARDINGS)].nbytes for n in full if n not in owners
+        )
+        assert sum(summary["bytes_read"][rank].values()) == expected
+        # the regions tile the sharded tensors, so storage sees each byte once
+        assert sum(sum(f.values()) for f in summary["bytes_read"].values()) == sum(sizes.values())
+
+
 def test_an_open_checkpoint_and_a_selection(modes, checkpoint):
     names = ["layer_0/w", "layer_1/w"]
     for rank, result in enumerate(modes):
@@ -372,6 +392,7 @@ def test_dtensors_on_a_device_mesh(modes, checkpoint):
             ), (name, placements)
             assert local == _region_bytes(full[name], region), (rank, name)
             assert whole == full[name].tobytes(), (rank, name)
+            assert result["mesh_once"][name] == local, (rank, name)
 
 
 @pytest.fixture(scope="module")
