@@ -35,11 +35,11 @@ from .errors import CheckpointError, InvalidArgumentError, UnsupportedError, des
 from .format.bundle import TensorEntry
 from .format.crc import PartChecksums, crc32c
 from .host.convert import kernel_for
-from .host.lazy_slice import read_window
+from .host.lazy_slice import read_window, widened_chunks
 from .host.reader import HostReader, check_readable
 from .options import RestoreOptions
 from .plan import PlanOptions, ReadGroup, pieces_of, plan_reads
-from .regions import Region, intersect, is_full, run_offsets
+from .regions import GROUP_READ_BYTES, Region, Widened, intersect, is_full, run_offsets, widened
 
 
 def check_out_array(
@@ -628,10 +628,11 @@ class StagedRestore:
         for entry in regioned:  # each partial region one work item; a large one, parts for several threads
             region = self.regions[entry.name]
             size = self._stored_bytes(entry)
-            if entry.slices or size <= 2 * split:
+            itemsize = DTYPES[entry.dtype].itemsize
+            if entry.slices or size <= 2 * split or self._widened(entry, itemsize, region.selection) is not None:
                 self._work.put(_RegionItem(self._targets[entry.name], region))
                 continue
-            offsets, run_bytes = run_offsets(entry.shape, DTYPES[entry.dtype].itemsize, region.selection)
+            offsets, run_bytes = run_offsets(entry.shape, itemsize, region.selection)
             parts = _Parts(
                 self._targets[entry.name], [(start, min(size, start + split)) for start in range(0, size, split)]
             )
@@ -782,6 +783,47 @@ class StagedRestore:
         self.reader.shards.check_not_shrunk(stored.shard_id, stored.name)  # a truncation racing the reads
         return True
 
+    def _widened(self, stored: TensorEntry, itemsize: int, selection: tuple[range, ...]) -> Widened | None:
+        """:func:`gpuckpt.regions.widened` for stretches that fit a staging slot."""
+        limit = min(GROUP_READ_BYTES, self.options.staging_slot_bytes)
+        return widened(stored.shape, itemsize, selection, stretch_bytes=limit)
+
+    def _stage_selection(
+        self,
+        stored: TensorEntry,
+        itemsize: int,
+        selection: tuple[range, ...],
+        dst: Any,
+        free: queue.Queue[_Slot],
+        stream: Any,
+    ) -> bool:
+        """The region ``selection`` of one stored entry into the device buffer ``dst``: its runs
+        (:meth:`_stage_runs`); or, where the last axis not taken whole is stepped with picks close
+        together (:func:`gpuckpt.regions.widened`), whole stretches of it read a slot's worth at a
+        time and the picks packed into the slot on the host, so no run is a single element."""
+        wide = self._widened(stored, itemsize, selection)
+        if wide is None:
+            offsets, run_bytes = run_offsets(stored.shape, itemsize, selection)
+            return self._stage_runs(stored, offsets, run_bytes, dst, free, stream)
+        for first, stop, picked in widened_chunks(
+            self.reader.shards, stored, itemsize, wide, self.options.staging_slot_bytes
+        ):
+            if self._abort.is_set():
+                return False
+            per_stretch = picked.shape[1] * picked.shape[2] * picked.itemsize
+            length = (stop - first) * per_stretch
+            slot = free.get()
+            try:
+                slot.wait_until_free()
+                slot.buffer[:length].view(picked.dtype).reshape(picked.shape)[...] = picked
+                self.device.copy_to_device(dst, first * per_stretch, slot.buffer, length, stream)
+            finally:
+                slot.last_copy = self.device.record(stream)  # LIFETIME: guards the slot's bytes
+                free.put(slot)
+            self._add_progress(length)
+        self.reader.shards.check_not_shrunk(stored.shard_id, stored.name)
+        return True
+
     def _stage_region_part(self, item: _RegionPart, free: queue.Queue[_Slot], stream: Any) -> bool:
         """Stage one part of a large region of an unpartitioned tensor; True when this finished
         it (then, after every part's copies, the fix-ups and conversion, as :meth:`_stage_part`)."""
@@ -812,8 +854,7 @@ class StagedRestore:
             target.ready = self.device.record(stream)
             return
         if not entry.slices:
-            offsets, run_bytes = run_offsets(entry.shape, itemsize, region.selection)
-            if not self._stage_runs(entry, offsets, run_bytes, target.raw, free, stream):
+            if not self._stage_selection(entry, itemsize, region.selection, target.raw, free, stream):
                 return
             self._fix_bytes(target, target.raw, stream)
         for tensor_slice in entry.slices:
@@ -835,10 +876,8 @@ class StagedRestore:
                     return
                 if self.verify:
                     self.reader.verify_crc(crc, part, entry)
-            else:
-                offsets, run_bytes = run_offsets(part.shape, itemsize, within)
-                if not self._stage_runs(part, offsets, run_bytes, buffer, free, stream):
-                    return
+            elif not self._stage_selection(part, itemsize, within, buffer, free, stream):
+                return
             self._fix_bytes(target, buffer, stream)
             if not exact:
                 box = tuple((p.start, p.stop) for p in positions)

@@ -164,23 +164,63 @@ def run_layout(shape: tuple[int, ...], selection: tuple[range, ...] | list[range
 
 
 def run_offsets(
-    shape: tuple[int, ...], itemsize: int, selection: tuple[range, ...] | list[range]
+    shape: tuple[int, ...], itemsize: int, selection: tuple[range, ...] | list[range], block_from: int | None = None
 ) -> tuple[np.ndarray, int]:
     """The byte offsets (from the tensor's first byte, as int64, in the result's order) of the runs
-    holding the region, and the bytes of each run. No runs for an empty region."""
+    holding the region, and the bytes of each run. No runs for an empty region. ``block_from``
+    (an ascending run's axis, the ones after it whole) makes each run one index of the axes
+    before it, even where runs could be longer."""
     counts = [len(s) for s in selection]
     if math.prod(counts) == 0:
         return np.zeros(0, np.int64), 0
-    block_from, whole_from = run_layout(shape, selection)
+    if block_from is None:
+        block_from, _ = run_layout(shape, selection)
     strides = [math.prod(shape[axis + 1 :]) for axis in range(len(shape))]  # in elements
     starts = np.zeros((), np.int64)
     for axis in range(block_from):
         picked = selection[axis]
         indices = np.arange(picked.start, picked.stop, picked.step, dtype=np.int64)
         starts = np.add.outer(starts, indices * strides[axis])
-    start_in_block = selection[block_from][0] * strides[block_from] if block_from < whole_from else 0
+    start_in_block = selection[block_from][0] * strides[block_from] if block_from < len(shape) else 0
     offsets = (starts.reshape(-1) + start_in_block) * itemsize
     return offsets, math.prod(counts[block_from:]) * itemsize
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Widened:
+    """A region whose last axis not selected whole, ``axis``, is stepped (any step but 1), read as
+    ``selection``: that axis widened to the ascending stretch covering its picks, so the runs are
+    whole stretches instead of single elements (or single rows); ``pick`` then takes the region's
+    indices out of each stretch. Worth it when at most the gap of :func:`read_groups` lies between
+    two picks (the bytes read stay within the same slack) and a stretch is at most
+    ``GROUP_READ_BYTES`` (read through one buffer that size; longer ones read as runs)."""
+
+    selection: tuple[range, ...]
+    axis: int
+    pick: slice
+
+
+def widened(
+    shape: tuple[int, ...],
+    itemsize: int,
+    selection: tuple[range, ...],
+    gap_bytes: int = REGION_GAP_BYTES,
+    stretch_bytes: int = GROUP_READ_BYTES,
+) -> Widened | None:
+    """The :class:`Widened` reading of a region, or None where its runs are already stretches (or
+    a stretch would be over ``stretch_bytes``: the buffer it is read through)."""
+    block_from, whole_from = run_layout(shape, selection)
+    if block_from != whole_from or whole_from == 0:
+        return None
+    axis = whole_from - 1
+    picked = selection[axis]
+    inner = math.prod(shape[axis + 1 :]) * itemsize
+    low = min(picked[0], picked[-1])
+    if (abs(picked.step) - 1) * inner > gap_bytes or (abs(picked[-1] - picked[0]) + 1) * inner > stretch_bytes:
+        return None
+    stretch = range(low, max(picked[0], picked[-1]) + 1)
+    within = range(picked.start - low, picked.stop - low, picked.step)
+    return Widened(selection[:axis] + (stretch,) + selection[axis + 1 :], axis, as_slice(within, 0))
 
 
 def read_groups(

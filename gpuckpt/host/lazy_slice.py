@@ -12,6 +12,7 @@ crc32c (it covers the whole tensor); ``get_tensor`` verifies.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,9 @@ from ..format.bundle import BundleIndex, TensorEntry
 from ..format.crc import crc32c
 from ..format.slices import TensorSlice
 from ..regions import (
+    GROUP_READ_BYTES,
     Region,
+    Widened,
     as_slice,
     intersect,
     is_full,
@@ -29,6 +32,7 @@ from ..regions import (
     region_of,
     run_layout,
     run_offsets,
+    widened,
 )
 from .convert import check_conversion, fix_in_place, reference_convert
 from .reader import CHUNK_BYTES, HostReader, check_dtype, check_readable
@@ -186,12 +190,52 @@ def read_window(
         shards.read_into(shard, base + int(offsets[pos // run_bytes]), dst[pos - lo : hi - lo], name)
 
 
+def fill_region(
+    shards: ShardFiles, entry: TensorEntry, itemsize: int, selection: tuple[range, ...], out: np.ndarray
+) -> None:
+    """The stored bytes of the region ``selection`` of one entry into ``out`` (uint8, in the
+    region's order): its runs; or, where the last axis not taken whole is stepped with picks close
+    together, whole stretches of that axis (:func:`gpuckpt.regions.widened`) read 1 MiB at a time
+    through one buffer and picked with a strided copy, rather than one run per element."""
+    wide = widened(entry.shape, itemsize, selection)
+    if wide is None:
+        offsets, run_bytes = run_offsets(entry.shape, itemsize, selection)
+        read_window(shards, entry, offsets, run_bytes, 0, len(out), memoryview(out))  # type: ignore[arg-type]
+        return
+    for first, stop, picked in widened_chunks(shards, entry, itemsize, wide, CHUNK_BYTES):
+        words = out.view(picked.dtype)  # the region's stretches, each len(picks) x words per pick
+        per_stretch = picked.shape[1] * picked.shape[2]
+        words[first * per_stretch : stop * per_stretch].reshape(picked.shape)[...] = picked
+
+
+def widened_chunks(
+    shards: ShardFiles, entry: TensorEntry, itemsize: int, wide: Widened, chunk_bytes: int
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Read a widened region (:class:`gpuckpt.regions.Widened`) a chunk of stretches at a time,
+    one stretch per index of the leading axes: ``(first, stop, picked)`` for stretches
+    ``[first, stop)``, ``picked`` the region's bytes of them as a (stretches, picks, words per
+    pick) view of the one reused buffer (valid until the next chunk)."""
+    axis = wide.axis
+    offsets, run_bytes = run_offsets(entry.shape, itemsize, wide.selection, block_from=axis)
+    inner = math.prod(entry.shape[axis + 1 :]) * itemsize  # the bytes of one index of the axis
+    unit = math.gcd(inner, 8)  # copied in the widest word an index is made of
+    per_chunk = max(1, chunk_bytes // max(run_bytes, 1))
+    buffer = np.empty(min(len(offsets), per_chunk) * run_bytes, np.uint8)
+    for first in range(0, len(offsets), per_chunk):
+        stop = min(len(offsets), first + per_chunk)
+        stretches = buffer[: (stop - first) * run_bytes]
+        read_window(shards, entry, offsets[first:stop], run_bytes, 0, len(stretches), memoryview(stretches))  # type: ignore[arg-type]
+        words = stretches.view(f"u{unit}").reshape(stop - first, run_bytes // inner, inner // unit)
+        yield first, stop, words[:, wide.pick, :]
+
+
 def _read_runs(shards: ShardFiles, entry: TensorEntry, offsets: np.ndarray, run_bytes: int, dst: memoryview) -> None:
     """Whole runs, in order, into ``dst``: a group of one run read straight into its place (a
     stretch of them in one tight loop), a shared group's span into a buffer and its runs picked out."""
     bounds = read_groups(offsets, run_bytes)
     sizes = np.diff(bounds)
     singles = sizes == 1
+    buffer = np.empty(0, np.uint8)  # one for every shared read (a fresh one would be faulted in each time)
     group = 0
     while group < len(sizes):
         first = int(bounds[group])
@@ -207,10 +251,19 @@ def _read_runs(shards: ShardFiles, entry: TensorEntry, offsets: np.ndarray, run_
         stop = int(bounds[group + 1])
         runs = offsets[first:stop]
         low, high = int(runs.min()), int(runs.max()) + run_bytes
-        span = np.empty(high - low, np.uint8)
+        if len(buffer) < high - low:
+            buffer = np.empty(max(high - low, GROUP_READ_BYTES + run_bytes), np.uint8)
+        span = buffer[: high - low]
         shards.read_into(entry.shard_id, entry.offset + low, memoryview(span), entry.name)  # type: ignore[arg-type]
         target = np.frombuffer(dst[first * run_bytes : stop * run_bytes], np.uint8)
-        if run_bytes >= PICK_LOOP_BYTES:  # few, long runs: one copy each
+        step = int(runs[1] - runs[0])
+        if (np.diff(runs) == step).all():  # evenly spaced (along one axis): one strided copy
+            unit = math.gcd(run_bytes, 8, abs(step))
+            ascending = np.lib.stride_tricks.as_strided(
+                span.view(f"u{unit}"), (len(runs), run_bytes // unit), (abs(step), unit), writeable=False
+            )
+            target.view(f"u{unit}").reshape(len(runs), -1)[...] = ascending if step > 0 else ascending[::-1]
+        elif run_bytes >= PICK_LOOP_BYTES:  # few, long runs: one copy each
             for number, start in enumerate((runs - low).tolist()):
                 target[number * run_bytes : (number + 1) * run_bytes] = span[start : start + run_bytes]
         else:  # many short ones: one gather, in the widest word every run is made of
@@ -233,12 +286,10 @@ def read_region_into(
     assert info is not None and info.numpy is not None and not info.is_string
     if region.num_elements == 0:
         return True
-    flat = memoryview(destination.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
     shards = reader.shards
     checked = True
     if not tensor.slices:
-        offsets, run_bytes = run_offsets(tensor.shape, info.itemsize, region.selection)
-        read_window(shards, tensor, offsets, run_bytes, 0, len(flat), flat)
+        fill_region(shards, tensor, info.itemsize, region.selection, destination.reshape(-1).view(np.uint8))
         shards.check_not_shrunk(tensor.shard_id, tensor.name)  # no checksum covers a partial read
         checked = False
     else:
@@ -261,10 +312,8 @@ def read_region_into(
                     box[positions] = values
                 continue
             checked = False
-            offsets, run_bytes = run_offsets(entry.shape, info.itemsize, within)
             values = np.empty(tuple(len(w) for w in within), info.numpy)
-            part_flat = memoryview(values.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
-            read_window(shards, entry, offsets, run_bytes, 0, len(part_flat), part_flat)
+            fill_region(shards, entry, info.itemsize, within, values.reshape(-1).view(np.uint8))
             shards.check_not_shrunk(entry.shard_id, tensor.name)
             box[positions] = values
     fix_in_place(destination, info, index.header.big_endian)
@@ -301,7 +350,8 @@ def restore_region(
         destination = out if out is not None else np.empty(region.shape, stored)
         read_region_into(reader, tensor, region, destination, verify=verify)
         return destination
-    if not tensor.slices:  # converted 1 MiB at a time: no temporary the size of the region
+    if not tensor.slices and widened(tensor.shape, info.itemsize, region.selection) is None:
+        # converted 1 MiB at a time: no temporary the size of the region
         destination = out if out is not None else np.empty(region.shape, wanted)
         elements = destination.reshape(-1)  # a view: out= arrays are C-contiguous
         offsets, run_bytes = run_offsets(tensor.shape, info.itemsize, region.selection)
