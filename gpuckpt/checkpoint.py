@@ -29,7 +29,7 @@ from .format.bundle import BundleIndex, TensorEntry, parse_index
 from .format.object_graph import OBJECT_GRAPH_KEY, ObjectAttribute, StateKind, classify_name, decode_object_graph
 from .format.state import INDEX_SUFFIX, RESOLVE_ATTEMPTS, resolve_prefix
 from .host.convert import check_conversion
-from .host.lazy_slice import LazyTensor, restore_region, zero_copy_view
+from .host.lazy_slice import LazyTensor, restore_regions, zero_copy_view
 from .host.reader import HostReader, ProgressCallback
 from .host.reader import check_out as check_host_out
 from .host.shards import ShardFiles, data_filename
@@ -462,16 +462,16 @@ class Checkpoint:
                 )
                 for name, region in whole.items():
                     arrays[name] = out[name] if name in out else arrays[name].reshape(region.shape)
-                for entry in entries:
-                    if entry.name in partial:
-                        arrays[entry.name] = restore_region(
-                            self._reader,
-                            entry,
-                            partial[entry.name],
-                            verify=verify,
-                            dtype=converted.get(entry.name),
-                            out=out.get(entry.name),
-                        )
+                arrays.update(
+                    restore_regions(
+                        self._reader,
+                        [(e, partial[e.name]) for e in entries if e.name in partial],
+                        verify=verify,
+                        threads=self.threads if threads is None else threads,
+                        dtypes=converted,
+                        out=out,
+                    )
+                )
                 future._arrive_all(arrays)
                 future._finish(None)
             except BaseException as exc:  # noqa: B036 - reported through the future

@@ -431,3 +431,32 @@ def test_a_region_may_be_given_as_a_region_or_as_slices_from_a_sharding(tmp_path
         np.testing.assert_array_equal(ckpt.restore(regions={"a": jax_style})["a"], a[2:4])
         with pytest.raises(RegionError, match="shape"):
             ckpt.restore(regions={"a": region_of(np.s_[0], (7, 10))})
+
+
+def test_many_regions_are_read_by_several_threads_and_an_error_in_one_fails_the_restore(tmp_path, monkeypatch):
+    tensors = {f"t{i}": np.arange(100 * (i + 1), dtype=np.float32).reshape(10 * (i + 1), 10) for i in range(6)}
+    prefix = make_bundle(tensors, num_shards=2).write(str(tmp_path / "ck"))
+    from gpuckpt.host import lazy_slice
+
+    threads_seen = set()
+    real = lazy_slice.restore_region
+
+    def spy(*args, **kwargs):
+        import threading
+
+        threads_seen.add(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lazy_slice, "restore_region", spy)
+    keys = {name: np.s_[1::2, 3:7] for name in tensors}
+    with gpuckpt.open(prefix, threads=3) as ckpt:
+        got = ckpt.restore(regions=keys)
+        assert list(got) == sorted(tensors)
+        for name, value in tensors.items():
+            np.testing.assert_array_equal(got[name], value[keys[name]])
+        assert len(threads_seen) > 1 and all(n.startswith("gpuckpt-region") for n in threads_seen)
+        entry = ckpt.index.tensors["t3"]
+        with open(ckpt.data_files()[entry.shard_id], "r+b") as f:
+            f.truncate(entry.offset + 8)  # after open: t3 and what follows it in that file is gone
+        with pytest.raises(gpuckpt.FormatError, match="t[345]"):
+            ckpt.restore(regions=keys)

@@ -11,8 +11,9 @@ crc32c (it covers the whole tensor); ``get_tensor`` verifies.
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -373,6 +374,43 @@ def restore_region(
         return converted
     out[...] = converted
     return out
+
+
+def restore_regions(
+    reader: HostReader,
+    regions: Sequence[tuple[TensorEntry, Region]],
+    *,
+    verify: bool,
+    threads: int = 1,
+    dtypes: Mapping[str, np.dtype] | None = None,
+    out: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """:func:`restore_region` of each ``(tensor, region)``, by up to ``threads`` threads (the reads
+    and copies release the GIL), largest first; ``{name: array}``, or the first error."""
+    dtypes, out = dtypes or {}, out or {}
+
+    def one(item: tuple[TensorEntry, Region]) -> np.ndarray:
+        tensor, region = item
+        return restore_region(
+            reader, tensor, region, verify=verify, dtype=dtypes.get(tensor.name), out=out.get(tensor.name)
+        )
+
+    if threads <= 1 or len(regions) <= 1:
+        return {tensor.name: one((tensor, region)) for tensor, region in regions}
+    order = sorted(regions, key=lambda item: item[1].num_elements * _itemsize(item[0]), reverse=True)
+    with concurrent.futures.ThreadPoolExecutor(min(threads, len(regions)), thread_name_prefix="gpuckpt-region") as pool:
+        futures = {item[0].name: pool.submit(one, item) for item in order}
+        try:
+            return {tensor.name: futures[tensor.name].result() for tensor, _ in regions}
+        except BaseException:
+            for future in futures.values():
+                future.cancel()
+            raise
+
+
+def _itemsize(tensor: TensorEntry) -> int:
+    info = tensor.dtype_info
+    return info.itemsize if info is not None else 0
 
 
 def _read_checked(reader: HostReader, entry: TensorEntry, tensor: TensorEntry, dst: memoryview, verify: bool) -> None:
