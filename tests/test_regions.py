@@ -458,5 +458,5 @@ def test_many_regions_are_read_by_several_threads_and_an_error_in_one_fails_the_
         entry = ckpt.index.tensors["t3"]
         with open(ckpt.data_files()[entry.shard_id], "r+b") as f:
             f.truncate(entry.offset + 8)  # after open: t3 and what follows it in that file is gone
-        with pytest.raises(gpuckpt.FormatError, match="t[345]"):
+        with pytest.raises(gpuckpt.FormatError, match="tensor .t[1-5]"):  # t1 sees the file shrink
             ckpt.restore(regions=keys)
