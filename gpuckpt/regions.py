@@ -5,7 +5,9 @@ numpy index (integers, slices with steps, ``...``, ``None``) against the tensor'
 I/O happens here. :func:`region_of` checks the index and gives a :class:`Region` (the indices
 selected along each axis, as ranges, and the result's shape, numpy's for that index);
 :func:`run_layout` and :func:`run_offsets` give the contiguous runs of stored bytes that hold it, in
-the order the result holds them; :func:`read_groups` says which runs share one read.
+the order the result holds them; :func:`read_groups` says which runs share one read;
+:func:`widened` reads a stepped last axis as whole stretches rather than element by element;
+:func:`intersect` says what part of a region a saved slice holds.
 
 In C order the trailing axes selected whole, plus the axis before them where it is an ascending
 run, are contiguous both in the file and in the result: a region is ``len(offsets)`` runs of
@@ -77,7 +79,11 @@ class Region:
 
 
 def _fancy(item: object) -> bool:
-    return isinstance(item, (list, np.ndarray, bool, np.bool_)) or hasattr(item, "__array__")
+    """Booleans, sequences and arrays (numpy's, or anything exporting one); numpy's integer
+    scalars are integers."""
+    if isinstance(item, (bool, np.bool_)):
+        return True
+    return not isinstance(item, np.integer) and (isinstance(item, (list, np.ndarray)) or hasattr(item, "__array__"))
 
 
 def region_of(key: Any, shape: tuple[int, ...], where: str = "") -> Region:

@@ -431,6 +431,9 @@ def test_a_region_may_be_given_as_a_region_or_as_slices_from_a_sharding(tmp_path
         np.testing.assert_array_equal(ckpt.restore(regions={"a": jax_style})["a"], a[2:4])
         with pytest.raises(RegionError, match="shape"):
             ckpt.restore(regions={"a": region_of(np.s_[0], (7, 10))})
+        np.testing.assert_array_equal(ckpt.get_tensor("a", region=(np.int64(2), np.int32(-1))), a[2, -1])
+    assert region.box() is None and region_of(np.s_[1:3, 4], a.shape).box() == ((1, 3), (4, 5))
+    assert region_of(np.s_[1:3, 4], a.shape).shape == (2,) and region.numpy_index() == (slice(1, 3, 1), slice(0, 10, 3))
 
 
 def test_many_regions_are_read_by_several_threads_and_an_error_in_one_fails_the_restore(tmp_path, monkeypatch):
