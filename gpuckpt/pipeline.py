@@ -876,7 +876,7 @@ class StagedRestore:
                     return
                 if self.verify:
                     self.reader.verify_crc(crc, part, entry)
-            elif not self._stage_selection(part, itemsize, within, buffer, free, stream):
+            elif not self._stage_selection(part._replace(name=entry.name), itemsize, within, buffer, free, stream):
                 return
             self._fix_bytes(target, buffer, stream)
             if not exact:

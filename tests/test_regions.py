@@ -463,3 +463,16 @@ def test_many_regions_are_read_by_several_threads_and_an_error_in_one_fails_the_
             f.truncate(entry.offset + 8)  # after open: t3 and what follows it in that file is gone
         with pytest.raises(gpuckpt.FormatError, match="tensor .t[1-5]"):  # t1 sees the file shrink
             ckpt.restore(regions=keys)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_truncation_under_a_partial_region_of_a_partitioned_tensor_names_the_tensor(cupy, backend, tmp_path):
+    full = np.arange(600, dtype=np.float32).reshape(60, 10)
+    parts = [((slice(0, 30), slice(None)), full[:30]), ((slice(30, 60), slice(None)), full[30:])]
+    prefix = str(tmp_path / "ckpt")
+    gpuckpt.save(prefix, {"pv": gpuckpt.Partitioned(full.shape, parts)})
+    with gpuckpt.open(prefix, options=OPTIONS) as ckpt:
+        with open(ckpt.data_files()[0], "r+b") as f:
+            f.truncate(100)
+        with pytest.raises(gpuckpt.FormatError, match="tensor 'pv'"):
+            ckpt.restore(regions={"pv": np.s_[20:40, 2:5]}, device=_device(backend))

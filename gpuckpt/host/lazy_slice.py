@@ -314,7 +314,8 @@ def read_region_into(
                 continue
             checked = False
             values = np.empty(tuple(len(w) for w in within), info.numpy)
-            fill_region(shards, entry, info.itemsize, within, values.reshape(-1).view(np.uint8))
+            named = entry._replace(name=tensor.name)  # errors name the tensor, not the slice's key
+            fill_region(shards, named, info.itemsize, within, values.reshape(-1).view(np.uint8))
             shards.check_not_shrunk(entry.shard_id, tensor.name)
             box[positions] = values
     fix_in_place(destination, info, index.header.big_endian)
