@@ -476,3 +476,38 @@ def test_a_truncation_under_a_partial_region_of_a_partitioned_tensor_names_the_t
             f.truncate(100)
         with pytest.raises(gpuckpt.FormatError, match="tensor 'pv'"):
             ckpt.restore(regions={"pv": np.s_[20:40, 2:5]}, device=_device(backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_saved_slice_a_spanning_region_holds_whole_is_checked_one_it_cuts_is_not(cupy, backend, tmp_path):
+    full = np.arange(80, dtype=np.float32).reshape(8, 10)
+    parts = [((slice(0, 2), slice(None)), full[:2]), ((slice(2, 8), slice(None)), full[2:])]
+    prefix = str(tmp_path / "ckpt")
+    gpuckpt.save(prefix, {"pv": gpuckpt.Partitioned(full.shape, parts)})
+    with gpuckpt.open(prefix) as ckpt:
+        top = next(s for s in ckpt.index.tensors["pv"].slices if s[0].start == 0)
+        entry = ckpt.index.slice_entry(ckpt.index.tensors["pv"], top)
+    with open(ckpt.data_files()[entry.shard_id], "r+b") as f:  # damage the first slice's last element
+        f.seek(entry.offset + entry.size - 4)
+        f.write(b"\x00\x00\x80\x7f")
+    device = _device(backend)
+    with gpuckpt.open(prefix, options=OPTIONS) as ckpt:
+        with pytest.raises(gpuckpt.ChecksumError, match="pv"):
+            ckpt.restore(regions={"pv": np.s_[0:5]}, device=device)  # holds the first slice whole
+        got = _as_numpy(ckpt.restore(regions={"pv": np.s_[1:5, 5:]}, device=device)["pv"], backend, cupy)
+        assert np.isinf(got[0, -1])  # cuts it: read unchecked
+        got = _as_numpy(ckpt.restore(regions={"pv": np.s_[0:5]}, device=device, verify=False)["pv"], backend, cupy)
+        assert np.isinf(got[1, -1])
+
+
+def test_regions_into_a_single_allocation_and_copy_false_refused(cupy, tmp_path):
+    a = np.arange(200, dtype=np.float32).reshape(20, 10)
+    b = np.arange(30, dtype=np.int16)
+    prefix = make_bundle({"a": a, "b": b}).write(str(tmp_path / "ck"))
+    options = gpuckpt.RestoreOptions(single_allocation=True, staging_slot_bytes=256, staging_slots=4, io_threads=2)
+    with gpuckpt.open(prefix, options=options) as ckpt:
+        got = ckpt.restore(regions={"a": np.s_[3:9, ::-2], "b": np.s_[None, 5:]}, device="cuda")
+        np.testing.assert_array_equal(cupy.asnumpy(got["a"]), a[3:9, ::-2])
+        np.testing.assert_array_equal(cupy.asnumpy(got["b"]), b[None, 5:])
+        with pytest.raises(gpuckpt.InvalidArgumentError, match="region"):
+            ckpt.get_tensor("a", region=np.s_[0], copy=False)
