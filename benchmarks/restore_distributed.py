@@ -12,8 +12,11 @@ MLP up projection split by columns, the attention output and MLP down projection
 
 * ``own``: ``restore(shardings=...)``: each rank reads its pieces (``restore(regions=)``), and the
   replicated tensors whole;
+* ``own_shared``: the same with ``replicated="once"``: the replicated tensors read once and broadcast;
 * ``once``: ``restore(mode="once")``: each tensor read by one rank (balanced by bytes) and
   broadcast; every rank ends with every tensor;
+* ``once_sharded``: ``restore(shardings=..., mode="once")``: each tensor read whole by one rank,
+  which sends every other rank its pieces alone (point to point); every rank ends with its pieces;
 * ``all``: ``restore()`` with no shardings: every rank reads every tensor (what N independent
   restores do; the baseline).
 
@@ -49,7 +52,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
-MODES = ("own", "once", "all")
+MODES = ("own", "own_shared", "once", "once_sharded", "all")
 
 
 def shapes(size_mb: int) -> dict[str, tuple[int, ...]]:
@@ -141,8 +144,12 @@ def worker(rank: int, world: int, port: int, config_path: str) -> None:
     def run(mode: str):  # type: ignore[no-untyped-def]
         if mode == "own":
             return gd.restore(prefix, shardings=specs, threads=threads, timeout=600)
+        if mode == "own_shared":
+            return gd.restore(prefix, shardings=specs, replicated="once", threads=threads, timeout=600)
         if mode == "once":
             return gd.restore(prefix, mode="once", threads=threads, timeout=600)
+        if mode == "once_sharded":
+            return gd.restore(prefix, shardings=specs, mode="once", threads=threads, timeout=600)
         return gd.restore(prefix, threads=threads, timeout=600)
 
     # correctness first: every tensor, on every rank, against a single-process read of its region
@@ -278,10 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     path = write_results(results, args.out, "distributed", args.machine)
     mib = 1 << 20
     print(f"{args.ranks} ranks, checkpoint {data_bytes / mib:.0f} MiB in {tensors} tensors -> {path}")
-    print(f"{'mode':6} {'max rank MiB':>12} {'total MiB':>10} {'total/ckpt':>10} {'cold s':>8} {'warm s':>8}")
+    print(f"{'mode':12} {'max rank MiB':>12} {'total MiB':>10} {'total/ckpt':>10} {'cold s':>8} {'warm s':>8}")
     for mode, row in modes.items():
         print(
-            f"{mode:6} {max(row['bytes_read_per_rank'].values()) / mib:12.1f} {row['bytes_read_total'] / mib:10.1f} "
+            f"{mode:12} {max(row['bytes_read_per_rank'].values()) / mib:12.1f} {row['bytes_read_total'] / mib:10.1f} "
             f"{row['read_over_checkpoint']:10.2f} {row['cold_s']['best']:8.3f} {row['warm_s']['best']:8.3f}"
         )
     return 0

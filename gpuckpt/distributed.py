@@ -162,7 +162,7 @@ class DistributedRestore:
 
     tensors: dict[str, Any]  #: name -> torch.Tensor (this rank's region of it), or DTensor with ``mesh=``
     regions: dict[str, Any]  #: name -> the basic index of the full tensor this rank holds (None: whole)
-    owners: dict[str, int]  #: mode "once": the rank that read each tensor; mode "own": empty
+    owners: dict[str, int]  #: the rank that read each tensor read once and shared (none in mode "own" by default)
     bytes_read: dict[int, dict[str, int]]  #: rank -> {data file: bytes read from it by this restore}
     read_seconds: dict[int, float]  #: rank -> seconds its local phase took (open, read, allocate)
     mode: str
@@ -244,12 +244,15 @@ def _read_region(ckpt: Checkpoint, name: str, region: Any, verify: bool | None, 
     return ckpt.restore([name], regions=regions, verify=verify, threads=threads)[name]
 
 
-def _fingerprint(ckpt: Checkpoint, names: list[str]) -> str:
-    """What every rank must agree on: the names selected and their index entries."""
-    digest = hashlib.sha256()
+def _fingerprint(ckpt: Checkpoint, names: list[str], specs: dict[str, Any], how: tuple[str, str]) -> str:
+    """What every rank must agree on, since the data phase follows from it: the names selected,
+    their index entries, which of them have a spec and which kind, and the modes."""
+    digest = hashlib.sha256(repr(how).encode())
     for name in names:
         e = ckpt.index.tensors[name]
-        digest.update(repr((e.name, e.dtype, e.shape, e.size, e.masked_crc32c, len(e.slices))).encode())
+        spec = specs[name]
+        kind = None if spec is None else repr(spec) if isinstance(spec, Split) else "function"
+        digest.update(repr((e.name, e.dtype, e.shape, e.size, e.masked_crc32c, len(e.slices), kind)).encode())
     return digest.hexdigest()
 
 
@@ -315,7 +318,7 @@ def _local_phase(
             local.specs[current] = _spec_for(current, compiled)
             local.regions[current] = _region(local.specs[current], rank, world, pieces[rank], info.shape)
         current = None
-        local.fingerprint = _fingerprint(ckpt, local.names)
+        local.fingerprint = _fingerprint(ckpt, local.names, local.specs, (mode, replicated))
         if mode == "once":
             shared = list(local.names)
         else:
@@ -512,9 +515,9 @@ def restore(
         if len(prints) > 1:
             differ = [r for r, s in enumerate(statuses) if s["fingerprint"] != statuses[0]["fingerprint"]]
             raise DistributedRestoreError(
-                f"ranks {differ} selected other tensors, or opened another checkpoint, than rank 0 "
-                f"(names and index entries differ); nothing was exchanged",
-                [(r, None, "Mismatch", "another checkpoint or selection than rank 0") for r in differ],
+                f"ranks {differ} opened another checkpoint, or selected other tensors, specs or modes, than "
+                f"rank 0 (names, index entries, kinds of spec or modes differ); nothing was exchanged",
+                [(r, None, "Mismatch", "another checkpoint, selection, spec or mode than rank 0") for r in differ],
             )
         if local.owners:
             _share(local, group, rank)

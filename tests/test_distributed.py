@@ -47,6 +47,7 @@ SHARDINGS = {
     r"layer_\d+/w": Split(0),  # (10, 3000) float16: torch.chunk's 3, 3, 3, 1 rows
     "odd/rows": _rows_every_world,  # (64, 2048) float32: rows rank, rank + 4, ...
     "tiny": Split(0),  # (3,) int32: 1, 1, 1, 0 elements
+    "part/var": Split(0),  # (64, 300) float32 saved as rows 0:40 and 40:64: rank 2's rows 32:48 straddle them
 }
 MESH_SHARDINGS = {"dense/kernel": Split(1), "embed/table": Split(0), r"layer_\d+/w": Split(0), "tiny": Split(0)}
 
