@@ -511,3 +511,27 @@ def test_regions_into_a_single_allocation_and_copy_false_refused(cupy, tmp_path)
         np.testing.assert_array_equal(cupy.asnumpy(got["b"]), b[None, 5:])
         with pytest.raises(gpuckpt.InvalidArgumentError, match="region"):
             ckpt.get_tensor("a", region=np.s_[0], copy=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_partitioned_regions_with_dtype_and_out(cupy, backend, tmp_path):
+    full = np.linspace(-2, 2, 9 * 6, dtype=np.float32).reshape(9, 6)
+    parts = [
+        ((slice(0, 4), slice(0, 3)), full[:4, :3]),
+        ((slice(0, 4), slice(3, 6)), full[:4, 3:]),
+        ((slice(4, 9), slice(None)), full[4:]),
+    ]
+    prefix = str(tmp_path / "ckpt")
+    gpuckpt.save(prefix, {"pv": gpuckpt.Partitioned(full.shape, parts)})
+    device = _device(backend)
+    with gpuckpt.open(prefix, options=OPTIONS) as ckpt:
+        for key in (np.s_[0:4, 3:6], np.s_[4:9], np.s_[2:7, 1:5], np.s_[::-2, 4], np.s_[:], np.s_[None, ...]):
+            for dtype in (None, np.float16, ml_dtypes.bfloat16):
+                expected = np.asarray(full[key] if dtype is None else full[key].astype(dtype))
+                got = ckpt.restore(regions={"pv": key}, dtype=dtype, device=device)["pv"]
+                _same(_as_numpy(got, backend, cupy), expected, backend, (key, dtype))
+        shape = full[2:7, 1:5].shape
+        out = cupy.zeros(shape, np.float16) if backend == "cuda" else np.zeros(shape, np.float16)
+        got = ckpt.restore(regions={"pv": np.s_[2:7, 1:5]}, dtype=np.float16, out={"pv": out}, device=device)["pv"]
+        assert got is out
+        np.testing.assert_array_equal(_as_numpy(out, backend, cupy), full[2:7, 1:5].astype(np.float16))
