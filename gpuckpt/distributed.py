@@ -58,7 +58,10 @@ and tensor, together, before any data moves, and the group stays usable. A rank 
 or never calls ``restore`` makes the others' status exchange fail (at once for a closed connection,
 after ``timeout`` for a silent peer), and they raise the same error. ``timeout`` is how long the
 ranks wait for the slowest one to finish reading; the data collectives that follow run under the
-group's own timeout (``init_process_group(timeout=)``).
+group's own timeout (``init_process_group(timeout=)``), and a rank dying during them makes the
+others raise the same error, naming the tensor being sent. After a timeout or a rank gone the
+groups are in the state torch leaves them after any failed collective: make new ones before
+restoring again. (A failure reported through the statuses leaves them usable.)
 
 The status exchange runs on ``group`` when it is a gloo group and no ``timeout`` is given (the
 group's own timeout then applies); otherwise on a gloo group over the same ranks with ``timeout``

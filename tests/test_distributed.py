@@ -172,8 +172,10 @@ def _worker(rank: int, port: int, scenario: str, config_path: str) -> None:
 
         results["slow"] = _attempt(lambda: gd.restore(prefix, shardings={"odd/rows": slow}, timeout=1.5))
     elif scenario == "gone":
-        if rank == 3:
-            os._exit(7)  # dies without a word
+        if rank == 3 and config["when"] == "before":
+            os._exit(7)  # dies without a word, before restore
+        if rank == 3:  # dies once the statuses are in, as the tensors are being sent
+            gd._share = lambda *args: os._exit(7)
         results["gone"] = _attempt(lambda: gd.restore(prefix, mode="once"))
     with open(os.path.join(config["out"], f"rank{rank}.pkl"), "wb") as f:
         pickle.dump(results, f)
@@ -463,12 +465,17 @@ def test_a_rank_still_reading_after_the_timeout(failures):
             assert results[rank]["slow"]["seconds"] < 3.9, results[rank]["slow"]
 
 
-def test_a_rank_gone_makes_the_others_raise(checkpoint, tmp_path):
-    results, elapsed = _spawn("gone", {"prefix": checkpoint["prefix"]}, tmp_path)
+@pytest.mark.parametrize("when", ["before", "sharing"])
+def test_a_rank_gone_makes_the_others_raise(checkpoint, tmp_path, when):
+    results, elapsed = _spawn("gone", {"prefix": checkpoint["prefix"], "when": when}, tmp_path)
     assert results[3] is None
     for rank in range(3):
         error = results[rank]["gone"]["error"]
-        assert error["type"] == "DistributedRestoreError" and "not every rank reported" in error["message"], error
+        assert error["type"] == "DistributedRestoreError", error
+        if when == "before":
+            assert "not every rank reported" in error["message"], error
+        else:  # the collective it was in names the tensor
+            assert error["rank"] == rank and error["tensor"] is not None and "sending tensor" in error["message"], error
         assert results[rank]["gone"]["seconds"] < 15
 
 
