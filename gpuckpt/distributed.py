@@ -240,11 +240,23 @@ def _region(spec: Any, rank: int, world: int, piece: int, shape: tuple[int, ...]
     return region
 
 
-def _read_region(ckpt: Checkpoint, name: str, region: Any, verify: bool | None, threads: int | None) -> np.ndarray:
-    """This rank's region of one tensor: only the runs it needs (``restore(regions=)``; the whole
-    tensor, verified, for no region or one that is the whole)."""
-    regions = None if region is None else {name: region}
-    return ckpt.restore([name], regions=regions, verify=verify, threads=threads)[name]
+def _read(ckpt: Checkpoint, regions: dict[str, Any], verify: bool | None, threads: int | None) -> dict[str, np.ndarray]:
+    """``{name: region or None}``, each read by a restore of its own: a region reads only the runs
+    it needs (``restore(regions=)``), None (or a region that is the whole) the tensor whole, verified.
+
+    One restore per tensor, not one for all: the planner reads small neighbours together, across
+    gaps of up to 64 KiB that here hold other ranks' tensors, so a batch would read bytes that
+    are not this rank's (and a failure could not say which tensor it was). It costs about 25 us
+    a tensor more (5,000 tensors of 256 bytes: 32 us each alone, 6 us in one restore).
+    """
+    arrays = {}
+    for name, region in regions.items():
+        try:
+            one = None if region is None else {name: region}
+            arrays[name] = ckpt.restore([name], regions=one, verify=verify, threads=threads)[name]
+        except Exception as exc:  # noqa: BLE001 - reported to the group
+            raise _Failed(name, exc) from exc
+    return arrays
 
 
 def _fingerprint(ckpt: Checkpoint, names: list[str], specs: dict[str, Any], how: tuple[str, str]) -> str:
@@ -327,25 +339,24 @@ def _local_phase(
         else:
             shared = [n for n in local.names if local.specs[n] is None] if replicated == "once" else []
         local.owners = plan_owners([(n, ckpt.info(n).nbytes) for n in shared], world)
-        for current in local.names:  # this rank's own reads: its regions, and all it owns, whole
-            owner = local.owners.get(current)
-            if owner is None:
-                local.results[current] = _read_region(ckpt, current, local.regions[current], verify, threads)
-            elif owner == rank:
+        # this rank's reads: its regions, and the tensors it owns whole; then those it owns and cuts
+        # into regions for the others, one at a time (the host holds one such whole at most)
+        batch = {n: local.regions[n] for n in local.names if n not in local.owners}
+        batch.update({n: None for n, r in local.owners.items() if r == rank and local.specs[n] is None})
+        current = None
+        local.results = _read(ckpt, batch, verify, threads)
+        for current in local.names:
+            if local.owners.get(current) == rank and local.specs[current] is not None:
                 whole = ckpt.restore([current], verify=verify, threads=threads)[current]
-                region = local.regions[current]
-                if local.specs[current] is None:
-                    local.results[current] = whole
-                else:  # each rank gets its region only
-                    local.results[current] = whole[region].copy()  # its own memory, not a view of the whole
-                    sends = []
-                    for other in range(world):
-                        theirs = _region(local.specs[current], other, world, pieces[other], local.shapes[current])
-                        part = whole[theirs]
-                        part = part if part.flags.c_contiguous else part.copy()  # a view where it is contiguous
-                        if other != rank and part.size:
-                            sends.append((other, _wire(part).to(comm_device)))
-                    local.sends[current] = sends
+                local.results[current] = whole[local.regions[current]].copy()  # not a view of the whole
+                sends = []
+                for other in range(world):
+                    theirs = _region(local.specs[current], other, world, pieces[other], local.shapes[current])
+                    part = whole[theirs]
+                    part = part if part.flags.c_contiguous else part.copy()  # a view where it is contiguous
+                    if other != rank and part.size:
+                        sends.append((other, _wire(part).to(comm_device)))
+                local.sends[current] = sends
                 del whole  # LIFETIME: the regions sent are copies, or views their wires keep alive
         for current in local.owners:  # what the others send: allocated now, so no rank fails later
             if local.owners[current] != rank:
@@ -361,6 +372,8 @@ def _local_phase(
             else:
                 local.wires[current] = _wire(local.results.pop(current)).to(comm_device)
         return local
+    except _Failed:
+        raise
     except Exception as exc:  # noqa: BLE001 - every local failure is reported to the group
         raise _Failed(current, exc) from exc
 
