@@ -59,7 +59,7 @@ or never calls ``restore`` makes the others' status exchange fail (at once for a
 after ``timeout`` for a silent peer), and they raise the same error. ``timeout`` is how long the
 ranks wait for the slowest one to finish reading; the data collectives that follow run under the
 group's own timeout (``init_process_group(timeout=)``), and a rank dying during them makes the
-others raise the same error, naming the tensor being sent. After a timeout or a rank gone the
+others raise the same error, naming the tensor in transfer. After a timeout or a rank gone the
 groups are in the state torch leaves them after any failed collective: make new ones before
 restoring again. (A failure reported through the statuses leaves them usable.)
 
@@ -605,7 +605,7 @@ def _share(local: _Local, group: Any, rank: int) -> None:
             work.wait()  # LIFETIME: each payload sent stays referenced by ``works`` until here
     except Exception as exc:  # noqa: BLE001 - a collective failing: name the tensor it was on
         raise DistributedRestoreError(
-            f"rank {rank}: sending tensor {current!r} from rank {local.owners.get(current or '')} "
+            f"rank {rank}: the transfer of tensor {current!r} (read by rank {local.owners.get(current or '')}) "
             f"failed: {type(exc).__name__}: {exc}",
             [(rank, current, type(exc).__name__, str(exc))],
         ) from exc
