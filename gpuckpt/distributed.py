@@ -472,10 +472,10 @@ def restore(
         raise InvalidArgumentError(f"mode={mode!r}: give 'own' (each rank its own shards) or 'once' (read once, share)")
     if replicated not in ("each", "once"):
         raise InvalidArgumentError(f"replicated={replicated!r}: give 'each' (every rank reads them) or 'once'")
-    if not dist.is_available() or not dist.is_initialized():
-        raise InvalidArgumentError("gpuckpt.distributed.restore needs an initialized torch.distributed process group")
     compiled = _compile(shardings)
     wait = _as_timedelta(timeout)
+    if not dist.is_available() or not dist.is_initialized():
+        raise InvalidArgumentError("gpuckpt.distributed.restore needs an initialized torch.distributed process group")
     group = dist.group.WORLD if group is None else group
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     pieces = list(range(world))

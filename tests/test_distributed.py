@@ -289,6 +289,36 @@ def test_plan_owners_is_balanced_and_deterministic():
     assert plan_owners(sizes, 1) == dict.fromkeys("abcdef", 0)
 
 
+def test_plan_owners_on_random_sizes():
+    rng = np.random.default_rng(5)
+    for world in (1, 2, 3, 4, 8):
+        sizes = [(f"t{i}", int(n)) for i, n in enumerate(rng.integers(0, 1 << 20, 200))]
+        owners = plan_owners(sizes, world)
+        order = rng.permutation(len(sizes))
+        assert plan_owners([sizes[i] for i in order], world) == owners
+        loads = [sum(n for name, n in sizes if owners[name] == r) for r in range(world)]
+        assert max(loads) - min(loads) <= max(n for _, n in sizes)
+
+
+def test_arguments_refused_at_once():
+    import gpuckpt.distributed as gd
+
+    for kwargs in (
+        {"mode": "twice"},
+        {"replicated": "some"},
+        {"shardings": {"x": (0, 1, 2)}},
+        {"shardings": {"x": "rows"}},
+        {"shardings": {"(": Split(0)}},
+        {"shardings": {"x": Split(0, 0)}},
+        {"timeout": -1},
+    ):
+        with pytest.raises(gpuckpt.InvalidArgumentError):
+            gd.restore("nowhere", **kwargs)
+    assert not dist.is_initialized()
+    with pytest.raises(gpuckpt.InvalidArgumentError, match="initialized"):
+        gd.restore("nowhere")
+
+
 def test_split_region_is_torch_chunk():
     for size in range(0, 12):
         for pieces in range(1, 6):
