@@ -167,7 +167,7 @@ def _worker(rank: int, port: int, scenario: str, config_path: str) -> None:
 
         def slow(r: int, world: int, shape: tuple[int, ...]) -> tuple[slice, ...]:
             if r == 3:
-                time.sleep(4)  # still reading when the others stop waiting
+                time.sleep(6)  # still reading when the others stop waiting
             return np.s_[r::world]
 
         results["slow"] = _attempt(lambda: gd.restore(prefix, shardings={"odd/rows": slow}, timeout=1.5))
@@ -492,7 +492,7 @@ def test_a_rank_still_reading_after_the_timeout(failures):
     for rank, error in enumerate(errors):
         assert "not every rank reported" in error["message"], error
         if rank != 3:  # the waiting ranks gave up after the timeout, not after the slow rank
-            assert results[rank]["slow"]["seconds"] < 3.9, results[rank]["slow"]
+            assert results[rank]["slow"]["seconds"] < 5.5, results[rank]["slow"]
 
 
 @pytest.mark.parametrize("when", ["before", "sharing"])
