@@ -22,8 +22,9 @@ gloo on CPUs, NCCL on GPUs); it opens no transport of its own::
 Modes
 -----
 ``mode="own"`` (each rank its own shards): a tensor with a sharding spec is read as the region the
-spec gives this rank (only those bytes: the runs ``Checkpoint.restore(regions=)`` reads, which
-the crc32c cannot check; a region that is the whole tensor is a whole, verified read). A tensor
+spec gives this rank (only those bytes: the runs ``Checkpoint.restore(regions=)`` reads, runs
+less than a page apart read together; the crc32c cannot check them; a region that is the whole
+tensor is a whole, verified read). A tensor
 without one is replicated: read whole (and verified) by every rank (``replicated="each"``, no data
 collective at all), or read once and shared as in mode "once" (``replicated="once"``; where the
 specs tile their tensors, storage then sees each byte once).
