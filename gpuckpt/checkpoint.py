@@ -30,7 +30,7 @@ from .format.object_graph import OBJECT_GRAPH_KEY, ObjectAttribute, StateKind, c
 from .format.state import INDEX_SUFFIX, RESOLVE_ATTEMPTS, resolve_prefix
 from .host.convert import check_conversion
 from .host.lazy_slice import LazyTensor, restore_regions, zero_copy_view
-from .host.reader import HostReader, ProgressCallback
+from .host.reader import HostReader, ProgressCallback, check_dtype
 from .host.reader import check_out as check_host_out
 from .host.shards import ShardFiles, data_filename
 from .options import RestoreOptions
@@ -414,6 +414,7 @@ class Checkpoint:
         defined. Returns the restored dtype of each tensor that is converted."""
         converted: dict[str, np.dtype] = {}
         for entry in entries:
+            check_dtype(self._index, entry)  # a type that cannot be read at all: its own error first
             stored = self.info(entry.name).dtype
             wanted = chooser(entry.name, stored) if chooser is not None and stored is not None else stored
             if stored is not None and wanted is not None:
@@ -442,8 +443,9 @@ class Checkpoint:
         that is the whole tensor is read with them (``out=`` seen in the tensor's shape); other
         regions after them (:func:`~gpuckpt.host.lazy_slice.restore_region`)."""
         future = RestoreFuture([e.name for e in entries])
-        out = out or {}
-        regions = regions or {}
+        mine = {e.name for e in entries}  # a spread restore hands each group every name's region and out=
+        out = {n: a for n, a in (out or {}).items() if n in mine}
+        regions = {n: r for n, r in (regions or {}).items() if n in mine}
         converted = self._check_out(entries, chooser, out, regions)
         partial = {n: r for n, r in regions.items() if not r.whole}
         whole = {n: r for n, r in regions.items() if r.whole and r.shape != r.tensor_shape}

@@ -57,7 +57,7 @@ def check_out_array(
     expected = entry.shape if shape is None else shape
     if tuple(given.shape) != expected or np.dtype(given.dtype) != dtype:
         what = "the tensor restores as" if shape is None else "the region restores as"
-        raise ValueError(
+        raise InvalidArgumentError(
             f"out[{entry.name!r}] is {given.dtype}{list(given.shape)}, {what} "
             f"{dtype}{list(expected)}: nothing was written: " + describe(path, entry.name)
         )

@@ -68,6 +68,8 @@ def convert_bits(source: str, target: str, bits: np.ndarray) -> np.ndarray:
     """Convert ``bits`` (unsigned integers holding values of format ``source``) to the bit
     patterns of format ``target``, as unsigned integers of the target's width."""
     src, dst = FORMATS[source], FORMATS[target]
+    if not dst.has_infinity:  # overflow and NaN would need that format's own encodings
+        raise ValueError(f"no conversion to {target}: it has no infinity (only wider targets are defined)")
     flat = np.ascontiguousarray(bits).reshape(-1)
     if src.width <= 16:  # every input is in a table of at most 65,536 entries
         return _table(source, target)[flat].reshape(bits.shape)

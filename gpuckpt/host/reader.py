@@ -346,7 +346,7 @@ class HostReader:
         if not verify:  # nothing checked the bytes: at least refuse those read while a file shrank
             for shard_id in sorted({g.byte_range.shard_id for g in groups}):
                 self.shards.check_not_shrunk(shard_id)
-        return {t.name: outputs[t.name] for t in tensors}
+        return {t.name: out[t.name] if t.name in out else outputs[t.name] for t in tensors}  # the given arrays
 
     def _destinations(
         self, tensors: Sequence[TensorEntry], out: Mapping[str, np.ndarray], dtypes: Mapping[str, np.dtype]
@@ -354,7 +354,8 @@ class HostReader:
         """The arrays known before reading: those given, and new ones for partitioned tensors and
         for every fixed-size tensor of :data:`~gpuckpt.host.arena.MIN_BYTES` or more (from one
         mapping, :mod:`gpuckpt.host.arena`). Small unpartitioned tensors get theirs as they are read."""
-        outputs = {t.name: out[t.name] for t in tensors if t.name in out}
+        # a subclass (np.matrix reshapes to 2-D) is read into as a plain view of its memory
+        outputs = {t.name: np.asarray(out[t.name]) for t in tensors if t.name in out}
         large = []
         for tensor in tensors:
             if tensor.name in outputs or (not tensor.slices and tensor.name not in dtypes and tensor.size < MIN_BYTES):
