@@ -446,8 +446,10 @@ def test_many_regions_are_read_by_several_threads_and_an_error_in_one_fails_the_
 
     def spy(*args, **kwargs):
         import threading
+        import time
 
         threads_seen.add(threading.current_thread().name)
+        time.sleep(0.05)  # each region takes a while, so one worker cannot take them all
         return real(*args, **kwargs)
 
     monkeypatch.setattr(lazy_slice, "restore_region", spy)
