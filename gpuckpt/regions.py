@@ -6,7 +6,8 @@ I/O happens here. :func:`region_of` checks the index and gives a :class:`Region`
 selected along each axis, as ranges, and the result's shape, numpy's for that index);
 :func:`run_layout` and :func:`run_offsets` give the contiguous runs of stored bytes that hold it, in
 the order the result holds them; :func:`read_groups` says which runs share one read;
-:func:`widened` reads a stepped last axis as whole stretches rather than element by element;
+:func:`widened` reads a stepped last axis as whole stretches rather than element by element
+(:func:`widened_pieces` as several stretches where one would be too long);
 :func:`intersect` says what part of a region a saved slice holds.
 
 In C order the trailing axes selected whole, plus the axis before them where it is an ascending
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import itertools
 import math
 import operator
 from typing import Any
@@ -199,7 +201,8 @@ class Widened:
     whole stretches instead of single elements (or single rows); ``pick`` then takes the region's
     indices out of each stretch. Worth it when at most the gap of :func:`read_groups` lies between
     two picks (the bytes read stay within the same slack) and a stretch is at most
-    ``GROUP_READ_BYTES`` (read through one buffer that size; longer ones read as runs)."""
+    ``GROUP_READ_BYTES`` (read through one buffer that size; :func:`widened_pieces` cuts longer
+    ones)."""
 
     selection: tuple[range, ...]
     axis: int
@@ -221,12 +224,45 @@ def widened(
     axis = whole_from - 1
     picked = selection[axis]
     inner = math.prod(shape[axis + 1 :]) * itemsize
-    low = min(picked[0], picked[-1])
     if (abs(picked.step) - 1) * inner > gap_bytes or (abs(picked[-1] - picked[0]) + 1) * inner > stretch_bytes:
         return None
+    return _widen(selection, axis, picked)
+
+
+def _widen(selection: tuple[range, ...], axis: int, picked: range) -> Widened:
+    """The :class:`Widened` reading of ``selection`` with the indices ``picked`` (not empty) on ``axis``."""
+    low = min(picked[0], picked[-1])
     stretch = range(low, max(picked[0], picked[-1]) + 1)
     within = range(picked.start - low, picked.stop - low, picked.step)
     return Widened(selection[:axis] + (stretch,) + selection[axis + 1 :], axis, as_slice(within, 0))
+
+
+def widened_pieces(
+    shape: tuple[int, ...],
+    itemsize: int,
+    selection: tuple[range, ...],
+    gap_bytes: int = REGION_GAP_BYTES,
+    stretch_bytes: int = GROUP_READ_BYTES,
+) -> list[tuple[int, Widened]] | None:
+    """:func:`widened` for stretches of any length: the stepped axis cut into pieces of
+    consecutive picks whose stretches are at most ``stretch_bytes`` each, as ``(first, wide)``:
+    the position of the piece's first pick along the axis, and the :class:`Widened` reading of
+    the region with the axis cut to that piece. One piece where the whole stretch fits; None where
+    :func:`widened` would not apply for a shorter stretch either (or one index of the axis alone is
+    over ``stretch_bytes``: its runs are long already)."""
+    block_from, whole_from = run_layout(shape, selection)
+    if block_from != whole_from or whole_from == 0:
+        return None
+    axis = whole_from - 1
+    picked = selection[axis]
+    inner = math.prod(shape[axis + 1 :]) * itemsize
+    if (abs(picked.step) - 1) * inner > gap_bytes or not 0 < inner <= stretch_bytes:
+        return None
+    per_piece = (stretch_bytes // inner - 1) // abs(picked.step) + 1  # picks whose stretch fits
+    return [
+        (first, _widen(selection, axis, picked[first : first + per_piece]))
+        for first in range(0, len(picked), per_piece)
+    ]
 
 
 def read_groups(
@@ -286,3 +322,30 @@ def intersect(
         inside = wanted[lo:hi]
         within.append(range(inside.start - start, inside.stop - start, inside.step))
     return tuple(positions), tuple(within)
+
+
+_PAIRWISE_LIMIT = 64  # above this many parts, look for overlaps element by element
+
+
+def cover_problem(box_shape: tuple[int, ...], parts: list[tuple[slice, ...]]) -> str | None:
+    """Why ``parts`` (what saved slices fill of a region's box, from :func:`intersect`) do not
+    fill the box exactly once (None when they do), as TF asks of a region it reads. Counted
+    before anything the size of the box is allocated: the parts' volumes must add up to the
+    box's, so a declared shape the saved data cannot fill is refused without allocating it."""
+    volumes = [math.prod(p.stop - p.start for p in part) for part in parts]
+    covered, total = sum(volumes), math.prod(box_shape)
+    if covered < total:
+        return f"saved slices hold {covered} of the region's {total} elements"
+    if len(parts) <= _PAIRWISE_LIMIT:
+        for (i, a), (j, b) in itertools.combinations(enumerate(parts), 2):
+            if all(max(x.start, y.start) < min(x.stop, y.stop) for x, y in zip(a, b, strict=True)):
+                return f"saved slices overlap in the region (its parts {i} and {j})"
+        return None
+    if covered != total:
+        return "saved slices overlap"
+    counts = np.zeros(box_shape, np.bool_)  # no larger than the saved data that fills it
+    for part in parts:
+        if counts[part].any():
+            return "saved slices overlap"
+        counts[part] = True
+    return None

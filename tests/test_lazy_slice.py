@@ -171,3 +171,94 @@ def test_a_truncation_racing_an_unchecked_read_is_an_error(tmp_path, monkeypatch
             f.write(original)
         with pytest.raises(gpuckpt.FormatError, match="shrank"):
             ckpt.restore(verify=False)  # unverified whole reads get the same check
+
+
+def _partitioned_bundle(tmp_path, shape, boxes):
+    """A bundle whose tensor 'pv' declares ``shape`` and saves the row ranges ``boxes`` (each
+    ``(start, length)`` on axis 0, the other axes whole), each filled with its number: the index
+    may lie, the writer would refuse it."""
+    from bundle_builder import make_bundle
+
+    from gpuckpt._proto import tensor_bundle_pb2
+    from gpuckpt.format.slices import Extent, slice_key
+
+    bundle = make_bundle({f"part{i}": np.full((n, *shape[1:]), i, np.float32) for i, (_, n) in enumerate(boxes)})
+    full = tensor_bundle_pb2.BundleEntryProto(dtype=1)
+    for dim in shape:
+        full.shape.dim.add().size = dim
+    for i, (start, length) in enumerate(boxes):
+        saved = (Extent(start, length),) + (Extent(0, None),) * (len(shape) - 1)
+        bundle.entries[slice_key(b"pv", saved)] = bundle.entries.pop(f"part{i}".encode())
+        extents = full.slices.add()
+        extents.extent.add(start=start, length=length)
+        for _ in shape[1:]:
+            extents.extent.add()
+    bundle.entries[b"pv"] = full
+    return bundle.write(str(tmp_path / "lie"))
+
+
+def test_a_region_the_saved_slices_cannot_fill_is_refused_before_it_is_allocated(tmp_path):
+    """A declared shape of 16 TiB with 64 bytes saved: the same FormatError as restore, no
+    MemoryError; regions the saved slices do fill still read."""
+    prefix = _partitioned_bundle(tmp_path, (2**40, 4), [(0, 2), (2, 2)])
+    with gpuckpt.open(prefix) as ckpt:
+        with pytest.raises(gpuckpt.FormatError, match="sufficient slices") as whole:
+            ckpt.restore()
+        assert "tensor 'pv'" in str(whole.value)
+        for key in (np.s_[:], np.s_[3:5], np.s_[::-1], np.s_[2**39, 1]):
+            with pytest.raises(gpuckpt.FormatError, match="sufficient slices.*region") as info:
+                ckpt.get_slice("pv")[key]
+            assert "tensor 'pv'" in str(info.value) and prefix + ".index" in str(info.value)
+        np.testing.assert_array_equal(ckpt.get_slice("pv")[1:4, ::2], [[0, 0], [1, 1], [1, 1]])
+        assert ckpt.get_slice("pv")[5:5].shape == (0, 4)
+
+
+def test_overlapping_saved_slices_are_refused_where_a_region_meets_both(tmp_path):
+    prefix = _partitioned_bundle(tmp_path, (6, 3), [(0, 3), (2, 4)])  # rows 2 saved twice
+    with gpuckpt.open(prefix) as ckpt:
+        with pytest.raises(gpuckpt.FormatError, match="overlap") as info:
+            ckpt.get_slice("pv")[1:4]
+        assert "tensor 'pv'" in str(info.value)
+        np.testing.assert_array_equal(ckpt.get_slice("pv")[4:], np.ones((2, 3)))
+
+
+@pytest.mark.parametrize("key", [np.s_[:, ::2], np.s_[1:, -2::-3], np.s_[::-1, 5::2]])
+def test_a_stepped_axis_with_stretches_over_a_mib_is_read_in_stretches(tmp_path, monkeypatch, key):
+    """``restore(regions=)`` of every other element of 2 MiB rows: the rows are read as stretches
+    of at most 1 MiB each (a few reads, no table of one offset per element), memory within the
+    result plus one buffer, as ``get_slice`` reads them."""
+    import tracemalloc
+
+    wide = np.arange(4 * 524_288, dtype=np.float32).reshape(4, 524_288)
+    gpuckpt.save(str(tmp_path / "w"), {"wide": wide})
+    expected = wide[key]
+    with gpuckpt.open(str(tmp_path / "w")) as ckpt:
+        sizes = _preadv_calls(monkeypatch)
+        tracemalloc.start()
+        try:
+            got = ckpt.restore(regions={"wide": key})["wide"]
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        np.testing.assert_array_equal(got, expected)
+        assert len(sizes) <= 3 * len(expected) and max(sizes) <= 1 << 20, sizes
+        assert peak <= expected.nbytes + (2 << 20) + (256 << 10), peak
+        np.testing.assert_array_equal(ckpt.get_slice("wide")[key], expected)
+        # converted (dtype=) regions are read the same way, then converted
+        np.testing.assert_array_equal(ckpt.restore(regions={"wide": key}, dtype=np.float64)["wide"], expected)
+
+
+def test_cover_problem_counts_before_it_allocates():
+    from gpuckpt.regions import cover_problem
+
+    rows = [(slice(i, i + 1), slice(0, 3)) for i in range(100)]
+    assert cover_problem((100, 3), rows) is None
+    assert cover_problem((100, 3), rows[:10]) == "saved slices hold 30 of the region's 300 elements"
+    assert cover_problem((2**60, 3), rows) == f"saved slices hold 300 of the region's {3 * 2**60} elements"
+    twice = rows[:50] + [(slice(10, 11), slice(0, 3))] + rows[51:]  # 50 missing, 10 twice
+    assert cover_problem((100, 3), twice) == "saved slices overlap"
+    assert (
+        cover_problem((4, 3), [(slice(0, 3), slice(0, 3)), (slice(2, 4), slice(0, 3))])
+        == "saved slices overlap in the region (its parts 0 and 1)"
+    )
+    assert cover_problem((0, 3), []) is None

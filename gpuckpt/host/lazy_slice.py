@@ -27,13 +27,14 @@ from ..regions import (
     Region,
     Widened,
     as_slice,
+    cover_problem,
     intersect,
     is_full,
     read_groups,
     region_of,
     run_layout,
     run_offsets,
-    widened,
+    widened_pieces,
 )
 from .convert import check_conversion, fix_in_place, reference_convert
 from .reader import CHUNK_BYTES, HostReader, check_dtype, check_readable
@@ -144,24 +145,23 @@ class LazyTensor:
         if not tensor.slices:
             out = self._read(tensor, region.selection).reshape(region.shape)
         else:
-            result = np.empty(region.shape, self._info.numpy)
-            box = result.reshape(region.box_shape)  # a view with the integer axes kept
-            filled = np.zeros(box.shape, dtype=bool)  # TF refuses regions the saved slices leave uncovered
-            for tensor_slice in tensor.slices:
-                meet = intersect(region.selection, _bounds(tensor_slice, tensor.shape))
-                if meet is None or not box.size:
-                    continue
-                target = meet[0]
-                if filled[target].any():
-                    raise FormatError("saved slices overlap: " + describe(index.path, tensor.name))
-                box[target] = self._read(index.slice_entry(tensor, tensor_slice), meet[1])
-                filled[target] = True
-            if not filled.all():
+            meets = [
+                (tensor_slice, meet)
+                for tensor_slice in tensor.slices
+                if (meet := intersect(region.selection, _bounds(tensor_slice, tensor.shape))) is not None
+            ]
+            # TF refuses regions the saved slices leave uncovered; checked before allocating the
+            # region, whose declared shape the saved data may be far too small to fill
+            problem = cover_problem(region.box_shape, [meet[0] for _, meet in meets])
+            if problem:
                 raise FormatError(
-                    "does not have sufficient slices for the requested region of partitioned tensor: "
+                    f"does not have sufficient slices for the requested region of partitioned tensor ({problem}): "
                     + describe(index.path, tensor.name)
                 )
-            out = result
+            out = np.empty(region.shape, self._info.numpy)
+            box = out.reshape(region.box_shape)  # a view with the integer axes kept
+            for tensor_slice, (target, within) in meets:
+                box[target] = self._read(index.slice_entry(tensor, tensor_slice), within)
         fix_in_place(out, self._info, index.header.big_endian)
         return out
 
@@ -196,17 +196,20 @@ def fill_region(
 ) -> None:
     """The stored bytes of the region ``selection`` of one entry into ``out`` (uint8, in the
     region's order): its runs; or, where the last axis not taken whole is stepped with picks close
-    together, whole stretches of that axis (:func:`gpuckpt.regions.widened`) read 1 MiB at a time
-    through one buffer and picked with a strided copy, rather than one run per element."""
-    wide = widened(entry.shape, itemsize, selection)
-    if wide is None:
+    together, whole stretches of that axis (:func:`gpuckpt.regions.widened_pieces`: at most 1 MiB
+    each, a longer one cut in pieces) read 1 MiB at a time through one buffer and picked with a
+    strided copy, rather than one run per element."""
+    pieces = widened_pieces(entry.shape, itemsize, selection)
+    if pieces is None:
         offsets, run_bytes = run_offsets(entry.shape, itemsize, selection)
         read_window(shards, entry, offsets, run_bytes, 0, len(out), memoryview(out))  # type: ignore[arg-type]
         return
-    for first, stop, picked in widened_chunks(shards, entry, itemsize, wide, CHUNK_BYTES):
-        words = out.view(picked.dtype)  # the region's stretches, each len(picks) x words per pick
-        per_stretch = picked.shape[1] * picked.shape[2]
-        words[first * per_stretch : stop * per_stretch].reshape(picked.shape)[...] = picked
+    picks = len(selection[pieces[0][1].axis])
+    for start, wide in pieces:
+        for first, stop, picked in widened_chunks(shards, entry, itemsize, wide, CHUNK_BYTES):
+            # the region as (one index of the leading axes, picks, words per pick)
+            words = out.view(picked.dtype).reshape(-1, picks, picked.shape[2])
+            words[first:stop, start : start + picked.shape[1]] = picked
 
 
 def widened_chunks(
@@ -352,7 +355,7 @@ def restore_region(
         destination = out if out is not None else np.empty(region.shape, stored)
         read_region_into(reader, tensor, region, destination, verify=verify)
         return destination
-    if not tensor.slices and widened(tensor.shape, info.itemsize, region.selection) is None:
+    if not tensor.slices and widened_pieces(tensor.shape, info.itemsize, region.selection) is None:
         # converted 1 MiB at a time: no temporary the size of the region
         destination = out if out is not None else np.empty(region.shape, wanted)
         elements = destination.reshape(-1)  # a view: out= arrays are C-contiguous
