@@ -69,3 +69,22 @@ def dtype_chooser(dtype: Any) -> DtypeChooser | None:
         return target if stored.name in FLOATING else stored
 
     return everywhere
+
+
+def restored_dtype(chooser: DtypeChooser | None, name: str, stored: np.dtype) -> np.dtype:
+    """What a restore gives the tensor ``name`` stored as ``stored``: the chooser's target for
+    floating types, else (and without a chooser) ``stored``."""
+    if chooser is None or stored.name not in FLOATING:
+        return stored
+    return np.dtype(chooser(name, stored))
+
+
+def convertible(stored: np.dtype, wanted: np.dtype) -> bool:
+    """Whether a restore converts ``stored`` to a different ``wanted`` itself (``dtype=``, the
+    project's rule): a conversion of kernels/conversions.def, the single list of them."""
+    from .host.convert import kernel_for  # the host layer sits above this one
+
+    try:
+        return kernel_for(stored, wanted) is not None
+    except KeyError:
+        return False

@@ -99,7 +99,6 @@ import datetime
 import hashlib
 import math
 import os
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
@@ -111,6 +110,8 @@ import torch.distributed as dist
 from .checkpoint import Checkpoint, NameSelector
 from .checkpoint import open as open_checkpoint
 from .errors import DistributedRestoreError, InvalidArgumentError, UnsupportedError, describe
+from .naming import NameRules
+from .regions import region_of
 from .torch import from_numpy, torch_dtype
 
 MODES = ("own", "once")
@@ -194,9 +195,9 @@ class _Failed(Exception):
         self.cause = cause
 
 
-def _compile(shardings: Mapping[str, Any] | None) -> list[tuple[str, re.Pattern[str], Any]]:
+def _compile(shardings: Mapping[str, Any] | None) -> NameRules[Any]:
     """Check every spec's type (rank-independent, raised at once) and compile the name patterns."""
-    compiled = []
+    specs = []
     for key, spec in (shardings or {}).items():
         if isinstance(spec, tuple):
             if not 1 <= len(spec) <= 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in spec):
@@ -209,35 +210,26 @@ def _compile(shardings: Mapping[str, Any] | None) -> list[tuple[str, re.Pattern[
             )
         if isinstance(spec, Split) and spec.pieces is not None and spec.pieces < 1:
             raise InvalidArgumentError(f"sharding {key!r}: Split(pieces={spec.pieces}) needs at least one piece")
-        try:
-            pattern = re.compile(key)
-        except re.error as exc:
-            raise InvalidArgumentError(f"sharding {key!r} is not a valid regular expression: {exc}") from None
-        compiled.append((key, pattern, spec))
-    return compiled
+        specs.append((key, spec))
+    return NameRules(specs, "shardings")
 
 
-def _spec_for(name: str, compiled: list[tuple[str, re.Pattern[str], Any]]) -> Any:
+def _spec_for(name: str, compiled: NameRules[Any]) -> Any:
     """The spec for ``name``: the key equal to it, else the first pattern matching it whole."""
-    for key, _, spec in compiled:
-        if key == name:
-            return spec
-    for _, pattern, spec in compiled:
-        if pattern.fullmatch(name):
-            return spec
-    return None
+    return compiled.lookup(name)
 
 
-def _region(spec: Any, rank: int, world: int, piece: int, shape: tuple[int, ...]) -> Any:
-    """This rank's basic index of a tensor of ``shape`` under ``spec`` (None: the whole tensor)."""
+def _region(spec: Any, rank: int, world: int, piece: int, shape: tuple[int, ...], where: str = "") -> Any:
+    """This rank's basic index of a tensor of ``shape`` under ``spec`` (None: the whole tensor).
+    A function's region is checked as ``restore(regions=)`` checks it (:func:`~gpuckpt.regions.region_of`:
+    bounds, rank, basic indices only), here and not after the reads; RegionError ends with ``where``."""
     if spec is None:
         return None
     if isinstance(spec, Split):
         pieces = world if spec.pieces is None else spec.pieces
         return split_region(shape, spec.dim, pieces, piece % pieces)
     region = spec(rank, world, shape)
-    # numpy's own checks (bounds, too many indices), on a view of one byte: here, not after the reads
-    np.broadcast_to(np.zeros((), np.uint8), shape)[region]
+    region_of(region, shape, where)
     return region
 
 
@@ -277,8 +269,8 @@ def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
 
 
 def _region_shape(region: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """numpy's shape of ``tensor[region]`` for a tensor of ``shape``, without a tensor."""
-    return tuple(np.broadcast_to(np.zeros((), np.uint8), shape)[() if region is None else region].shape)
+    """numpy's shape of ``tensor[region]`` for a tensor of ``shape`` (a region :func:`_region` checked)."""
+    return shape if region is None else region_of(region, shape).shape
 
 
 def _wire(array: np.ndarray) -> torch.Tensor:
@@ -307,7 +299,7 @@ class _Local:
 def _local_phase(
     ckpt: Checkpoint,
     names: NameSelector,
-    compiled: list[tuple[str, re.Pattern[str], Any]],
+    compiled: NameRules[Any],
     mode: str,
     replicated: str,
     rank: int,
@@ -332,7 +324,7 @@ def _local_phase(
             local.shapes[current] = info.shape
             local.dtypes[current] = info.dtype
             local.specs[current] = _spec_for(current, compiled)
-            local.regions[current] = _region(local.specs[current], rank, world, pieces[rank], info.shape)
+            local.regions[current] = _region(local.specs[current], rank, world, pieces[rank], info.shape, where)
         current = None
         local.fingerprint = _fingerprint(ckpt, local.names, local.specs, (mode, replicated))
         if mode == "once":
@@ -351,8 +343,9 @@ def _local_phase(
                 whole = ckpt.restore([current], verify=verify, threads=threads)[current]
                 local.results[current] = whole[local.regions[current]].copy()  # not a view of the whole
                 sends = []
+                where = describe(ckpt.index.path, current)
                 for other in range(world):
-                    theirs = _region(local.specs[current], other, world, pieces[other], local.shapes[current])
+                    theirs = _region(local.specs[current], other, world, pieces[other], local.shapes[current], where)
                     part = whole[theirs]
                     part = part if part.flags.c_contiguous else part.copy()  # a view where it is contiguous
                     if other != rank and part.size:
@@ -483,7 +476,7 @@ def restore(
     if mesh is not None:
         if mesh.ndim != 1 or mesh.size() != world:
             raise UnsupportedError(f"mesh={mesh}: a 1-D mesh over the group's {world} ranks is supported")
-        for key, _, spec in compiled:
+        for key, spec in compiled.items():
             if not isinstance(spec, Split):
                 raise InvalidArgumentError(f"sharding {key!r}: a region function has no DTensor placement; drop mesh=")
             if spec.pieces not in (None, world):

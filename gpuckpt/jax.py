@@ -70,11 +70,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from .casting import FLOATING, TARGETS, dtype_chooser
+from .casting import convertible, dtype_chooser, restored_dtype
 from .checkpoint import Checkpoint, NameSelector
 from .checkpoint import open as open_checkpoint
 from .errors import InvalidArgumentError, UnsupportedError, describe
 from .mapping import LoadError, LoadResult, MappingLike, _cast, _transformed, plan_load
+from .naming import NameRules
 
 ALIGNMENT = 64  #: bytes; XLA's CPU client aliases host buffers aligned to this, and copies others
 _WIDE = {"float64", "int64", "uint64", "complex128"}
@@ -178,8 +179,7 @@ def _logical(ckpt: Checkpoint, names: list[str], dtype: Any) -> dict[str, np.dty
         where = describe(ckpt.index.path, name)
         if info.dtype is None:
             raise UnsupportedError(f"{info.tf_dtype} tensors cannot be read: {where}")
-        wanted = chooser(name, info.dtype) if chooser is not None and info.dtype.kind != "O" else info.dtype
-        result[name] = check_dtype(wanted, where)
+        result[name] = check_dtype(restored_dtype(chooser, name, info.dtype), where)
     return result
 
 
@@ -245,22 +245,11 @@ def sharding_for(names: Iterable[str], shardings: ShardingsLike) -> dict[str, ja
         return dict.fromkeys(names)
     if not isinstance(shardings, Mapping):
         raise InvalidArgumentError(f"shardings={shardings!r}: give a mapping {{name or regex: jax.sharding.Sharding}}")
-    rules = []
     for key, value in shardings.items():
         if value is not None and not isinstance(value, jax.sharding.Sharding):
             raise InvalidArgumentError(f"shardings[{key!r}] is {value!r}, not a jax.sharding.Sharding (or None)")
-        try:
-            rules.append((re.compile(key), value))
-        except (re.error, TypeError) as exc:
-            raise InvalidArgumentError(f"shardings key {key!r} is not a name or regular expression: {exc}") from None
-    exact = {key: value for key, value in shardings.items() if isinstance(key, str)}
-    chosen: dict[str, jax.sharding.Sharding | None] = {}
-    for name in names:
-        if name in exact:
-            chosen[name] = exact[name]
-        else:
-            chosen[name] = next((value for pattern, value in rules if pattern.fullmatch(name)), None)
-    return chosen
+    rules = NameRules(shardings.items(), "shardings")
+    return {name: rules.lookup(name) for name in names}
 
 
 Bounds = tuple[tuple[int, int, int], ...]  # (start, stop, step) per axis, as slice.indices gives them
@@ -504,10 +493,7 @@ def flatten(params: Any, sep: str = "/") -> dict[str, Any]:
 
 def _restored_for(stored: np.dtype, wanted: np.dtype) -> np.dtype:
     """Read floating tensors as the leaf's floating type (the project's rule, ``dtype=``)."""
-    convertible = {"float16", "bfloat16", "float32", "float64", "float8_e4m3fn", "float8_e5m2"}
-    if stored != wanted and stored.name in FLOATING and stored.name in convertible and wanted.name in TARGETS:
-        return wanted
-    return stored
+    return wanted if convertible(stored, wanted) else stored
 
 
 def load_into(

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .casting import TARGETS, dtype_chooser
+from .casting import convertible, dtype_chooser, restored_dtype
 from .checkpoint import Checkpoint, NameSelector
 from .checkpoint import open as open_checkpoint
 from .errors import InvalidArgumentError, UnsupportedError, describe
@@ -182,9 +182,9 @@ def _restored_dtypes(ckpt: Checkpoint, names: list[str], dtype: Any) -> dict[str
         where = describe(ckpt.index.path, name)
         if stored is None:
             raise UnsupportedError(f"{ckpt.info(name).tf_dtype} tensors cannot be read: {where}")
-        wanted = chooser(name, stored) if chooser is not None and stored.kind != "O" else stored
+        wanted = restored_dtype(chooser, name, stored)
         torch_dtype(wanted, where)
-        result[name] = np.dtype(wanted)
+        result[name] = wanted
     return result
 
 
@@ -313,16 +313,7 @@ def _restored_for(stored: np.dtype, target: torch.dtype) -> np.dtype:
         wanted = numpy_dtype_of(target)
     except UnsupportedError:
         return stored
-    if wanted == stored:
-        return stored
-    from .casting import FLOATING
-
-    if stored.name in FLOATING and wanted.name in TARGETS and stored.name in _CONVERTIBLE:
-        return wanted
-    return stored
-
-
-_CONVERTIBLE = {"float16", "bfloat16", "float32", "float64", "float8_e4m3fn", "float8_e5m2"}
+    return wanted if convertible(stored, wanted) else stored
 
 
 def _state(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[int, list[str]]]:

@@ -98,6 +98,25 @@ def test_undefined_conversion_names_the_tensor_before_reading(tmp_path):
             ckpt.restore(dtype=np.float32)
 
 
+def test_restored_dtype_and_convertible_follow_the_chooser_and_conversions_def():
+    from gpuckpt.casting import TARGETS, convertible, dtype_chooser, restored_dtype
+
+    sources = ["float16", "bfloat16", "float32", "float64", "ml_dtypes.float8_e4m3fn", "ml_dtypes.float8_e5m2"]
+    others = ["int8", "int32", "uint64", "bool", "complex64", "ml_dtypes.float8_e4m3fnuz", "object"]
+    for stored in map(numpy_dtype, sources + others):
+        for wanted in map(numpy_dtype, TARGETS + ("int32", "ml_dtypes.float8_e5m2")):
+            # the set torch.py and jax.py once spelled out by hand
+            expected = stored != wanted and stored.name in {s.removeprefix("ml_dtypes.") for s in sources}
+            assert convertible(stored, wanted) == (expected and wanted.name in TARGETS), (stored, wanted)
+    half = numpy_dtype("float16")
+    chooser = dtype_chooser({"a.*": "float16"})
+    assert restored_dtype(chooser, "ab", np.dtype("float32")) == half
+    assert restored_dtype(chooser, "b", np.dtype("float32")) == np.dtype("float32")
+    assert restored_dtype(chooser, "ab", np.dtype("int32")) == np.dtype("int32")
+    assert restored_dtype(None, "ab", np.dtype("float64")) == np.dtype("float64")
+    assert restored_dtype(dtype_chooser("float16"), "x", np.dtype(object)) == np.dtype(object)
+
+
 def test_dtype_info_itemsizes_match_numpy():
     for value, info in DTYPES.items():
         if info.numpy is not None:

@@ -333,6 +333,25 @@ def test_split_region_is_torch_chunk():
         split_region((4,), 1, 2, 0)
 
 
+def test_specs_by_name_and_region_functions_checked_as_restore_checks_regions():
+    from gpuckpt.distributed import _compile, _region, _region_shape, _spec_for
+    from gpuckpt.regions import RegionError
+
+    compiled = _compile({"a.*": Split(0), "ab": (1, 2), r"x\d": lambda rank, world, shape: (rank, ...)})
+    assert _spec_for("ab", compiled) == Split(1, 2)  # the equal key first, then the first full match
+    assert _spec_for("abc", compiled) == Split(0) and _spec_for("x1y", compiled) is None
+    with pytest.raises(gpuckpt.InvalidArgumentError, match="regular expression"):
+        _compile({"(": Split(0)})
+
+    rows = _spec_for("x1", compiled)
+    assert _region(rows, 2, 4, 2, (4, 6), "w") == (2, ...) and _region_shape((2, ...), (4, 6)) == (6,)
+    assert _region_shape(None, (4, 6)) == (4, 6) and _region_shape((None, slice(1, 3)), (4, 6)) == (1, 2, 6)
+    # numpy would index with these; restore(regions=) refuses them, so the spec does, before any read
+    for bad in ([0, 1], np.array([True, False, True, False]), (True,), (0, 0, 0), (4,), (slice(0, 1, 0),)):
+        with pytest.raises(RegionError, match="w$"):
+            _region(lambda rank, world, shape, bad=bad: bad, 0, 4, 0, (4, 6), "w")
+
+
 def test_every_rank_own_shards_bit_for_bit_and_only_their_bytes(modes, checkpoint):
     full, sizes = checkpoint["full"], checkpoint["sizes"]
     for rank, result in enumerate(modes):
