@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import mmap
 import os
 import resource
 import subprocess
@@ -55,10 +54,10 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
+from floors import CopyFloors  # noqa: E402
 from report import machine_info, write_results  # noqa: E402
 
 import gpuckpt  # noqa: E402
-from gpuckpt.host import reader  # noqa: E402
 
 #: the issue's targets: load_into at most as slow as restore()+load_state_dict, within 1.2x of restore()
 TARGET_OVER_BASELINE = 1.0
@@ -309,41 +308,25 @@ def in_process(args, prefix: str) -> dict:
     model = build_model(args.layers, args.d_model, args.vocab, args.context)
     data_path = prefix + ".data-00000-of-00001"
     size = os.path.getsize(data_path)
-    fd = os.open(data_path, os.O_RDONLY)
-    mapped = mmap.mmap(fd, size, prot=mmap.PROT_READ)
-    source = np.frombuffer(mapped, np.uint8)
-    prefaulted = np.ones(size, np.uint8)
-    np.copyto(prefaulted, source)  # map every page of the file once, so only the copy is timed
-
-    def pread_prefaulted():
-        view = memoryview(prefaulted)
-        for start in range(0, size, reader.CHUNK_BYTES):
-            os.preadv(fd, [view[start : start + reader.CHUNK_BYTES]], start)
 
     import gpuckpt.torch as gtorch
 
-    try:
-        with gpuckpt.open(prefix) as ckpt:
-            check(model, ckpt)
-            runs = calls(model, ckpt)
-            nbytes = sum(t.nbytes for t in model.state_dict().values())
-            seconds, medians = interleaved(
-                args.repeat,
-                {
-                    "load_into_s": runs["load_into"],
-                    "load_into_unverified_s": lambda: gtorch.load_into(model, ckpt, verify=False),
-                    "restore_load_state_dict_s": runs["restore_load_state_dict"],
-                    "restore_s": runs["restore"],
-                    "restore_unverified_s": lambda: ckpt.restore(verify=False),
-                    "floor_memcpy_prefaulted_s": lambda: np.copyto(prefaulted, source),
-                    "floor_preadv_prefaulted_1thread_s": pread_prefaulted,
-                },
-            )
-            tensors = len(ckpt.keys())
-    finally:
-        source = None  # drop the export of the mapping so it can close
-        mapped.close()
-        os.close(fd)
+    with CopyFloors(data_path) as floors, gpuckpt.open(prefix) as ckpt:
+        check(model, ckpt)
+        runs = calls(model, ckpt)
+        nbytes = sum(t.nbytes for t in model.state_dict().values())
+        seconds, medians = interleaved(
+            args.repeat,
+            {
+                "load_into_s": runs["load_into"],
+                "load_into_unverified_s": lambda: gtorch.load_into(model, ckpt, verify=False),
+                "restore_load_state_dict_s": runs["restore_load_state_dict"],
+                "restore_s": runs["restore"],
+                "restore_unverified_s": lambda: ckpt.restore(verify=False),
+                **floors.timings(),
+            },
+        )
+        tensors = len(ckpt.keys())
     return {"tensors": tensors, "parameter_bytes": nbytes, "data_file_bytes": size, **seconds}, medians
 
 

@@ -45,6 +45,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
+from floors import CopyFloors  # noqa: E402
 from report import machine_info, write_results  # noqa: E402
 from restore_host import large_arrays, many_arrays  # noqa: E402
 
@@ -160,18 +161,7 @@ def in_process(prefix, expected, repeat):
     """The floors, restore(out=), fresh restores and the baselines, interleaved."""
     data_path = prefix + ".data-00000-of-00001"
     size = os.path.getsize(data_path)
-    fd = os.open(data_path, os.O_RDONLY)
-    mapped = mmap.mmap(fd, size, prot=mmap.PROT_READ)
-    source = np.frombuffer(mapped, np.uint8)
-    prefaulted = np.ones(size, np.uint8)
-    np.copyto(prefaulted, source)  # map every page of the file once, so only the copy is timed
-
-    def pread_prefaulted():
-        view = memoryview(prefaulted)
-        for start in range(0, size, reader.CHUNK_BYTES):
-            os.preadv(fd, [view[start : start + reader.CHUNK_BYTES]], start)
-
-    with gpuckpt.open(prefix) as ckpt:
+    with CopyFloors(data_path) as floors, gpuckpt.open(prefix) as ckpt:
         check(ckpt.restore(), expected)
         out = ckpt.restore()  # arrays to fill: faulted in by this first restore
         given = dict(out)
@@ -193,8 +183,7 @@ def in_process(prefix, expected, repeat):
         seconds = interleaved(
             repeat,
             {
-                "floor_memcpy_prefaulted_s": lambda: np.copyto(prefaulted, source),
-                "floor_preadv_prefaulted_1thread_s": pread_prefaulted,
+                **floors.timings(),
                 "out_verified_s": lambda: ckpt.restore(out=out),
                 "out_unverified_s": lambda: ckpt.restore(out=out, verify=False),
                 "fresh_verified_s": lambda: ckpt.restore(),
@@ -204,9 +193,6 @@ def in_process(prefix, expected, repeat):
             },
             cpu=True,
         )
-    source = None  # drop the export of the mapping so it can close
-    mapped.close()
-    os.close(fd)
     return {"bytes": size, **seconds, **fault_per_GiB(size, repeat)}
 
 

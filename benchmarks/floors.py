@@ -1,0 +1,45 @@
+"""The memory-copy floors the host benchmarks time beside gpuckpt, in the same run."""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Callable
+
+import numpy as np
+
+from gpuckpt.host import reader
+
+
+class CopyFloors:
+    """The two floors for reading a page-cached data file into memory already faulted in, as
+    named timings: ``floor_memcpy_prefaulted_s``, one single-threaded memcpy of the mapped file,
+    and ``floor_preadv_prefaulted_1thread_s``, the same by ``preadv`` in gpuckpt's chunk size (how
+    the reader copies). A context manager: the mapping and the file are closed at its end."""
+
+    def __init__(self, data_path: str) -> None:
+        self.size = os.path.getsize(data_path)
+        self._fd = os.open(data_path, os.O_RDONLY)
+        self._mapped = mmap.mmap(self._fd, self.size, prot=mmap.PROT_READ)
+        self._source: np.ndarray | None = np.frombuffer(self._mapped, np.uint8)
+        self._prefaulted = np.ones(self.size, np.uint8)
+        self.memcpy()  # map every page of the file once, so only the copy is timed
+
+    def memcpy(self) -> None:
+        np.copyto(self._prefaulted, self._source)
+
+    def pread(self) -> None:
+        view = memoryview(self._prefaulted)
+        for start in range(0, self.size, reader.CHUNK_BYTES):
+            os.preadv(self._fd, [view[start : start + reader.CHUNK_BYTES]], start)
+
+    def timings(self) -> dict[str, Callable[[], None]]:
+        return {"floor_memcpy_prefaulted_s": self.memcpy, "floor_preadv_prefaulted_1thread_s": self.pread}
+
+    def __enter__(self) -> CopyFloors:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._source = None  # drop the export of the mapping so it can close
+        self._mapped.close()
+        os.close(self._fd)
