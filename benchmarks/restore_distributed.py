@@ -98,13 +98,9 @@ def ensure_checkpoint(work_dir: str, size_mb: int) -> str:
 
 def evict(files: list[str]) -> float | None:
     """Drop the files' pages from the page cache; the fraction still resident (fincore), if known."""
-    for path in files:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+    from gpuckpt.host.shards import drop_from_page_cache
+
+    drop_from_page_cache(files)
     try:
         out = subprocess.run(
             ["fincore", "--bytes", "--noheadings", "--output", "RES,SIZE", *files],

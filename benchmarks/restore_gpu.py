@@ -40,6 +40,7 @@ from report import machine_info, write_results  # noqa: E402
 from restore_host import large_arrays  # noqa: E402
 
 import gpuckpt  # noqa: E402
+from gpuckpt.host.shards import drop_from_page_cache  # noqa: E402
 
 
 def rss_bytes() -> int:
@@ -85,15 +86,6 @@ def make_checkpoint(prefix: str, size_gb: float, count: int) -> None:
     """The host benchmark's mixed fp32/bf16/fp16 tensors at this size, saved once."""
     if not os.path.exists(prefix + ".index"):
         gpuckpt.save(prefix, large_arrays(size_gb * 1024, count))
-
-
-def evict(paths):
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def device_description() -> dict:
@@ -238,11 +230,11 @@ def main(argv=None) -> int:
     done("safetensors")
 
     def cold():
-        evict(files)
+        drop_from_page_cache(files)
         restore(True)()
 
     def raw_read():
-        evict(files)
+        drop_from_page_cache(files)
         for path in files[:-1]:
             with open(path, "rb", buffering=0) as f:
                 while f.readinto(memoryview(staging)[: 64 << 20]):

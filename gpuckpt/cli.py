@@ -30,6 +30,7 @@ from . import open as open_checkpoint
 from .checkpoint import Checkpoint
 from .format.meta import MetaGraphSummary, find_meta, read_meta
 from .format.object_graph import OBJECT_GRAPH_KEY
+from .host.shards import drop_from_page_cache
 
 SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples", "keras_adam")
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DAMAGED = 0, 1, 2, 3
@@ -418,20 +419,6 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _evict(paths: list[str]) -> bool:
-    """Drop files from the page cache (posix_fadvise DONTNEED); False where that is impossible."""
-    if not hasattr(os, "posix_fadvise"):
-        return False
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    return True
-
-
 def _import_tensorflow() -> Any:
     """TensorFlow for the baseline, or None; quiet (its C++ log lines would go to stderr twice)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -455,7 +442,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         best = float("inf")
         for _ in range(args.repeat):
             if cold:
-                _evict(files)
+                drop_from_page_cache(files)
             start = time.perf_counter()
             fn()
             best = min(best, time.perf_counter() - start)
@@ -484,7 +471,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 os.close(fd)
 
     results = {"warm_gpuckpt_s": timed(ours), "warm_read_floor_s": timed(floor)}
-    if _evict(files):
+    if drop_from_page_cache(files):
         results["cold_gpuckpt_s"] = timed(ours, cold=True)
         results["cold_read_floor_s"] = timed(floor, cold=True)
     tf = _import_tensorflow()

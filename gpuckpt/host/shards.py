@@ -28,6 +28,22 @@ def data_filename(prefix: str, shard_id: int, num_shards: int) -> str:
     return f"{prefix}.data-{shard_id:05d}-of-{num_shards:05d}"
 
 
+def drop_from_page_cache(paths: list[str]) -> bool:
+    """Write back, then drop the files' pages from the page cache (``posix_fadvise`` DONTNEED),
+    so the next read comes from storage (cold-cache measurements); False where the platform has
+    no ``posix_fadvise``."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return True
+
+
 class ShardFiles:
     """The open data files of one bundle, by shard id. Thread-safe; close() is idempotent.
 
