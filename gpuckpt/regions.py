@@ -237,32 +237,90 @@ def _widen(selection: tuple[range, ...], axis: int, picked: range) -> Widened:
     return Widened(selection[:axis] + (stretch,) + selection[axis + 1 :], axis, as_slice(within, 0))
 
 
-def widened_pieces(
+@dataclasses.dataclass(frozen=True, slots=True)
+class Stretches:
+    """How the host reads a region of a stored tensor: one read per *stretch*, the stored bytes from
+    the first to the last byte the region needs under one combination of the indices it selects
+    on the axes before ``axis`` (``count`` of them, in the result's order). A stretch covers the
+    indices ``rows`` of ``axis`` (the trailing axes whole) and is read into a buffer place of
+    ``len(rows)`` such rows, starting ``head`` bytes in, ``length`` bytes long; the region is then
+    picked out of the place by ``pick``, a basic index on it. ``direct``: the stretches are the
+    region's runs (:func:`run_offsets`), read straight into place, nothing picked."""
+
+    axis: int
+    count: int
+    rows: range
+    head: int
+    length: int
+    pick: tuple[slice, ...]
+    direct: bool
+
+    def row_bytes(self, shape: tuple[int, ...], itemsize: int) -> int:
+        """The bytes of one index of ``axis`` (with every axis after it)."""
+        return math.prod(shape[self.axis + 1 :]) * itemsize
+
+
+def plan_stretches(
     shape: tuple[int, ...],
     itemsize: int,
     selection: tuple[range, ...],
-    gap_bytes: int = REGION_GAP_BYTES,
-    stretch_bytes: int = GROUP_READ_BYTES,
-) -> list[tuple[int, Widened]] | None:
-    """:func:`widened` for stretches of any length: the stepped axis cut into pieces of
-    consecutive picks whose stretches are at most ``stretch_bytes`` each, as ``(first, wide)``:
-    the position of the piece's first pick along the axis, and the :class:`Widened` reading of
-    the region with the axis cut to that piece. One piece where the whole stretch fits; None where
-    :func:`widened` would not apply for a shorter stretch either (or one index of the axis alone is
-    over ``stretch_bytes``: its runs are long already)."""
-    block_from, whole_from = run_layout(shape, selection)
-    if block_from != whole_from or whole_from == 0:
-        return None
-    axis = whole_from - 1
-    picked = selection[axis]
-    inner = math.prod(shape[axis + 1 :]) * itemsize
-    if (abs(picked.step) - 1) * inner > gap_bytes or not 0 < inner <= stretch_bytes:
-        return None
-    per_piece = (stretch_bytes // inner - 1) // abs(picked.step) + 1  # picks whose stretch fits
-    return [
-        (first, _widen(selection, axis, picked[first : first + per_piece]))
-        for first in range(0, len(picked), per_piece)
-    ]
+    *,
+    call_cost_bytes: int,
+    gap_bytes: int | None,
+    buffer_bytes: int,
+) -> Stretches:
+    """The cheapest way to read a region (not empty) as :class:`Stretches`: the axis minimizing
+    ``reads * call_cost_bytes + bytes read`` (one read call costs about as much as reading
+    ``call_cost_bytes`` more bytes), where a stretch may only hold gaps of at most ``gap_bytes``
+    unwanted bytes between two of the region's runs (None: any gap, for the fastest read from a
+    warm page cache; a number bounds what is read beyond the region, as sharded restores need), and
+    one index of the axis must fit a buffer of ``buffer_bytes`` (a longer stretch is read in pieces
+    of whole indices). The region's own runs are always a candidate: they hold no gap."""
+    block_from, _ = run_layout(shape, selection)
+    ndim = len(shape)
+    strides = [math.prod(shape[axis + 1 :]) * itemsize for axis in range(ndim)]  # in bytes
+    lows = [min(s[0], s[-1]) for s in selection]
+    highs = [max(s[0], s[-1]) for s in selection]
+    counts = [len(s) for s in selection]
+    run_bytes = math.prod(counts[block_from:]) * itemsize
+    runs = math.prod(counts[:block_from])
+    best_axis, best_cost = block_from, runs * (call_cost_bytes + run_bytes)
+    under = run_bytes  # first to last wanted byte under one index of the axis (the axes after it)
+    widest_gap = 0
+    for axis in range(block_from - 1, -1, -1):  # from the innermost: ties go to fewer, longer reads
+        if counts[axis] > 1:
+            widest_gap = max(widest_gap, abs(selection[axis].step) * strides[axis] - under)
+        if gap_bytes is not None and widest_gap > gap_bytes:
+            break  # a stretch along any axis before this one holds this gap too
+        length = (highs[axis] - lows[axis]) * strides[axis] + under
+        if strides[axis] <= buffer_bytes:
+            stretches = math.prod(counts[:axis])
+            pieces = -(-((highs[axis] - lows[axis] + 1) * strides[axis]) // buffer_bytes)
+            cost = stretches * (pieces * call_cost_bytes + length)
+            if cost <= best_cost:
+                best_axis, best_cost = axis, cost
+        under = length
+    if best_axis == block_from:
+        return Stretches(block_from, runs, range(0), 0, run_bytes, (), True)
+    axis = best_axis
+    head = sum(lows[j] * strides[j] for j in range(axis + 1, ndim))  # axes after the run's are whole: 0
+    tail = sum((highs[j] - lows[j]) * strides[j] for j in range(axis + 1, block_from))
+    pick = (as_slice(selection[axis], lows[axis]),) + tuple(as_slice(s, 0) for s in selection[axis + 1 :])
+    length = (highs[axis] - lows[axis]) * strides[axis] + tail + run_bytes
+    return Stretches(axis, math.prod(counts[:axis]), range(lows[axis], highs[axis] + 1), head, length, pick, False)
+
+
+def stretch_offsets(shape: tuple[int, ...], itemsize: int, selection: tuple[range, ...], plan: Stretches) -> np.ndarray:
+    """The byte offset (from the tensor's first byte, int64) of each stretch's first byte, in the
+    result's order."""
+    if plan.direct:
+        return run_offsets(shape, itemsize, selection)[0]
+    strides = [math.prod(shape[axis + 1 :]) * itemsize for axis in range(len(shape))]
+    starts = np.zeros((), np.int64)
+    for axis in range(plan.axis):
+        picked = selection[axis]
+        starts = np.add.outer(starts, np.arange(picked.start, picked.stop, picked.step, dtype=np.int64) * strides[axis])
+    return starts.reshape(-1) + plan.rows[0] * strides[plan.axis] + plan.head
 
 
 def read_groups(

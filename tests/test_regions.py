@@ -20,14 +20,15 @@ from hypothesis import strategies as st
 import gpuckpt
 from gpuckpt.cuda import cuda_available
 from gpuckpt.device import HostDevice
+from gpuckpt.host import lazy_slice
 from gpuckpt.regions import (
     REGION_GAP_BYTES,
     RegionError,
     bytes_to_read,
+    plan_stretches,
     read_groups,
     region_of,
     run_offsets,
-    widened,
 )
 
 REAL_GPU = cuda_available()  # decided before the double can be installed
@@ -141,8 +142,9 @@ def _same(got: np.ndarray, expected: np.ndarray, backend: str, what: object) -> 
 
 
 def _expected_bytes(ckpt: gpuckpt.Checkpoint, name: str, key: object) -> tuple[int, int | None, int]:
-    """(bytes the region holds, bytes the reads read by the plan, most they may read): a whole
-    region reads the tensor once; a partial one its runs, at most REGION_GAP_BYTES between two."""
+    """(bytes the region holds, bytes the host's stretch plan reads, most any reader may read): a
+    whole region reads the tensor once; a partial one its runs, at most REGION_GAP_BYTES between
+    two. The plan's figure is None where the host reads a stretch in pieces (longer than its buffer)."""
     entry = ckpt.index.tensors[name]
     info = entry.dtype_info
     region = region_of(key, entry.shape)
@@ -156,29 +158,41 @@ def _expected_bytes(ckpt: gpuckpt.Checkpoint, name: str, key: object) -> tuple[i
             meet = intersect(region.selection, bounds)
             if meet is not None:
                 parts.append((ckpt.index.slice_entry(entry, tensor_slice), meet[1], tuple(b - a for a, b in bounds)))
-    needed = planned = most = 0
-    exact = True  # the plan's bytes are what is read (not where a stretch is widened: read by chunks)
+    needed = host = most = 0
+    exact = True
     for stored, selection, shape in parts:
         holds = math.prod(len(s) for s in selection) * info.itemsize
         needed += holds
         if region.whole or all(len(s) == d and (d <= 1 or s.step == 1) for s, d in zip(selection, shape, strict=True)):
-            planned += stored.size  # read whole, verified
+            host += stored.size  # read whole, verified
             most += stored.size
             continue
-        offsets, run_bytes = run_offsets(shape, info.itemsize, selection)
-        planned += bytes_to_read(offsets, run_bytes, read_groups(offsets, run_bytes))
+        offsets, _ = run_offsets(shape, info.itemsize, selection)
         most += holds + REGION_GAP_BYTES * max(len(offsets) - 1, 0)
-        exact = exact and widened(shape, info.itemsize, tuple(selection)) is None
-    return needed, planned if exact else None, most
+        if holds == 0:
+            continue
+        plan = plan_stretches(
+            shape,
+            info.itemsize,
+            tuple(selection),
+            call_cost_bytes=lazy_slice.READ_CALL_COST_BYTES,
+            gap_bytes=REGION_GAP_BYTES,
+            buffer_bytes=lazy_slice.SPAN_READ_BYTES,
+        )
+        host += plan.count * plan.length
+        place = len(plan.rows) * plan.row_bytes(shape, info.itemsize)
+        exact = exact and (plan.direct or place <= lazy_slice.SPAN_READ_BYTES)
+    return needed, host if exact else None, most
 
 
 def _check_bytes(ckpt: gpuckpt.Checkpoint, name: str, key: object, read: int, backend: str) -> None:
-    """The host reads what the plan says; a device reads a region slot by slot, each slot's runs
-    grouped anew (a run cut by a slot's end is read in two), so it may read less, never more than
-    the runs and a gap's slack between two."""
-    needed, planned, most = _expected_bytes(ckpt, name, key)
-    if backend == "host" and planned is not None:
-        assert needed <= read == planned <= most, (name, key)
+    """The host reads what its stretch plan says (:func:`gpuckpt.regions.plan_stretches`); a
+    device reads a region slot by slot, each slot's runs grouped anew (a run cut by a slot's end
+    is read in two), so it may read less than its groups, never more than the runs and a gap's
+    slack between two."""
+    needed, host, most = _expected_bytes(ckpt, name, key)
+    if backend == "host" and host is not None:
+        assert needed <= read == host <= most, (name, key)
     else:
         assert needed <= read <= most, (name, key)
 

@@ -1,17 +1,25 @@
-"""``Checkpoint.get_slice(name)[...]``: index a stored tensor, touching only the bytes needed.
+"""Reading regions of stored tensors on the host: ``get_slice(name)[...]`` and ``restore(regions=)``.
 
-The selected region is read with ``preadv``, never through a mapping: a data file that shrinks
-underneath gives a short read (a :class:`FormatError`) instead of a SIGBUS that would kill the process.
-Either as contiguous runs (one read each) or, where runs would be many and small, as the span of
-whole rows between the first and last selected ones, read in pieces through one buffer and picked
-with basic slicing; a rough cost model chooses. Partitioned tensors gather from each
-saved slice that intersects the selection. Partial reads cannot be checked against the tensor's
-crc32c (it covers the whole tensor); ``get_tensor`` verifies.
+One reader serves both (:func:`read_selection`): a region is read as stretches of stored bytes
+(:func:`gpuckpt.regions.plan_stretches`), either its contiguous runs straight into place or,
+where runs would be many and short, longer stretches along an outer axis read through one reused
+buffer and the region picked out with basic slicing; a cost model chooses the axis. The two
+callers differ only in what a stretch may read beyond the region: ``get_slice`` anything
+(fastest from a warm page cache), ``restore(regions=)`` at most a page between two runs (a
+sharded restore reads only its share). Everything is read with ``preadv``, never through a
+mapping: a data file that shrinks underneath gives a short read (a :class:`FormatError`) instead
+of a SIGBUS that would kill the process. Partitioned tensors gather from each saved slice that
+meets the region; a saved slice the region holds whole is read whole and checked. Partial reads
+cannot be checked against the tensor's crc32c (it covers the whole tensor).
+
+The device pipeline stages regions through its slots with :func:`read_window` and
+:func:`widened_chunks` (bytes ``[lo, hi)`` of a region's result at a time).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -24,17 +32,17 @@ from ..format.crc import crc32c
 from ..format.slices import TensorSlice
 from ..regions import (
     GROUP_READ_BYTES,
+    REGION_GAP_BYTES,
     Region,
     Widened,
-    as_slice,
     cover_problem,
     intersect,
     is_full,
+    plan_stretches,
     read_groups,
     region_of,
-    run_layout,
     run_offsets,
-    widened_pieces,
+    stretch_offsets,
 )
 from .convert import check_conversion, fix_in_place, reference_convert
 from .reader import CHUNK_BYTES, HostReader, check_dtype, check_readable
@@ -47,61 +55,64 @@ SPAN_READ_BYTES = 4 << 20  # a span is read in pieces this big, through one buff
 PICK_LOOP_BYTES = 512  # runs this long are copied out of a shared read one by one, shorter ones gathered
 
 
-def read_region(
-    shards: ShardFiles, entry: TensorEntry, dtype: np.dtype, selection: list[range] | tuple[range, ...]
-) -> np.ndarray:
-    """The elements ``entry[np.ix_(*selection)]`` as raw stored values, read from the shard.
-
-    The trailing axes selected whole, plus the axis before them where it is an ascending run, are
-    contiguous in the file and in the result: one read per combination of the leading indices.
-    """
-    shape = entry.shape
-    out = np.empty(tuple(len(s) for s in selection), dtype)
-    if out.size == 0:
-        return out
-    itemsize = dtype.itemsize
-    row_bytes = math.prod(shape[1:]) * itemsize
-    block_from, _ = run_layout(shape, selection)
-    num_blocks = math.prod(out.shape[:block_from])
-    block_bytes = math.prod(out.shape[block_from:]) * itemsize
-    read_runs = True
-    if shape:  # else a scalar: one run
-        rows = selection[0]
-        first_row, last_row = min(rows[0], rows[-1]), max(rows[0], rows[-1])
-        span_bytes = (last_row - first_row + 1) * row_bytes
-        read_runs = num_blocks * (READ_CALL_COST_BYTES + block_bytes) <= READ_CALL_COST_BYTES + span_bytes
-    if read_runs:
-        offsets, run_bytes = run_offsets(shape, itemsize, selection)
-        flat = memoryview(out.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
-        shards.read_runs(entry.shard_id, (offsets + entry.offset).tolist(), run_bytes, flat, entry.name)
-        shards.check_not_shrunk(entry.shard_id, entry.name)  # no checksum covers a partial read
-        return out
-    _read_span(shards, entry, out, selection, row_bytes)
-    return out
-
-
-def _read_span(
-    shards: ShardFiles, entry: TensorEntry, out: np.ndarray, selection: list[range] | tuple[range, ...], row_bytes: int
+def read_selection(
+    shards: ShardFiles, entry: TensorEntry, selection: tuple[range, ...], box: np.ndarray, gap_bytes: int | None
 ) -> None:
-    """Fill ``out`` by reading every row between the first and last selected ones, a few MiB at a
-    time into one reused buffer (no page faults on a fresh span-sized one), picking the selection
-    out of each piece with basic slicing."""
-    rows = selection[0]
-    ascending, target = (rows, out) if rows.step > 0 else (rows[::-1], out[::-1])
-    rows_per_read = max(1, SPAN_READ_BYTES // row_bytes)
-    buffer = np.empty((min(rows_per_read, ascending[-1] - ascending[0] + 1), *entry.shape[1:]), out.dtype)
+    """The stored values of the region ``selection`` of one entry into ``box`` (C-contiguous, the
+    region's box shape, the stored dtype), as :func:`gpuckpt.regions.plan_stretches` plans with
+    ``gap_bytes``: the runs straight into place, or stretches read a buffer at a time (pieces of
+    whole indices where one stretch is longer than the buffer) and the region picked out."""
+    if box.size == 0:
+        return
+    shape, itemsize = entry.shape, box.dtype.itemsize
+    plan = plan_stretches(
+        shape,
+        itemsize,
+        selection,
+        call_cost_bytes=READ_CALL_COST_BYTES,
+        gap_bytes=gap_bytes,
+        buffer_bytes=SPAN_READ_BYTES,
+    )
+    offsets = (stretch_offsets(shape, itemsize, selection, plan) + entry.offset).tolist()
+    if plan.direct:
+        flat = memoryview(box.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+        shards.read_runs(entry.shard_id, offsets, plan.length, flat, entry.name)
+        return
+    axis, rows = plan.axis, plan.rows
+    row_bytes = plan.row_bytes(shape, itemsize)
+    trailing = shape[axis + 1 :]
+    by_stretch = box.reshape(plan.count, *box.shape[axis:])  # a view: box is C-contiguous
+    picked = selection[axis]
+    if len(rows) * row_bytes <= SPAN_READ_BYTES:  # whole stretches, as many as fit the buffer
+        per_read = max(1, SPAN_READ_BYTES // (len(rows) * row_bytes))
+        buffer = np.empty((min(per_read, plan.count), len(rows), *trailing), box.dtype)
+        flat = memoryview(buffer.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+        place = len(rows) * row_bytes
+        for first in range(0, plan.count, per_read):
+            stop = min(plan.count, first + per_read)
+            shards.read_runs(entry.shard_id, offsets[first:stop], plan.length, flat[plan.head :], entry.name, place)
+            by_stretch[first:stop] = buffer[: stop - first][(slice(None),) + plan.pick]
+        return
+    # one stretch in pieces: runs of consecutive picks whose rows fit the buffer
+    ascending = picked if picked.step > 0 else picked[::-1]
+    per_piece = (SPAN_READ_BYTES // row_bytes - 1) // abs(ascending.step) + 1
+    buffer = np.empty((min(len(rows), (per_piece - 1) * abs(ascending.step) + 1), *trailing), box.dtype)
     flat = memoryview(buffer.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
-    picks = (slice(None),) + tuple(as_slice(r, 0) for r in selection[1:])  # within a row
-    done = 0  # output rows filled
-    while done < len(ascending):
-        first = ascending[done]
-        stop = min(first + len(buffer), ascending[-1] + 1)
-        count = -(-(stop - first) // ascending.step)  # selected rows in [first, stop)
-        piece = flat[: (stop - first) * row_bytes]
-        shards.read_into(entry.shard_id, entry.offset + first * row_bytes, piece, entry.name)
-        target[done : done + count] = buffer[0 : stop - first : ascending.step][picks]
-        done += count
-    shards.check_not_shrunk(entry.shard_id, entry.name)
+    under = plan.length - (len(rows) - 1) * row_bytes  # the bytes wanted under one index of the axis
+    within = (slice(None, None, abs(ascending.step)), *plan.pick[1:])
+    for number, offset in enumerate(offsets):
+        for first in range(0, len(ascending), per_piece):
+            picks = ascending[first : first + per_piece]
+            span = picks[-1] - picks[0] + 1
+            start = offset + (picks[0] - rows[0]) * row_bytes
+            length = (span - 1) * row_bytes + under
+            shards.read_into(entry.shard_id, start, flat[plan.head : plan.head + length], entry.name)
+            values = buffer[:span][within]
+            if picked.step > 0 or len(picked) == 1:
+                by_stretch[number, first : first + len(picks)] = values
+            else:  # the result holds the picks descending
+                end = len(picked) - first
+                by_stretch[number, end - len(picks) : end] = values[::-1]
 
 
 class LazyTensor:
@@ -125,10 +136,6 @@ class LazyTensor:
             raise TypeError("len() of a scalar tensor")
         return self.shape[0]
 
-    def _read(self, entry: TensorEntry, selection: tuple[range, ...]) -> np.ndarray:
-        assert self._info.numpy is not None  # strings are read whole
-        return read_region(self._reader.shards, entry, self._info.numpy, selection)
-
     def __getitem__(self, key: Any) -> np.ndarray:
         index: BundleIndex = self._reader.index
         tensor = self._tensor
@@ -141,28 +148,22 @@ class LazyTensor:
                 single[()] = picked
                 return single
             return picked.copy()  # owns its memory: not a view of the whole tensor
-        out: np.ndarray
-        if not tensor.slices:
-            out = self._read(tensor, region.selection).reshape(region.shape)
-        else:
+        if tensor.slices:
+            # TF refuses regions the saved slices leave uncovered; checked before allocating the
+            # region, whose declared shape the saved data may be far too small to fill
             meets = [
-                (tensor_slice, meet)
+                meet[0]
                 for tensor_slice in tensor.slices
                 if (meet := intersect(region.selection, _bounds(tensor_slice, tensor.shape))) is not None
             ]
-            # TF refuses regions the saved slices leave uncovered; checked before allocating the
-            # region, whose declared shape the saved data may be far too small to fill
-            problem = cover_problem(region.box_shape, [meet[0] for _, meet in meets])
+            problem = cover_problem(region.box_shape, meets)
             if problem:
                 raise FormatError(
                     f"does not have sufficient slices for the requested region of partitioned tensor ({problem}): "
                     + describe(index.path, tensor.name)
                 )
-            out = np.empty(region.shape, self._info.numpy)
-            box = out.reshape(region.box_shape)  # a view with the integer axes kept
-            for tensor_slice, (target, within) in meets:
-                box[target] = self._read(index.slice_entry(tensor, tensor_slice), within)
-        fix_in_place(out, self._info, index.header.big_endian)
+        out = np.empty(region.shape, self._info.numpy)
+        read_region_into(self._reader, tensor, region, out, verify=True, gap_bytes=None)
         return out
 
 
@@ -189,27 +190,6 @@ def read_window(
         pos = stop * run_bytes
     if pos < hi:  # and ends inside one
         shards.read_into(shard, base + int(offsets[pos // run_bytes]), dst[pos - lo : hi - lo], name)
-
-
-def fill_region(
-    shards: ShardFiles, entry: TensorEntry, itemsize: int, selection: tuple[range, ...], out: np.ndarray
-) -> None:
-    """The stored bytes of the region ``selection`` of one entry into ``out`` (uint8, in the
-    region's order): its runs; or, where the last axis not taken whole is stepped with picks close
-    together, whole stretches of that axis (:func:`gpuckpt.regions.widened_pieces`: at most 1 MiB
-    each, a longer one cut in pieces) read 1 MiB at a time through one buffer and picked with a
-    strided copy, rather than one run per element."""
-    pieces = widened_pieces(entry.shape, itemsize, selection)
-    if pieces is None:
-        offsets, run_bytes = run_offsets(entry.shape, itemsize, selection)
-        read_window(shards, entry, offsets, run_bytes, 0, len(out), memoryview(out))  # type: ignore[arg-type]
-        return
-    picks = len(selection[pieces[0][1].axis])
-    for start, wide in pieces:
-        for first, stop, picked in widened_chunks(shards, entry, itemsize, wide, CHUNK_BYTES):
-            # the region as (one index of the leading axes, picks, words per pick)
-            words = out.view(picked.dtype).reshape(-1, picks, picked.shape[2])
-            words[first:stop, start : start + picked.shape[1]] = picked
 
 
 def widened_chunks(
@@ -278,26 +258,32 @@ def _read_runs(shards: ShardFiles, entry: TensorEntry, offsets: np.ndarray, run_
 
 
 def read_region_into(
-    reader: HostReader, tensor: TensorEntry, region: Region, destination: np.ndarray, *, verify: bool
+    reader: HostReader,
+    tensor: TensorEntry,
+    region: Region,
+    destination: np.ndarray,
+    *,
+    verify: bool,
+    gap_bytes: int | None = REGION_GAP_BYTES,
 ) -> bool:
     """The stored values of ``region`` of a fixed-size tensor into ``destination`` (C-contiguous,
     the region's elements in the stored dtype), fixed up (byte order, narrow ints) as a whole read
-    is; reads only the bytes the region needs. Returns whether every byte read was checked
-    against a crc32c (a saved slice the region holds whole is read whole and checked; other
-    reads cannot be)."""
+    is, reading at most ``gap_bytes`` beyond the region between two of its runs (None: whatever
+    reads fastest; :func:`read_selection`). Returns whether every byte read was checked against a
+    crc32c (a saved slice the region holds whole is read whole and checked; other reads cannot be)."""
     index = reader.index
     info = tensor.dtype_info
     assert info is not None and info.numpy is not None and not info.is_string
     if region.num_elements == 0:
         return True
     shards = reader.shards
+    box = destination.reshape(region.box_shape)
     checked = True
     if not tensor.slices:
-        fill_region(shards, tensor, info.itemsize, region.selection, destination.reshape(-1).view(np.uint8))
+        read_selection(shards, tensor, region.selection, box, gap_bytes)
         shards.check_not_shrunk(tensor.shard_id, tensor.name)  # no checksum covers a partial read
         checked = False
     else:
-        box = destination.reshape(region.box_shape)
         for tensor_slice in tensor.slices:
             bounds = _bounds(tensor_slice, tensor.shape)
             meet = intersect(region.selection, bounds)
@@ -306,23 +292,41 @@ def read_region_into(
             positions, within = meet
             entry = index.slice_entry(tensor, tensor_slice)
             whole = all(is_full(w, stop - start) for w, (start, stop) in zip(within, bounds, strict=True))
+            part = box[positions]
+            values = part if part.flags.c_contiguous else np.empty(part.shape, info.numpy)
             if whole:  # the saved slice is read whole, and checked
-                part = box[positions]
-                if part.flags.c_contiguous:
-                    _read_checked(reader, entry, tensor, memoryview(part.reshape(-1).view(np.uint8)), verify)  # type: ignore[arg-type]
-                else:
-                    values = np.empty(entry.shape, info.numpy)
-                    _read_checked(reader, entry, tensor, memoryview(values.reshape(-1).view(np.uint8)), verify)  # type: ignore[arg-type]
-                    box[positions] = values
-                continue
-            checked = False
-            values = np.empty(tuple(len(w) for w in within), info.numpy)
-            named = entry._replace(name=tensor.name)  # errors name the tensor, not the slice's key
-            fill_region(shards, named, info.itemsize, within, values.reshape(-1).view(np.uint8))
-            shards.check_not_shrunk(entry.shard_id, tensor.name)
-            box[positions] = values
+                _read_checked(reader, entry, tensor, memoryview(values.reshape(-1).view(np.uint8)), verify)  # type: ignore[arg-type]
+            else:
+                checked = False
+                named = entry._replace(name=tensor.name)  # errors name the tensor, not the slice's key
+                read_selection(shards, named, within, values, gap_bytes)
+                shards.check_not_shrunk(entry.shard_id, tensor.name)
+            if values is not part:
+                part[...] = values
     fix_in_place(destination, info, index.header.big_endian)
     return checked
+
+
+def _sub_regions(region: Region, itemsize: int, most_bytes: int) -> Iterator[tuple[int, tuple[range, ...], int]]:
+    """The region cut, in the result's order, into sub-regions of at most ``most_bytes`` each
+    (or one index of the last axis): ``(first element, selection, elements)``, each a contiguous
+    stretch of the result."""
+    lengths = region.box_shape
+    if not lengths:  # a scalar
+        yield 0, region.selection, 1
+        return
+    axis = 0  # cut along the first axis one index of which fits
+    while axis < len(lengths) - 1 and math.prod(lengths[axis + 1 :]) * itemsize > most_bytes:
+        axis += 1
+    under = math.prod(lengths[axis + 1 :])
+    step = max(1, most_bytes // max(1, under * itemsize))
+    first = 0
+    for leading in itertools.product(*(range(n) for n in lengths[:axis])):
+        fixed = tuple(s[i : i + 1] for s, i in zip(region.selection[:axis], leading, strict=True))
+        for start in range(0, lengths[axis], step):
+            picked = region.selection[axis][start : start + step]
+            yield first, (*fixed, picked, *region.selection[axis + 1 :]), len(picked) * under
+            first += len(picked) * under
 
 
 def restore_region(
@@ -355,20 +359,16 @@ def restore_region(
         destination = out if out is not None else np.empty(region.shape, stored)
         read_region_into(reader, tensor, region, destination, verify=verify)
         return destination
-    if not tensor.slices and widened_pieces(tensor.shape, info.itemsize, region.selection) is None:
-        # converted 1 MiB at a time: no temporary the size of the region
+    if not tensor.slices:  # converted 1 MiB at a time: no temporary the size of the region
         destination = out if out is not None else np.empty(region.shape, wanted)
         elements = destination.reshape(-1)  # a view: out= arrays are C-contiguous
-        offsets, run_bytes = run_offsets(tensor.shape, info.itemsize, region.selection)
-        total = len(offsets) * run_bytes
-        stage = np.empty(min(total, CHUNK_BYTES), np.uint8)
-        for start in range(0, total, CHUNK_BYTES):  # CHUNK_BYTES is a multiple of every itemsize
-            end = min(total, start + CHUNK_BYTES)
-            read_window(reader.shards, tensor, offsets, run_bytes, start, end, memoryview(stage[: end - start]))  # type: ignore[arg-type]
-            values = stage[: end - start].view(stored)
+        stage = np.empty(CHUNK_BYTES // info.itemsize, stored)
+        for first, selection, count in _sub_regions(region, info.itemsize, CHUNK_BYTES):
+            values = stage[:count] if count <= len(stage) else np.empty(count, stored)
+            box = values.reshape([len(s) for s in selection])
+            read_selection(reader.shards, tensor, selection, box, REGION_GAP_BYTES)
             fix_in_place(values, info, reader.index.header.big_endian)
-            first = start // info.itemsize
-            elements[first : first + values.size] = reference_convert(kernel, values)
+            elements[first : first + count] = reference_convert(kernel, values)
         reader.shards.check_not_shrunk(tensor.shard_id, tensor.name)
         return destination
     values = np.empty(region.shape, stored)

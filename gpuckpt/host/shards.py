@@ -123,13 +123,17 @@ class ShardFiles:
                     )
                 done += got
 
-    def read_runs(self, shard_id: int, offsets: list[int], length: int, dst: memoryview, tensor: str) -> None:
-        """Fill ``dst`` with ``length`` bytes from each of ``offsets`` in turn: many small reads
-        in a tight loop, each falling back to :meth:`read_into` (retry, then error) if short."""
+    def read_runs(
+        self, shard_id: int, offsets: list[int], length: int, dst: memoryview, tensor: str, spacing: int | None = None
+    ) -> None:
+        """Read ``length`` bytes from each of ``offsets`` in turn into ``dst``, the ``i``-th at
+        ``i * spacing`` (default ``length``: back to back): many small reads in a tight loop, each
+        falling back to :meth:`read_into` (retry, then error) if short."""
+        spacing = length if spacing is None else spacing
         with self._reading(shard_id, len(offsets) * length) as fd:
             preadv = os.preadv
             for number, offset in enumerate(offsets):
-                piece = dst[number * length : (number + 1) * length]
+                piece = dst[number * spacing : number * spacing + length]
                 if preadv(fd, [piece], offset) != length:
                     self.read_into(shard_id, offset, piece, tensor)
 
