@@ -29,6 +29,7 @@ from gpuckpt.regions import (
     read_groups,
     region_of,
     run_offsets,
+    stretch_offsets,
 )
 
 REAL_GPU = cuda_available()  # decided before the double can be installed
@@ -404,6 +405,64 @@ def test_a_large_region_is_staged_in_parts_by_several_threads(cupy, backend, tmp
             got = ckpt.restore(regions={"a": key}, device=_device(backend), dtype=np.float64)["a"]
             np.testing.assert_array_equal(_as_numpy(got, backend, cupy), a[key].astype(np.float64))
     assert len(staged) > 4
+
+
+@st.composite
+def _shape_and_selection(draw):
+    shape = tuple(draw(st.lists(st.integers(1, 7), min_size=1, max_size=4)))
+    selection = []
+    for dim in shape:
+        start = draw(st.integers(0, dim - 1))
+        picked = range(start, draw(st.integers(start + 1, dim)), draw(st.sampled_from([1, 1, 2, 3])))
+        selection.append(picked[::-1] if draw(st.booleans()) else picked)
+    return shape, tuple(selection)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    case=_shape_and_selection(),
+    itemsize=st.sampled_from([1, 2, 4, 8]),
+    call_cost=st.sampled_from([0, 16, 1 << 14, 1 << 40]),
+    gap=st.sampled_from([None, 0, 8, 64]),
+    buffer=st.sampled_from([8, 64, 1 << 20]),
+)
+def test_a_stretch_plan_reads_every_wanted_byte_and_no_longer_gap(case, itemsize, call_cost, gap, buffer):
+    """Pure: each stretch of :func:`plan_stretches` starts and ends on a byte the region needs,
+    holds no run of unwanted bytes longer than ``gap_bytes``, fits its buffer place, and the
+    stretches together hold every byte the region needs; picking the region out of the places
+    gives numpy's answer."""
+    shape, selection = case
+    plan = plan_stretches(shape, itemsize, selection, call_cost_bytes=call_cost, gap_bytes=gap, buffer_bytes=buffer)
+    values = np.arange(math.prod(shape) * itemsize, dtype=np.int64).reshape(*shape, itemsize)
+    box = tuple(np.array(list(s), dtype=np.int64) for s in selection)
+    expected = values[np.ix_(*box)]  # (the region's box, itemsize): each element's byte offsets
+    wanted = np.zeros(values.size, bool)
+    wanted[expected.reshape(-1)] = True
+    offsets = stretch_offsets(shape, itemsize, selection, plan)
+    assert len(offsets) == plan.count
+    covered = np.zeros(values.size, bool)
+    for offset in offsets.tolist():
+        held = wanted[offset : offset + plan.length]
+        assert len(held) == plan.length and held[0] and held[-1]
+        if gap is not None:
+            unwanted = np.diff(np.flatnonzero(held)) - 1
+            assert unwanted.max(initial=0) <= gap
+        covered[offset : offset + plan.length] = True
+    assert covered[wanted].all()
+    if plan.direct:
+        got = np.concatenate([np.arange(o, o + plan.length) for o in offsets.tolist()])
+        np.testing.assert_array_equal(got, expected.reshape(-1))
+        return
+    row_bytes = plan.row_bytes(shape, itemsize)
+    assert row_bytes <= buffer and plan.head + plan.length <= len(plan.rows) * row_bytes
+    flat = values.reshape(-1)
+    places = []
+    for offset in offsets.tolist():
+        place = np.full(len(plan.rows) * row_bytes, -1, np.int64)
+        place[plan.head : plan.head + plan.length] = flat[offset : offset + plan.length]
+        places.append(place.reshape(len(plan.rows), *shape[plan.axis + 1 :], itemsize)[plan.pick])
+    got = np.stack(places).reshape(expected.shape)
+    np.testing.assert_array_equal(got, expected)
 
 
 @settings(max_examples=300, deadline=None)
