@@ -5,8 +5,10 @@
 Saves one float32 embedding of ROWS x COLS (cached under .bench/), checks every selection against
 numpy, then times each selection, best of --repeat, with the page cache warm:
 
-* gpuckpt ``get_slice`` (reads the selected runs, or the span in 4 MiB pieces, with ``preadv``:
-  no mapping, so a file truncated underneath is an error instead of a SIGBUS);
+* gpuckpt ``get_slice`` (reads the selected runs, or longer stretches through one 4 MiB buffer,
+  with ``preadv``: no mapping, so a file truncated underneath is an error instead of a SIGBUS);
+* gpuckpt ``restore(regions={name: key})``: the same reader, reading at most a page beyond the
+  selection between two of its runs (and the whole tensor, verified, for ``everything``);
 * floor: ``numpy.memmap`` of the data file, indexed and copied (the pages are already mapped and
   cached, so only the selected bytes are touched: the fastest a reader can be, and the way that
   can kill the process if the file shrinks);
@@ -39,6 +41,9 @@ SELECTIONS = {
     "one column": np.s_[:, 3],
     "every 100th row": np.s_[::100],
     "block of rows x 10 columns": np.s_[1000:200_000, 10:20],
+    "every 3rd column": np.s_[:, ::3],
+    "every 7th row, 4 columns": np.s_[::7, 5:9],
+    "rows reversed": np.s_[::-1],
     "everything": np.s_[...],
 }
 
@@ -79,21 +84,25 @@ def main(argv=None):
         lazy = ckpt.get_slice("embedding")
         for name, key in SELECTIONS.items():
             assert np.array_equal(lazy[key], embedding[key]), name
+            region = lambda key=key: ckpt.restore(["embedding"], regions={"embedding": key})["embedding"]  # noqa: E731
+            assert np.array_equal(region(), embedding[key]), name
             row = {
                 "gpuckpt_ms": best_ms(args.repeat, lambda key=key: lazy[key]),
+                "restore_regions_ms": best_ms(args.repeat, region),
                 "memmap_floor_ms": best_ms(args.repeat, lambda key=key: np.array(mapped[key])),
             }
             if tf_reader is not None:
                 whole_then_index = lambda key=key: tf_reader.get_tensor("embedding")[key]  # noqa: E731
                 row["tensorflow_ms"] = best_ms(max(1, args.repeat // 5), whole_then_index)
             row["vs_floor"] = row["gpuckpt_ms"] / row["memmap_floor_ms"]
+            row["restore_regions_vs_get_slice"] = row["restore_regions_ms"] / row["gpuckpt_ms"]
             if "tensorflow_ms" in row:
                 row["speedup_vs_tensorflow"] = row["tensorflow_ms"] / row["gpuckpt_ms"]
             rows[name] = row
             extra = f"   TF {row['tensorflow_ms']:9.3f} ms ({row['speedup_vs_tensorflow']:7.1f}x)" if tf_reader else ""
             print(
                 f"{name:28s} gpuckpt {row['gpuckpt_ms']:9.3f} ms   floor {row['memmap_floor_ms']:9.3f} ms "
-                f"({row['vs_floor']:6.1f}x the floor){extra}"
+                f"({row['vs_floor']:6.1f}x the floor)   regions {row['restore_regions_vs_get_slice']:4.2f}x{extra}"
             )
     results["selections"] = rows
     write_results(results, args.out, "slice")
