@@ -27,11 +27,18 @@ Lifetimes
   sub-byte ones, which XLA packs). Nobody else holds those numpy arrays; the jax.Array keeps its
   buffer alive, and closing the checkpoint does not touch it.
 * GPU: the device pipeline fills CuPy arrays, which ``jax.dlpack.from_dlpack`` takes without a
-  copy (the DLPack capsule keeps the CuPy memory alive until JAX frees the array; the memory stays
-  CuPy's). bfloat16 and float8 tensors arrive on CuPy as unsigned integers of their width, and
-  ``jax.lax.bitcast_convert_type`` makes the typed array: one device copy for those types only.
-  Not yet run on a GPU (no GPU has been lent to this project); the same code runs on the host
-  through numpy's DLPack export in the tests.
+  copy: JAX calls the array's ``__dlpack_device__`` and ``__dlpack__(stream=...)`` with the
+  stream XLA waits on for external buffers, which CuPy orders after its current stream (a
+  restore has completed every tensor's copies before it returns anyway). The capsule holds a
+  reference to the CuPy array, which JAX drops when it frees the buffer; the memory then goes
+  back to CuPy's pool (it stays CuPy's, never XLA's allocator's). Types a CuPy array does not
+  hold, or cannot export (float8 types, the sub-byte types, and bfloat16 where CuPy lacks it:
+  NumPy < 2.1.2 or no ml_dtypes), arrive as unsigned integers of their width and are made
+  typed on the device: float8 and bfloat16 by ``jax.lax.bitcast_convert_type``, int4, uint4,
+  int2, uint2 and float4_e2m1fn (one element per byte) by a conversion to the unsigned type of
+  their width and a bit-cast (see :func:`from_dlpack`): one device copy for those types only,
+  the byte array freed after. Not yet run on a GPU; tested on the CuPy double with a model of
+  JAX's DLPack import (tests/test_jax_gpu_double.py).
 * Shardings (``restore(..., shardings={name or regex: jax.sharding.Sharding})``): global arrays
   (``jax.make_array_from_single_device_arrays``). The devices this process addresses are grouped
   by their index in ``sharding.addressable_devices_indices_map(shape)``: each distinct index (a
@@ -161,14 +168,50 @@ def _put_each(arrays: list[np.ndarray], devices: list[Any]) -> list[jax.Array]:
         return list(jax.device_put(arrays, devices))
 
 
+#: The sub-byte types and their width in bits: the checkpoint (and so the device array) keeps one
+#: element per byte, in its low bits (the host path clears the others), while XLA's types are
+#: this narrow, so a bit-cast from the byte would split it (see :func:`from_dlpack`).
+_SUB_BYTE_BITS = {"int4": 4, "uint4": 4, "float4_e2m1fn": 4, "int2": 2, "uint2": 2}
+
+
+def _dlpack_exportable(dtype: np.dtype) -> bool:
+    """Whether CuPy exports arrays of ``dtype`` through DLPack (cupy/_core/dlpack.pyx,
+    get_dlpack_dtype_code_itemsize: kinds u, i, f, c, b and bfloat16; anything else is a
+    BufferError, even a type CuPy lets an array have, such as float8_e4m3b11fnuz, whose type
+    character 'L' passes _dtype.pyx's check_supported_dtype)."""
+    return dtype.kind in "uifcb" or dtype.name == "bfloat16"
+
+
 def from_dlpack(array: Any, logical: Any = None) -> jax.Array:
-    """A jax.Array over a device (CuPy) array's memory through DLPack; ``logical``: the type its
-    bytes hold when it is not the array's own (float8/bfloat16 arrive as unsigned integers), made
-    with ``bitcast_convert_type`` (a device copy, for those types only)."""
+    """A jax.Array over a device (CuPy) array's memory through DLPack, with no copy for the
+    types both hold. ``logical``: the type its bytes hold when it is not the array's own.
+
+    An array of a type CuPy cannot export is viewed as the unsigned integer of its width first
+    (``ndarray.view``, unchecked). JAX is handed the array itself, not a capsule:
+    ``jax.dlpack.from_dlpack`` calls ``__dlpack_device__`` and then ``__dlpack__(stream=<the
+    device's stream for external ready events>)``, so CuPy orders XLA's stream after its own
+    (jax/_src/dlpack.py, from_dlpack). A ``logical`` type of the same width (bfloat16 where CuPy
+    lacks it, the float8 types) is made with ``bitcast_convert_type``; a sub-byte one (int4,
+    uint4, int2, uint2, float4_e2m1fn: one element per byte) by converting the byte to the
+    unsigned type of that width, then bit-casting (a bit-cast from a wider type would add a
+    trailing axis: jax/_src/lax/lax.py, _bitcast_convert_type_shape_rule). Either is one device
+    copy, for those types only."""
+    held = np.dtype(array.dtype)
+    logical = held if logical is None else np.dtype(logical)
+    if not _dlpack_exportable(held):
+        held = np.dtype(f"u{held.itemsize}")
+        array = array.view(held)
     result = jax.dlpack.from_dlpack(array)
-    if logical is not None and np.dtype(logical) != np.dtype(array.dtype):
-        result = jax.lax.bitcast_convert_type(result, np.dtype(logical))
-    return result
+    if logical == held:
+        return result
+    bits = _SUB_BYTE_BITS.get(logical.name)
+    if bits is None:
+        return jax.lax.bitcast_convert_type(result, logical)
+    import ml_dtypes
+
+    unsigned = np.dtype(getattr(ml_dtypes, f"uint{bits}"))
+    result = (result & ((1 << bits) - 1)).astype(unsigned)  # the low bits, exactly (values < 2**bits)
+    return result if unsigned == logical else jax.lax.bitcast_convert_type(result, logical)
 
 
 def _logical(ckpt: Checkpoint, names: list[str], dtype: Any) -> dict[str, np.dtype]:

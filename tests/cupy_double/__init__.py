@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from types import ModuleType
 
 DIR = os.path.dirname(os.path.abspath(__file__))
-_OURS = ("cupy", "gpuckpt.cuda.device")
+_OURS = ("cupy", "gpuckpt.cuda.device", "dlpack_consumers")  # the consumers bind to the double
 
 
 def _ours(name: str) -> bool:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _machine, cuda
+from . import _dlpack, _machine, cuda
 from .cuda import memory as _memory
 from .cuda import runtime as _runtime
 from .cuda import stream as _stream
@@ -182,13 +182,17 @@ class ndarray:
             "stream": stream_ptr or 1,  # core.pyx: 0 is disallowed by CAI v3, the legacy stream is 1
         }
 
-    def __dlpack__(self, *args: Any, **kwargs: Any) -> object:
-        """cupy/_core/dlpack.pyx, get_dlpack_dtype_code_itemsize: kinds u, i, f, c, b and
-        bfloat16 export; anything else raises BufferError. (The double hands back a token, not a
-        capsule a framework could consume.)"""
-        if self.dtype.kind not in "uifcb" and self.dtype.name != "bfloat16":
-            raise BufferError("dtype is not supported for dlpack export")
-        return ("dlpack", self.data.ptr, self._shape, self.dtype)
+    def __dlpack__(
+        self, *, stream: Any = None, max_version: Any = None, dl_device: Any = None, copy: Any = None
+    ) -> _dlpack.Capsule:
+        """core.pyx, _ndarray_base.__dlpack__: see ``_dlpack.ndarray_dlpack`` for the rules (the
+        stream order it establishes, the versioned struct, the dtypes it exports)."""
+        return _dlpack.ndarray_dlpack(self, stream=stream, max_version=max_version, dl_device=dl_device, copy=copy)
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        """core.pyx, __dlpack_device__ (dlpack.pyx, get_dlpack_device): kDLCUDA (2) and the
+        array's device id (kDLCUDAManaged for managed memory, which the double has none of)."""
+        return (_dlpack.kDLCUDA, self.data.device_id)
 
     # -- views
     def view(self, dtype: Any = None) -> ndarray:
@@ -347,6 +351,11 @@ def asarray(a: Any, dtype: Any = None) -> ndarray:
 
 
 array = asarray
+
+
+def from_dlpack(array: Any, *, device: Any = None, copy: Any = None) -> ndarray:
+    """cupy/_core/dlpack.pyx, from_dlpack (see ``_dlpack.from_dlpack``)."""
+    return _dlpack.from_dlpack(array, device=device, copy=copy)  # type: ignore[no-any-return]
 
 
 def asnumpy(a: Any, stream: Any = None) -> np.ndarray:

@@ -270,8 +270,11 @@ def destroy_stream(handle: int) -> None:
 def worker(handle: int) -> Worker:
     """The queue a stream handle names. Handle 0 is the legacy default stream of the calling
     thread's current device (CUDA runtime API, "Stream synchronization behavior": the NULL stream
-    is per device, shared by all host threads)."""
-    if handle == 0:
+    is per device, shared by all host threads). Handle 1 is ``cudaStreamLegacy`` (driver_types.h:
+    "((cudaStream_t)0x1)", the legacy default stream whatever the compilation mode), the same
+    queue; DLPack consumers pass it for the default stream. cudaStreamPerThread (2) is not
+    modelled."""
+    if handle in (0, 1):
         device = current_device()
         with _streams_lock:
             if device not in _null:
