@@ -26,16 +26,29 @@ Lifetimes
   copy), which owns its memory; the tensor keeps that array alive, and closing the checkpoint
   does not touch it. (A numpy array torch cannot share, a read-only or byte-swapped one, is copied.)
 * GPU: a tensor is the CuPy array the device pipeline filled, through DLPack
-  (``torch.from_dlpack``): the same device memory, never a second device copy. The memory stays
-  CuPy's (its memory pool): the DLPack capsule keeps the CuPy array alive until the last torch
-  tensor over it is freed, and it then goes back to CuPy's pool, not torch's caching allocator.
-  A restore returns once every tensor's copies and conversion have completed (its future waits
-  on each tensor's event), so torch kernels on any stream see complete data; ``torch.from_dlpack``
-  also passes torch's current stream to ``__dlpack__``, as the protocol asks. Closing the
-  checkpoint does not free device arrays already returned.
+  (``torch.from_dlpack``): the same device memory, never a second device copy. torch calls the
+  array's ``__dlpack_device__`` and then ``__dlpack__(max_version=(1, 0), stream=...)`` with its
+  current stream of that device (1 for its default stream), which CuPy makes wait for CuPy's
+  current stream; a restore returns once every tensor's copies and conversion have completed
+  (its future waits on each tensor's event) anyway, so torch kernels on any stream see complete
+  data. The memory stays CuPy's (its memory pool): the capsule holds a reference to the CuPy
+  array until the last torch tensor over it (views included) is freed, and the memory then goes
+  back to CuPy's pool, not torch's caching allocator. CuPy's pool hands a freed block to the
+  next CuPy allocation at once, ordered only after work on the CuPy stream that was current
+  when the restore ran (the null stream, torch's default stream, unless the caller set
+  another): torch work still queued on another stream
+  must be finished (``torch.cuda.current_stream().synchronize()``) before the last reference
+  goes. Closing the checkpoint does not free device arrays already returned.
+* ``load_into`` on a GPU writes into the parameters through CuPy views of them
+  (``cupy.from_dlpack`` of the detached parameter): the view holds the parameter until it is
+  dropped, once the restore is complete. ``cupy.from_dlpack`` makes the parameter's device
+  current and passes CuPy's current stream (the null stream as 1), which torch orders after its
+  own current stream, so the writes come after torch's queued work on the parameter. With
+  CuPy's per-thread default stream (``CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1``) CuPy passes 2,
+  which torch refuses (BufferError: "per-thread default stream is not supported").
 
-On a GPU the code path is the DLPack one described here; it has been exercised on the host only
-(the same functions through numpy's DLPack export), not yet on a GPU.
+The GPU code paths are tested on the CuPy double with models of torch's DLPack consumer and of
+CUDA tensors (tests/test_torch_gpu_double.py), not yet on a GPU.
 """
 
 from __future__ import annotations
@@ -140,8 +153,11 @@ def from_numpy(array: np.ndarray, where: str = "") -> torch.Tensor:
 
 def from_dlpack(array: Any, logical: Any = None, where: str = "") -> torch.Tensor:
     """A tensor over ``array``'s memory through DLPack (CuPy arrays on a GPU; anything with
-    ``__dlpack__``). ``logical``: the dtype the array's bytes hold when it is not the array's own
-    (a float8 or bfloat16 tensor arrives on CuPy as uint8/uint16 bytes)."""
+    ``__dlpack__``), handed over as the array itself so that torch passes its stream. ``logical``:
+    the dtype the array's bytes hold when it is not the array's own (float8, and bfloat16 where
+    CuPy lacks it, arrive as uint8/uint16 bytes). The types torch reinterprets go as the signed
+    integer of their width (CuPy exports no float8 code, and torch's DLPack import knows none:
+    aten/src/ATen/DLConvertor.cpp, toScalarType), then ``Tensor.view(dtype)``, same width, no copy."""
     dtype = np.dtype(array.dtype)
     logical = dtype if logical is None else np.dtype(logical)
     wanted = torch_dtype(logical, where)
@@ -338,7 +354,12 @@ def _numpy_view(tensor: torch.Tensor, dtype: np.dtype) -> np.ndarray:
 
 def _device_view(tensor: torch.Tensor, dtype: np.dtype, device: Any) -> Any:
     """A CuPy array over a CUDA tensor's own memory (DLPack), of the dtype the device pipeline
-    restores ``dtype`` into (CuPy holds float8 and bfloat16 as unsigned integers of their width)."""
+    restores ``dtype`` into (CuPy holds float8, and bfloat16 where it lacks it, as unsigned
+    integers of their width). The tensor is exported detached (torch refuses one that requires
+    grad) and, for bfloat16 and float8, as the signed integer of its width: torch exports no
+    float8 (DLConvertor.cpp, getDLDataType) and CuPy imports bfloat16 only with ml_dtypes and
+    NumPy >= 2.1.2 (cupy/_core/dlpack.pyx, _dlpack_to_cupy_array); ``ndarray.view`` (unchecked)
+    then makes the held type. The CuPy array keeps the tensor alive (torch's capsule deleter)."""
     import cupy
 
     from .devices import resolve_device

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
 from cupy import _dlpack, _machine
 from cupy.cuda import runtime
 from cupy.cuda import stream as cupy_stream
@@ -48,7 +47,8 @@ def _host_array(tensor: _dlpack.ManagedTensor, np_dtype: np.dtype, on_free: Any)
     """A numpy array over the capsule's device bytes (shape and strides as the capsule gives
     them) whose memory keeps ``on_free`` from running while any view of it lives."""
     itemsize = tensor.dtype[1] // 8
-    view = _dlpack.device_bytes_view(tensor, np.dtype(f"u{itemsize}"))
+    assert np.dtype(np_dtype).itemsize == itemsize
+    view = _dlpack.device_bytes_view(tensor, np.dtype(np_dtype))
     if view.size == 0:
         on_free()
         return np.empty(view.shape, np_dtype)
@@ -268,7 +268,9 @@ class CudaTensor:
         if dl_device is not None or copy:
             raise NotImplementedError("the model exports in place only")
         dtype = self.dtype
-        float8 = {getattr(torch, n, None) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")}
+        float8 = {
+            getattr(torch, n, None) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+        }
         if dtype in float8:
             raise RuntimeError("float8 types are not supported by dlpack")
         if dtype == torch.bool:

@@ -174,7 +174,8 @@ def ndarray_dlpack(
         if consumer_stream == 0:
             warnings.warn(
                 "Stream 0 is passed from a library that you are converting to; CuPy assumes 0 as a legacy "
-                "default stream. Please report this problem to the library as this violates the DLPack protocol."
+                "default stream. Please report this problem to the library as this violates the DLPack protocol.",
+                stacklevel=3,
             )
             consumer_stream = streamLegacy
         if curr_stream_ptr == 0:
