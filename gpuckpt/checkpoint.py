@@ -311,7 +311,8 @@ class Checkpoint:
             (integers, slices with steps, ``...``, ``None``; ``np.s_[0:512, ::2]``), the result
             shaped as numpy shapes ``tensor[index]``; an ``out=`` array has the region's shape.
             Without ``names``, just these tensors are restored. Only the bytes the region needs
-            are read (:func:`gpuckpt.regions.read_groups`). A region that is the whole tensor is
+            are read, with at most a page between two of its runs read along
+            (:func:`gpuckpt.regions.plan_stretches`). A region that is the whole tensor is
             a whole, verified read; so is a saved slice of a partitioned tensor the region holds
             whole (a region exactly one saved slice reads that slice alone). Other reads cannot be
             checked (the crc32c covers whole tensors and slices). A region of a string tensor

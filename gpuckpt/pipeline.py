@@ -23,7 +23,7 @@ import functools
 import math
 import queue
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,11 +35,11 @@ from .errors import CheckpointError, InvalidArgumentError, UnsupportedError, des
 from .format.bundle import TensorEntry
 from .format.crc import PartChecksums, crc32c
 from .host.convert import kernel_for
-from .host.lazy_slice import read_window, widened_chunks
+from .host.lazy_slice import read_selection
 from .host.reader import HostReader, check_readable
 from .options import RestoreOptions
 from .plan import PlanOptions, ReadGroup, pieces_of, plan_reads
-from .regions import GROUP_READ_BYTES, Region, Widened, intersect, is_full, run_offsets, widened
+from .regions import REGION_GAP_BYTES, Region, intersect, is_full, sub_selections
 
 
 def check_out_array(
@@ -156,15 +156,18 @@ class _RegionItem:
     region: Region
 
 
+# A sub-region of a region, a contiguous stretch of its result: (first element, selection, elements)
+_Piece = tuple[int, tuple[range, ...], int]
+
+
 @dataclasses.dataclass(frozen=True)
 class _RegionPart:
     """Work item: bytes ``parts.bounds[index]`` of a large region of an unpartitioned tensor,
-    whose runs are at ``offsets`` (shared by the parts)."""
+    the result of the sub-regions ``pieces``."""
 
     parts: _Parts
     index: int
-    offsets: Any
-    run_bytes: int
+    pieces: tuple[_Piece, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -627,17 +630,19 @@ class StagedRestore:
         split = self.options.staging_slot_bytes * PART_SLOTS
         for entry in regioned:  # each partial region one work item; a large one, parts for several threads
             region = self.regions[entry.name]
-            size = self._stored_bytes(entry)
             itemsize = DTYPES[entry.dtype].itemsize
-            if entry.slices or size <= 2 * split or self._widened(entry, itemsize, region.selection) is not None:
+            if entry.slices or self._stored_bytes(entry) <= 2 * split:
                 self._work.put(_RegionItem(self._targets[entry.name], region))
                 continue
-            offsets, run_bytes = run_offsets(entry.shape, itemsize, region.selection)
-            parts = _Parts(
-                self._targets[entry.name], [(start, min(size, start + split)) for start in range(0, size, split)]
-            )
-            for index in range(len(parts.bounds)):
-                self._work.put(_RegionPart(parts, index, offsets, run_bytes))
+            cuts: list[list[_Piece]] = [[]]
+            for piece in sub_selections(region.selection, itemsize, slot_bytes):
+                if cuts[-1] and (piece[0] + piece[2] - cuts[-1][0][0]) * itemsize > split:
+                    cuts.append([])
+                cuts[-1].append(piece)
+            bounds = [(c[0][0] * itemsize, (c[-1][0] + c[-1][2]) * itemsize) for c in cuts]
+            parts = _Parts(self._targets[entry.name], bounds)
+            for index, pieces in enumerate(cuts):
+                self._work.put(_RegionPart(parts, index, tuple(pieces)))
         for group in groups:
             size = group.byte_range.length
             if len(group.pieces) == 1 and size > 2 * split:  # a large tensor: parts for several threads
@@ -750,43 +755,37 @@ class StagedRestore:
             self.device.convert(target.kernel, target.raw, target.array, stream)
         target.ready = self.device.record(stream)
 
-    def _stage_runs(
+    def _stage_pieces(
         self,
         stored: TensorEntry,
-        offsets: Any,
-        run_bytes: int,
+        itemsize: int,
+        pieces: Iterable[_Piece],
         dst: Any,
         free: queue.Queue[_Slot],
         stream: Any,
-        window: tuple[int, int] | None = None,
     ) -> bool:
-        """The runs of a region of one stored entry (:func:`gpuckpt.regions.run_offsets`) through
-        the staging slots, packed in the region's order, into the device buffer ``dst`` (bytes
-        ``window`` of the region: all by default): each slot filled with the next bytes of the
-        region (only the runs read, close ones in one read), then one copy. Unchecked: no crc32c
-        covers part of an entry. False if aborted."""
-        slot_bytes = self.options.staging_slot_bytes
-        first, last = window if window is not None else (0, len(offsets) * run_bytes)
-        for start in range(first, last, slot_bytes):
+        """Sub-regions of one stored entry (each at most a slot's worth of the region's result)
+        through the staging slots into the device buffer ``dst``, in their places of the result:
+        each read into a slot by the host's region reader (:func:`gpuckpt.host.lazy_slice.read_selection`:
+        at most a page beyond the region between two of its runs), then one copy. Unchecked: no
+        crc32c covers part of an entry. False if aborted."""
+        word = np.dtype(f"V{itemsize}")  # the stored bytes of one element, whatever its type
+        for first, selection, count in pieces:
             if self._abort.is_set():
                 return False
-            end = min(last, start + slot_bytes)
+            length = count * itemsize
             slot = free.get()
             try:
                 slot.wait_until_free()
-                read_window(self.reader.shards, stored, offsets, run_bytes, start, end, slot.view[: end - start])
-                self.device.copy_to_device(dst, start, slot.buffer, end - start, stream)
+                box = slot.buffer[:length].view(word).reshape([len(s) for s in selection])
+                read_selection(self.reader.shards, stored, selection, box, REGION_GAP_BYTES)
+                self.device.copy_to_device(dst, first * itemsize, slot.buffer, length, stream)
             finally:
                 slot.last_copy = self.device.record(stream)  # LIFETIME: guards the slot's bytes
                 free.put(slot)
-            self._add_progress(end - start)
+            self._add_progress(length)
         self.reader.shards.check_not_shrunk(stored.shard_id, stored.name)  # a truncation racing the reads
         return True
-
-    def _widened(self, stored: TensorEntry, itemsize: int, selection: tuple[range, ...]) -> Widened | None:
-        """:func:`gpuckpt.regions.widened` for stretches that fit a staging slot."""
-        limit = min(GROUP_READ_BYTES, self.options.staging_slot_bytes)
-        return widened(stored.shape, itemsize, selection, stretch_bytes=limit)
 
     def _stage_selection(
         self,
@@ -797,39 +796,17 @@ class StagedRestore:
         free: queue.Queue[_Slot],
         stream: Any,
     ) -> bool:
-        """The region ``selection`` of one stored entry into the device buffer ``dst``: its runs
-        (:meth:`_stage_runs`); or, where the last axis not taken whole is stepped with picks close
-        together (:func:`gpuckpt.regions.widened`), whole stretches of it read a slot's worth at a
-        time and the picks packed into the slot on the host, so no run is a single element."""
-        wide = self._widened(stored, itemsize, selection)
-        if wide is None:
-            offsets, run_bytes = run_offsets(stored.shape, itemsize, selection)
-            return self._stage_runs(stored, offsets, run_bytes, dst, free, stream)
-        for first, stop, picked in widened_chunks(
-            self.reader.shards, stored, itemsize, wide, self.options.staging_slot_bytes
-        ):
-            if self._abort.is_set():
-                return False
-            per_stretch = picked.shape[1] * picked.shape[2] * picked.itemsize
-            length = (stop - first) * per_stretch
-            slot = free.get()
-            try:
-                slot.wait_until_free()
-                slot.buffer[:length].view(picked.dtype).reshape(picked.shape)[...] = picked
-                self.device.copy_to_device(dst, first * per_stretch, slot.buffer, length, stream)
-            finally:
-                slot.last_copy = self.device.record(stream)  # LIFETIME: guards the slot's bytes
-                free.put(slot)
-            self._add_progress(length)
-        self.reader.shards.check_not_shrunk(stored.shard_id, stored.name)
-        return True
+        """The region ``selection`` of one stored entry into the device buffer ``dst``, a slot's
+        worth of its result at a time (:meth:`_stage_pieces`)."""
+        pieces = sub_selections(selection, itemsize, self.options.staging_slot_bytes)
+        return self._stage_pieces(stored, itemsize, pieces, dst, free, stream)
 
     def _stage_region_part(self, item: _RegionPart, free: queue.Queue[_Slot], stream: Any) -> bool:
         """Stage one part of a large region of an unpartitioned tensor; True when this finished
         it (then, after every part's copies, the fix-ups and conversion, as :meth:`_stage_part`)."""
         parts, target = item.parts, item.parts.target
-        window = parts.bounds[item.index]
-        if not self._stage_runs(target.entry, item.offsets, item.run_bytes, target.raw, free, stream, window):
+        itemsize = DTYPES[target.entry.dtype].itemsize
+        if not self._stage_pieces(target.entry, itemsize, item.pieces, target.raw, free, stream):
             return False
         if not parts.done(item.index, 0, self.device.record(stream)):
             return False

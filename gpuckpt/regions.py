@@ -5,10 +5,10 @@ numpy index (integers, slices with steps, ``...``, ``None``) against the tensor'
 I/O happens here. :func:`region_of` checks the index and gives a :class:`Region` (the indices
 selected along each axis, as ranges, and the result's shape, numpy's for that index);
 :func:`run_layout` and :func:`run_offsets` give the contiguous runs of stored bytes that hold it, in
-the order the result holds them; :func:`read_groups` says which runs share one read;
-:func:`widened` reads a stepped last axis as whole stretches rather than element by element
-(:func:`widened_pieces` as several stretches where one would be too long);
-:func:`intersect` says what part of a region a saved slice holds.
+the order the result holds them; :func:`plan_stretches` chooses how to read them (the runs, or
+longer stretches along an outer axis, a cost model weighing read calls against bytes);
+:func:`sub_selections` cuts a region into pieces of its result (a staging slot, a conversion
+chunk); :func:`intersect` says what part of a region a saved slice holds.
 
 In C order the trailing axes selected whole, plus the axis before them where it is an ascending
 run, are contiguous both in the file and in the result: a region is ``len(offsets)`` runs of
@@ -23,17 +23,16 @@ import dataclasses
 import itertools
 import math
 import operator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from .errors import InvalidArgumentError
 
-# Two runs are read in one call when at most this many unwanted bytes lie between them: a page,
-# which the page cache and most storage fetch whole anyway.
+# A sharded restore reads two runs in one call only when at most this many unwanted bytes lie
+# between them: a page, which the page cache and most storage fetch whole anyway.
 REGION_GAP_BYTES = 4 << 10
-# A shared read spans at most this many bytes (read into a buffer, the runs picked out of it).
-GROUP_READ_BYTES = 1 << 20
 
 
 class RegionError(InvalidArgumentError, IndexError):
@@ -195,49 +194,6 @@ def run_offsets(
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class Widened:
-    """A region whose last axis not selected whole, ``axis``, is stepped (any step but 1), read as
-    ``selection``: that axis widened to the ascending stretch covering its picks, so the runs are
-    whole stretches instead of single elements (or single rows); ``pick`` then takes the region's
-    indices out of each stretch. Worth it when at most the gap of :func:`read_groups` lies between
-    two picks (the bytes read stay within the same slack) and a stretch is at most
-    ``GROUP_READ_BYTES`` (read through one buffer that size; :func:`widened_pieces` cuts longer
-    ones)."""
-
-    selection: tuple[range, ...]
-    axis: int
-    pick: slice
-
-
-def widened(
-    shape: tuple[int, ...],
-    itemsize: int,
-    selection: tuple[range, ...],
-    gap_bytes: int = REGION_GAP_BYTES,
-    stretch_bytes: int = GROUP_READ_BYTES,
-) -> Widened | None:
-    """The :class:`Widened` reading of a region, or None where its runs are already stretches (or
-    a stretch would be over ``stretch_bytes``: the buffer it is read through)."""
-    block_from, whole_from = run_layout(shape, selection)
-    if block_from != whole_from or whole_from == 0:
-        return None
-    axis = whole_from - 1
-    picked = selection[axis]
-    inner = math.prod(shape[axis + 1 :]) * itemsize
-    if (abs(picked.step) - 1) * inner > gap_bytes or (abs(picked[-1] - picked[0]) + 1) * inner > stretch_bytes:
-        return None
-    return _widen(selection, axis, picked)
-
-
-def _widen(selection: tuple[range, ...], axis: int, picked: range) -> Widened:
-    """The :class:`Widened` reading of ``selection`` with the indices ``picked`` (not empty) on ``axis``."""
-    low = min(picked[0], picked[-1])
-    stretch = range(low, max(picked[0], picked[-1]) + 1)
-    within = range(picked.start - low, picked.stop - low, picked.step)
-    return Widened(selection[:axis] + (stretch,) + selection[axis + 1 :], axis, as_slice(within, 0))
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
 class Stretches:
     """How the host reads a region of a stored tensor: one read per *stretch*, the stored bytes from
     the first to the last byte the region needs under one combination of the indices it selects
@@ -323,36 +279,28 @@ def stretch_offsets(shape: tuple[int, ...], itemsize: int, selection: tuple[rang
     return starts.reshape(-1) + plan.rows[0] * strides[plan.axis] + plan.head
 
 
-def read_groups(
-    offsets: np.ndarray, run_bytes: int, gap_bytes: int = REGION_GAP_BYTES, group_bytes: int = GROUP_READ_BYTES
-) -> np.ndarray:
-    """Which consecutive runs share one read: boundaries ``b`` (group ``g`` is runs
-    ``[b[g], b[g + 1])``). Neighbours join while at most ``gap_bytes`` lie between them, so a
-    shared read reads at most ``gap_bytes`` unwanted bytes per run it holds; and a group holds
-    only runs within ``group_bytes`` of its first one (its span is at most ``group_bytes +
-    run_bytes`` where the runs go one way, as they do along one axis). Runs of ``group_bytes`` or
-    more are read alone."""
-    count = len(offsets)
-    if count <= 1 or run_bytes >= group_bytes:
-        return np.arange(count + 1, dtype=np.int64)
-    gaps = np.abs(np.diff(offsets)) - run_bytes  # >= 0: runs do not overlap
-    new = np.ones(count, bool)
-    new[1:] = gaps > gap_bytes
-    segment = np.cumsum(new) - 1
-    first = offsets[np.flatnonzero(new)][segment]  # each run's segment's first offset
-    bucket = np.abs(offsets - first) // group_bytes
-    new[1:] |= bucket[1:] != bucket[:-1]
-    return np.append(np.flatnonzero(new), count).astype(np.int64)
-
-
-def bytes_to_read(offsets: np.ndarray, run_bytes: int, bounds: np.ndarray) -> int:
-    """What the reads of :func:`read_groups` read in all: each group's span."""
-    if len(offsets) == 0:
-        return 0
-    firsts = bounds[:-1]
-    low = np.minimum.reduceat(offsets, firsts)
-    high = np.maximum.reduceat(offsets, firsts) + run_bytes
-    return int((high - low).sum())
+def sub_selections(
+    selection: tuple[range, ...], itemsize: int, most_bytes: int
+) -> Iterator[tuple[int, tuple[range, ...], int]]:
+    """A region cut, in the result's order, into sub-regions whose results are at most
+    ``most_bytes`` each (or one element): ``(first element, selection, elements)``, each a
+    contiguous stretch of the region's result. Cut along the first axis one index of which fits."""
+    lengths = [len(s) for s in selection]
+    if not lengths:  # a scalar
+        yield 0, selection, 1
+        return
+    axis = 0
+    while axis < len(lengths) - 1 and math.prod(lengths[axis + 1 :]) * itemsize > most_bytes:
+        axis += 1
+    under = math.prod(lengths[axis + 1 :])
+    step = max(1, most_bytes // max(1, under * itemsize))
+    first = 0
+    for leading in itertools.product(*(range(n) for n in lengths[:axis])):
+        fixed = tuple(s[i : i + 1] for s, i in zip(selection[:axis], leading, strict=True))
+        for start in range(0, lengths[axis], step):
+            picked = selection[axis][start : start + step]
+            yield first, (*fixed, picked, *selection[axis + 1 :]), len(picked) * under
+            first += len(picked) * under
 
 
 def _ascending_hits(selected: range, start: int, stop: int) -> tuple[int, int]:

@@ -24,9 +24,7 @@ from gpuckpt.host import lazy_slice
 from gpuckpt.regions import (
     REGION_GAP_BYTES,
     RegionError,
-    bytes_to_read,
     plan_stretches,
-    read_groups,
     region_of,
     run_offsets,
     stretch_offsets,
@@ -463,35 +461,6 @@ def test_a_stretch_plan_reads_every_wanted_byte_and_no_longer_gap(case, itemsize
         places.append(place.reshape(len(plan.rows), *shape[plan.axis + 1 :], itemsize)[plan.pick])
     got = np.stack(places).reshape(expected.shape)
     np.testing.assert_array_equal(got, expected)
-
-
-@settings(max_examples=300, deadline=None)
-@given(
-    start=st.integers(0, 1 << 20),
-    stride=st.integers(1, 1 << 14),
-    count=st.integers(0, 400),
-    run_bytes=st.sampled_from([1, 2, 4, 8, 100, 512, 4096, 1 << 20]),
-    descending=st.booleans(),
-)
-def test_read_groups_bound_what_a_shared_read_wastes(start, stride, count, run_bytes, descending):
-    """Runs along one axis (one way, evenly spaced, not overlapping): every group's span is at
-    most GROUP_READ_BYTES + run_bytes, holds at most REGION_GAP_BYTES unwanted bytes per run, and
-    runs of GROUP_READ_BYTES or more are read alone."""
-    from gpuckpt.regions import GROUP_READ_BYTES
-
-    step = max(stride, run_bytes)
-    offsets = start + np.arange(count, dtype=np.int64) * step
-    if descending:
-        offsets = offsets[::-1].copy()
-    bounds = read_groups(offsets, run_bytes)
-    assert bounds[0] == 0 and bounds[-1] == count and (np.diff(bounds) > 0).all()
-    for first, stop in itertools.pairwise(bounds.tolist()):
-        runs = offsets[first:stop]
-        span = int(runs.max()) + run_bytes - int(runs.min())
-        assert span <= GROUP_READ_BYTES + run_bytes
-        assert span - len(runs) * run_bytes <= REGION_GAP_BYTES * (len(runs) - 1)
-        assert run_bytes < GROUP_READ_BYTES or len(runs) == 1
-    assert bytes_to_read(offsets, run_bytes, bounds) >= count * run_bytes
 
 
 def test_a_region_may_be_given_as_a_region_or_as_slices_from_a_sharding(tmp_path):

@@ -12,16 +12,14 @@ of a SIGBUS that would kill the process. Partitioned tensors gather from each sa
 meets the region; a saved slice the region holds whole is read whole and checked. Partial reads
 cannot be checked against the tensor's crc32c (it covers the whole tensor).
 
-The device pipeline stages regions through its slots with :func:`read_window` and
-:func:`widened_chunks` (bytes ``[lo, hi)`` of a region's result at a time).
+The device pipeline stages a region through its pinned slots with the same reader, a slot's worth
+of the result at a time (:func:`gpuckpt.regions.sub_selections`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import itertools
-import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,18 +29,15 @@ from ..format.bundle import BundleIndex, TensorEntry
 from ..format.crc import crc32c
 from ..format.slices import TensorSlice
 from ..regions import (
-    GROUP_READ_BYTES,
     REGION_GAP_BYTES,
     Region,
-    Widened,
     cover_problem,
     intersect,
     is_full,
     plan_stretches,
-    read_groups,
     region_of,
-    run_offsets,
     stretch_offsets,
+    sub_selections,
 )
 from .convert import check_conversion, fix_in_place, reference_convert
 from .reader import CHUNK_BYTES, HostReader, check_dtype, check_readable
@@ -52,7 +47,6 @@ from .shards import ShardFiles
 # (~1.5 us per preadv against ~10 GB/s): the break-even between many small runs and one span.
 READ_CALL_COST_BYTES = 16 << 10
 SPAN_READ_BYTES = 4 << 20  # a span is read in pieces this big, through one buffer
-PICK_LOOP_BYTES = 512  # runs this long are copied out of a shared read one by one, shorter ones gathered
 
 
 def read_selection(
@@ -171,92 +165,6 @@ def _bounds(tensor_slice: TensorSlice, shape: tuple[int, ...]) -> tuple[tuple[in
     return tuple(e.bounds(d) for e, d in zip(tensor_slice, shape, strict=True))
 
 
-def read_window(
-    shards: ShardFiles, entry: TensorEntry, offsets: np.ndarray, run_bytes: int, lo: int, hi: int, dst: memoryview
-) -> None:
-    """Bytes ``[lo, hi)`` of a region's result (runs of ``run_bytes`` at ``offsets`` from the
-    entry's first byte, in order: :func:`gpuckpt.regions.run_offsets`) into ``dst``, reading only
-    the runs (neighbours close together in one read, :func:`gpuckpt.regions.read_groups`)."""
-    base, shard, name = entry.offset, entry.shard_id, entry.name
-    pos = lo
-    if pos < hi and pos % run_bytes:  # the window starts inside a run
-        run, within = divmod(pos, run_bytes)
-        count = min(run_bytes - within, hi - pos)
-        shards.read_into(shard, base + int(offsets[run]) + within, dst[:count], name)
-        pos += count
-    first, stop = pos // run_bytes, hi // run_bytes
-    if stop > first:
-        _read_runs(shards, entry, offsets[first:stop], run_bytes, dst[pos - lo : pos - lo + (stop - first) * run_bytes])
-        pos = stop * run_bytes
-    if pos < hi:  # and ends inside one
-        shards.read_into(shard, base + int(offsets[pos // run_bytes]), dst[pos - lo : hi - lo], name)
-
-
-def widened_chunks(
-    shards: ShardFiles, entry: TensorEntry, itemsize: int, wide: Widened, chunk_bytes: int
-) -> Iterator[tuple[int, int, np.ndarray]]:
-    """Read a widened region (:class:`gpuckpt.regions.Widened`) a chunk of stretches at a time,
-    one stretch per index of the leading axes: ``(first, stop, picked)`` for stretches
-    ``[first, stop)``, ``picked`` the region's bytes of them as a (stretches, picks, words per
-    pick) view of the one reused buffer (valid until the next chunk)."""
-    axis = wide.axis
-    offsets, run_bytes = run_offsets(entry.shape, itemsize, wide.selection, block_from=axis)
-    inner = math.prod(entry.shape[axis + 1 :]) * itemsize  # the bytes of one index of the axis
-    unit = math.gcd(inner, 8)  # copied in the widest word an index is made of
-    per_chunk = max(1, chunk_bytes // max(run_bytes, 1))
-    buffer = np.empty(min(len(offsets), per_chunk) * run_bytes, np.uint8)
-    for first in range(0, len(offsets), per_chunk):
-        stop = min(len(offsets), first + per_chunk)
-        stretches = buffer[: (stop - first) * run_bytes]
-        read_window(shards, entry, offsets[first:stop], run_bytes, 0, len(stretches), memoryview(stretches))  # type: ignore[arg-type]
-        words = stretches.view(f"u{unit}").reshape(stop - first, run_bytes // inner, inner // unit)
-        yield first, stop, words[:, wide.pick, :]
-
-
-def _read_runs(shards: ShardFiles, entry: TensorEntry, offsets: np.ndarray, run_bytes: int, dst: memoryview) -> None:
-    """Whole runs, in order, into ``dst``: a group of one run read straight into its place (a
-    stretch of them in one tight loop), a shared group's span into a buffer and its runs picked out."""
-    bounds = read_groups(offsets, run_bytes)
-    sizes = np.diff(bounds)
-    singles = sizes == 1
-    buffer = np.empty(0, np.uint8)  # one for every shared read (a fresh one would be faulted in each time)
-    group = 0
-    while group < len(sizes):
-        first = int(bounds[group])
-        if singles[group]:
-            last = group
-            while last + 1 < len(sizes) and singles[last + 1]:
-                last += 1
-            stop = int(bounds[last + 1])
-            where = (offsets[first:stop] + entry.offset).tolist()
-            shards.read_runs(entry.shard_id, where, run_bytes, dst[first * run_bytes : stop * run_bytes], entry.name)
-            group = last + 1
-            continue
-        stop = int(bounds[group + 1])
-        runs = offsets[first:stop]
-        low, high = int(runs.min()), int(runs.max()) + run_bytes
-        if len(buffer) < high - low:
-            buffer = np.empty(max(high - low, GROUP_READ_BYTES + run_bytes), np.uint8)
-        span = buffer[: high - low]
-        shards.read_into(entry.shard_id, entry.offset + low, memoryview(span), entry.name)  # type: ignore[arg-type]
-        target = np.frombuffer(dst[first * run_bytes : stop * run_bytes], np.uint8)
-        step = int(runs[1] - runs[0])
-        if (np.diff(runs) == step).all():  # evenly spaced (along one axis): one strided copy
-            unit = math.gcd(run_bytes, 8, abs(step))
-            ascending = np.lib.stride_tricks.as_strided(
-                span.view(f"u{unit}"), (len(runs), run_bytes // unit), (abs(step), unit), writeable=False
-            )
-            target.view(f"u{unit}").reshape(len(runs), -1)[...] = ascending if step > 0 else ascending[::-1]
-        elif run_bytes >= PICK_LOOP_BYTES:  # few, long runs: one copy each
-            for number, start in enumerate((runs - low).tolist()):
-                target[number * run_bytes : (number + 1) * run_bytes] = span[start : start + run_bytes]
-        else:  # many short ones: one gather, in the widest word every run is made of
-            unit = math.gcd(run_bytes, 8, int(np.gcd.reduce(runs - low)))
-            picks = ((runs - low) // unit)[:, None] + np.arange(run_bytes // unit)
-            target.view(f"u{unit}")[...] = span.view(f"u{unit}")[picks.reshape(-1)]
-        group += 1
-
-
 def read_region_into(
     reader: HostReader,
     tensor: TensorEntry,
@@ -307,28 +215,6 @@ def read_region_into(
     return checked
 
 
-def _sub_regions(region: Region, itemsize: int, most_bytes: int) -> Iterator[tuple[int, tuple[range, ...], int]]:
-    """The region cut, in the result's order, into sub-regions of at most ``most_bytes`` each
-    (or one index of the last axis): ``(first element, selection, elements)``, each a contiguous
-    stretch of the result."""
-    lengths = region.box_shape
-    if not lengths:  # a scalar
-        yield 0, region.selection, 1
-        return
-    axis = 0  # cut along the first axis one index of which fits
-    while axis < len(lengths) - 1 and math.prod(lengths[axis + 1 :]) * itemsize > most_bytes:
-        axis += 1
-    under = math.prod(lengths[axis + 1 :])
-    step = max(1, most_bytes // max(1, under * itemsize))
-    first = 0
-    for leading in itertools.product(*(range(n) for n in lengths[:axis])):
-        fixed = tuple(s[i : i + 1] for s, i in zip(region.selection[:axis], leading, strict=True))
-        for start in range(0, lengths[axis], step):
-            picked = region.selection[axis][start : start + step]
-            yield first, (*fixed, picked, *region.selection[axis + 1 :]), len(picked) * under
-            first += len(picked) * under
-
-
 def restore_region(
     reader: HostReader,
     tensor: TensorEntry,
@@ -363,7 +249,7 @@ def restore_region(
         destination = out if out is not None else np.empty(region.shape, wanted)
         elements = destination.reshape(-1)  # a view: out= arrays are C-contiguous
         stage = np.empty(CHUNK_BYTES // info.itemsize, stored)
-        for first, selection, count in _sub_regions(region, info.itemsize, CHUNK_BYTES):
+        for first, selection, count in sub_selections(region.selection, info.itemsize, CHUNK_BYTES):
             values = stage[:count] if count <= len(stage) else np.empty(count, stored)
             box = values.reshape([len(s) for s in selection])
             read_selection(reader.shards, tensor, selection, box, REGION_GAP_BYTES)
