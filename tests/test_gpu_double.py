@@ -39,6 +39,27 @@ def test_dtypes_cupy_has_no_c_type_for_are_refused_but_views_are_not_checked(cup
     assert cupy.empty(4, cupy.uint8).view(ml_dtypes.float8_e4m3fn).dtype == ml_dtypes.float8_e4m3fn
 
 
+def test_a_type_whose_character_cupy_takes_for_another_arrives_as_its_bytes(cupy, tmp_path):
+    """CuPy v14.2.0 accepts float8_e4m3b11fnuz (its type character 'L' is uint64's:
+    cupy/_core/_dtype.pyx, check_supported_dtype), as the double does; the device restores it as
+    uint8 bytes, like every float8, not as an array CuPy's kernels would read as 8-byte integers."""
+    from gpuckpt.cuda import cuda_device
+
+    b11 = np.dtype(ml_dtypes.float8_e4m3b11fnuz)
+    assert cupy.empty(4, b11).dtype == b11  # CuPy's own check lets it through
+    assert cuda_device(0).array_dtype(b11) == np.uint8
+    if cupy._has_bfloat16():
+        assert cuda_device(0).array_dtype(ml_dtypes.bfloat16) == ml_dtypes.bfloat16
+    values = np.arange(-20, 20, dtype=np.float32).astype(b11)
+    prefix = gpuckpt.save(str(tmp_path / "b11"), {"w": values})
+    with gpuckpt.open(prefix) as ckpt:
+        got = ckpt.restore(device="cuda")["w"]
+    with gpuckpt.open(prefix, options=RestoreOptions(single_allocation=True)) as ckpt:
+        single = ckpt.restore(device="cuda")["w"]
+    for array in (got, single):
+        assert array.dtype == np.uint8 and array.get().tobytes() == values.tobytes()
+
+
 def test_a_non_blocking_stream_runs_later_and_ignores_the_null_stream(cupy):
     source = np.frombuffer(cupy.cuda.alloc_pinned_memory(4), np.uint8, 4)
     source[:] = 1

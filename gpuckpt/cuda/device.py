@@ -27,6 +27,7 @@ _MAX_GRID = 65535 * 4
 
 
 _HELD: dict[np.dtype, np.dtype] = {}  # dtype -> the dtype a CuPy array of it has (array_dtype)
+_NPY_USERDEF = 256  # numpy/ndarraytypes.h: the first type number of a type NumPy does not define
 _HELD_LOCK = threading.Lock()
 
 
@@ -73,21 +74,30 @@ class CudaDevice:
         return cupy.cuda.Device(self.index)
 
     def array_dtype(self, dtype: np.dtype) -> np.dtype:
-        """``dtype`` if CuPy can make arrays of it, else ``uint8`` (``uint16``, ...) of its width.
+        """``dtype`` if CuPy can make arrays of it and knows it for what it is, else ``uint8``
+        (``uint16``, ...) of its width.
 
         CuPy makes new arrays only of types it has a C type for (cupy/_core/_dtype.pyx,
         check_supported_dtype): not float8, int4, int2, float4. Such a tensor arrives as its bytes,
         which a framework holding the type reinterprets (``torch.from_dlpack(a).view(...)``);
         ``dtype=`` converts float8 on the device instead. Asked of CuPy itself, with an empty
-        array (no memory is allocated for it), so the rule is CuPy's whatever its version."""
+        array (no memory is allocated for it), so the rule is CuPy's whatever its version. But
+        CuPy's check passes any type whose type character is one of NumPy's sixteen basic ones
+        (v14.2.0, check_supported_dtype: ``dtype.type in all_type_chars_b``), and the characters
+        of ml_dtypes' own types are arbitrary: float8_e4m3b11fnuz's is ``'L'``, uint64's, which
+        CuPy's kernels would take for an 8-byte integer. So a type NumPy does not define itself
+        (a type number of NPY_USERDEF, 256, or more) is held only where CuPy names a C type for
+        it (cupy/_core/_scalar.pyx, get_typename: bfloat16 alone)."""
         dtype = np.dtype(dtype)
         with _HELD_LOCK:
             held = _HELD.get(dtype)
         if held is None:
+            held = dtype
             try:
+                if dtype.num >= _NPY_USERDEF and dtype.name != "bfloat16":
+                    raise TypeError(f"CuPy would take {dtype} for the type of its character {dtype.char!r}")
                 with self._device():
                     cupy.empty((0,), dtype=dtype)
-                held = dtype
             except (TypeError, ValueError):
                 held = np.dtype(f"u{dtype.itemsize}")
             with _HELD_LOCK:
