@@ -270,11 +270,14 @@ class Checkpoint:
         return self.restore([name], device=target, verify=verify, dtype=dtype, regions=regions)[name]
 
     def get_slice(self, name: str) -> LazyTensor:
-        """A lazy handle: ``ckpt.get_slice(name)[2:4, :]`` reads only the bytes it needs (host arrays).
+        """A lazy handle: ``ckpt.get_slice(name)[2:4, :]`` reads the region into a host array.
 
         Notes
         -----
-        Partial reads are not checked against the crc32c, which covers whole tensors.
+        Reads the region's runs, or where runs would be many and short, whatever stretches between
+        them read fastest from a warm page cache (``restore(regions=)`` reads at most a page
+        between two runs). Partial reads are not checked against the crc32c, which covers whole
+        tensors; a saved slice of a partitioned tensor that the region holds whole is.
         """
         self._check_open()
         return LazyTensor(self._reader, self._entry(name))

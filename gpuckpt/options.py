@@ -7,6 +7,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 
+MIN_SLOT_BYTES = 16  # complex128: a region is staged whole elements at a time
 ENV_PREFIX = "GPUCKPT_"
 
 
@@ -15,8 +16,11 @@ class RestoreOptions:
     """How a device restore stages data.
 
     staging_slots: pinned host buffers in the ring (GPUCKPT_STAGING_SLOTS).
-    staging_slot_bytes: size of each; larger tensors are copied in pieces this big
-        (GPUCKPT_STAGING_SLOT_BYTES). Host memory of a restore stays within slots x slot bytes.
+    staging_slot_bytes: size of each, at least 16 (the widest element: a region is staged whole
+        elements at a time); larger tensors are copied in pieces this big
+        (GPUCKPT_STAGING_SLOT_BYTES). Pinned host memory of a restore stays within slots x slot
+        bytes; a region read as stretches adds one buffer of at most 4 MiB per reader thread
+        (gpuckpt.host.lazy_slice.SPAN_READ_BYTES).
     io_threads: threads reading files into slots and checksumming (GPUCKPT_IO_THREADS).
     copy_streams: non-default streams the copies are spread over (GPUCKPT_COPY_STREAMS).
     check_free_memory: refuse to start when the device has too little free memory
@@ -37,6 +41,11 @@ class RestoreOptions:
         for field in ("staging_slots", "staging_slot_bytes", "io_threads", "copy_streams"):
             if int(getattr(self, field)) < 1:
                 raise ValueError(f"RestoreOptions.{field} must be at least 1, not {getattr(self, field)}")
+        if int(self.staging_slot_bytes) < MIN_SLOT_BYTES:
+            raise ValueError(
+                f"RestoreOptions.staging_slot_bytes must be at least {MIN_SLOT_BYTES} (the widest element), "
+                f"not {self.staging_slot_bytes}"
+            )
         if self.staging_slots < self.io_threads:
             raise ValueError("RestoreOptions.staging_slots must be at least io_threads (each reader holds one slot)")
 

@@ -249,7 +249,8 @@ def plan_stretches(
         if gap_bytes is not None and widest_gap > gap_bytes:
             break  # a stretch along any axis before this one holds this gap too
         length = (highs[axis] - lows[axis]) * strides[axis] + under
-        if strides[axis] <= buffer_bytes:
+        # (an axis with one index reads what the axis inside it reads, into a buffer a whole index bigger)
+        if counts[axis] > 1 and strides[axis] <= buffer_bytes:
             stretches = math.prod(counts[:axis])
             pieces = -(-((highs[axis] - lows[axis] + 1) * strides[axis]) // buffer_bytes)
             cost = stretches * (pieces * call_cost_bytes + length)

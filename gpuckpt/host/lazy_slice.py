@@ -75,20 +75,20 @@ def read_selection(
             where = starts[first : first + _OFFSETS_AT_ONCE].tolist()
             shards.read_runs(entry.shard_id, where, plan.length, flat[first * plan.length :], entry.name)
         return
-    offsets = starts.tolist()  # one per stretch
     axis, rows = plan.axis, plan.rows
     row_bytes = plan.row_bytes(shape, itemsize)
     trailing = shape[axis + 1 :]
     by_stretch = box.reshape(plan.count, *box.shape[axis:])  # a view: box is C-contiguous
     picked = selection[axis]
     if len(rows) * row_bytes <= SPAN_READ_BYTES:  # whole stretches, as many as fit the buffer
-        per_read = max(1, SPAN_READ_BYTES // (len(rows) * row_bytes))
+        per_read = max(1, min(_OFFSETS_AT_ONCE, SPAN_READ_BYTES // (len(rows) * row_bytes)))
         buffer = np.empty((min(per_read, plan.count), len(rows), *trailing), box.dtype)
         flat = memoryview(buffer.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
         place = len(rows) * row_bytes
         for first in range(0, plan.count, per_read):
             stop = min(plan.count, first + per_read)
-            shards.read_runs(entry.shard_id, offsets[first:stop], plan.length, flat[plan.head :], entry.name, place)
+            where = starts[first:stop].tolist()
+            shards.read_runs(entry.shard_id, where, plan.length, flat[plan.head :], entry.name, place)
             by_stretch[first:stop] = buffer[: stop - first][(slice(None),) + plan.pick]
         return
     # one stretch in pieces: runs of consecutive picks whose rows fit the buffer
@@ -98,7 +98,8 @@ def read_selection(
     flat = memoryview(buffer.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
     under = plan.length - (len(rows) - 1) * row_bytes  # the bytes wanted under one index of the axis
     within = (slice(None, None, abs(ascending.step)), *plan.pick[1:])
-    for number, offset in enumerate(offsets):
+    for number in range(plan.count):
+        offset = int(starts[number])
         for first in range(0, len(ascending), per_piece):
             picks = ascending[first : first + per_piece]
             span = picks[-1] - picks[0] + 1
