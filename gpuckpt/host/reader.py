@@ -332,16 +332,35 @@ class HostReader:
             for group in shared:
                 run_shared(group)
         else:
-            with concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gpuckpt-read") as pool:
-                futures = [pool.submit(run_bulk, task) for task in bulk_tasks]
+            # Each worker takes the next task until none is left (one future per worker, not per
+            # task: a future and its condition cost about as much as reading 100 KB); the first
+            # error stops every worker after its current task.
+            pending = iter(bulk_tasks)
+            taking = threading.Lock()
+            failed = threading.Event()
+
+            def worker() -> None:
+                while not failed.is_set():
+                    with taking:
+                        task = next(pending, None)
+                    if task is None:
+                        return
+                    try:
+                        run_bulk(task)
+                    except BaseException:
+                        failed.set()
+                        raise
+
+            workers = min(threads, len(bulk_tasks))
+            with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gpuckpt-read") as pool:
+                futures = [pool.submit(worker) for _ in range(workers)]
                 try:
                     for group in shared:
                         run_shared(group)
-                    for future in concurrent.futures.as_completed(futures):
+                    for future in futures:
                         future.result()
                 except BaseException:
-                    for future in futures:
-                        future.cancel()
+                    failed.set()
                     raise
         if not verify:  # nothing checked the bytes: at least refuse those read while a file shrank
             for shard_id in sorted({g.byte_range.shard_id for g in groups}):
