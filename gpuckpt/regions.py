@@ -195,7 +195,8 @@ def run_offsets(
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Stretches:
-    """How the host reads a region of a stored tensor: one read per *stretch*, the stored bytes from
+    """How a region of a stored tensor is read (into host memory, or a device's staging slot):
+    one read per *stretch*, the stored bytes from
     the first to the last byte the region needs under one combination of the indices it selects
     on the axes before ``axis`` (``count`` of them, in the result's order). A stretch covers the
     indices ``rows`` of ``axis`` (the trailing axes whole) and is read into a buffer place of
