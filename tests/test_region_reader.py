@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_regions import _values, _write, index_for
+from test_regions import _values, _write, index_for, shape_and_selection
 
 import gpuckpt
 from gpuckpt.host import lazy_slice
@@ -182,20 +182,9 @@ class _FakeShards:
             self._one(offset, piece)
 
 
-@st.composite
-def _big_selection(draw):
-    shape = tuple(draw(st.lists(st.integers(1, 13), min_size=0, max_size=5)))
-    selection = []
-    for dim in shape:
-        start = draw(st.integers(0, dim - 1))
-        picked = range(start, draw(st.integers(start + 1, dim)), draw(st.sampled_from([1, 1, 2, 3, 5])))
-        selection.append(picked[::-1] if draw(st.booleans()) else picked)
-    return shape, tuple(selection)
-
-
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    case=_big_selection(),
+    case=shape_and_selection(most_dim=13, ranks=(0, 5), steps=(1, 1, 2, 3, 5)),
     itemsize=st.sampled_from([1, 2, 4, 8, 16]),
     span=st.integers(1, 3000),
     cost=st.sampled_from([0, 1, 16, 300, 1 << 14, 1 << 40]),

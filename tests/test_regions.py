@@ -406,19 +406,20 @@ def test_a_large_region_is_staged_in_parts_by_several_threads(cupy, backend, tmp
 
 
 @st.composite
-def _shape_and_selection(draw):
-    shape = tuple(draw(st.lists(st.integers(1, 7), min_size=1, max_size=4)))
+def shape_and_selection(draw, most_dim=7, ranks=(1, 4), steps=(1, 1, 2, 3)):
+    """A shape and a region's selection on it (not empty; ranges either way)."""
+    shape = tuple(draw(st.lists(st.integers(1, most_dim), min_size=ranks[0], max_size=ranks[1])))
     selection = []
     for dim in shape:
         start = draw(st.integers(0, dim - 1))
-        picked = range(start, draw(st.integers(start + 1, dim)), draw(st.sampled_from([1, 1, 2, 3])))
+        picked = range(start, draw(st.integers(start + 1, dim)), draw(st.sampled_from(steps)))
         selection.append(picked[::-1] if draw(st.booleans()) else picked)
     return shape, tuple(selection)
 
 
 @settings(max_examples=400, deadline=None)
 @given(
-    case=_shape_and_selection(),
+    case=shape_and_selection(),
     itemsize=st.sampled_from([1, 2, 4, 8]),
     call_cost=st.sampled_from([0, 16, 1 << 14, 1 << 40]),
     gap=st.sampled_from([None, 0, 8, 64]),
