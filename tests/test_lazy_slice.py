@@ -1,5 +1,5 @@
 """``get_slice``: any basic index on stored and partitioned tensors equals numpy's answer, read
-without a mapping, whichever read strategy (contiguous runs or one span of rows) is chosen."""
+without a mapping, whichever way the reader plans (its runs, or stretches along an outer axis)."""
 
 from __future__ import annotations
 
@@ -10,29 +10,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_regions import index_for  # any basic index, None axes too
 
 import gpuckpt
 from gpuckpt.host import lazy_slice
 
 DTYPES = [np.float32, np.int16, np.uint8, np.float64]
-
-
-@st.composite
-def index_for(draw, shape):
-    items = []
-    for dim in shape:
-        if dim and draw(st.booleans()):
-            items.append(draw(st.integers(-dim, dim - 1)))
-        else:
-            start = draw(st.none() | st.integers(-dim - 2, dim + 2))
-            stop = draw(st.none() | st.integers(-dim - 2, dim + 2))
-            step = draw(st.none() | st.sampled_from([1, 2, 3, -1, -2]))
-            items.append(slice(start, stop, step))
-    items = items[: draw(st.integers(0, len(items)))]
-    if items and draw(st.booleans()):
-        at = draw(st.integers(0, len(items)))
-        items = items[:at] + [Ellipsis] + items[at + 1 :]  # '...' standing for the rest
-    return tuple(items)
 
 
 @st.composite
