@@ -35,7 +35,7 @@ from .errors import CheckpointError, InvalidArgumentError, UnsupportedError, des
 from .format.bundle import TensorEntry
 from .format.crc import PartChecksums, crc32c
 from .host.convert import kernel_for
-from .host.lazy_slice import read_selection
+from .host.lazy_slice import new_scratch, read_selection
 from .host.reader import HostReader, check_readable
 from .options import RestoreOptions
 from .plan import PlanOptions, ReadGroup, pieces_of, plan_reads
@@ -322,6 +322,7 @@ class StagedRestore:
         self.out = out or {}
         self.progress = progress
         self._abort = threading.Event()
+        self._stretch_buffers = threading.local()  # read_selection's buffer, per reader thread
         self._progress_lock = threading.Lock()
         self._bytes_done = 0
         self._bytes_total = 0
@@ -770,6 +771,9 @@ class StagedRestore:
         at most a page beyond the region between two of its runs), then one copy. Unchecked: no
         crc32c covers part of an entry. False if aborted."""
         word = np.dtype(f"V{itemsize}")  # the stored bytes of one element, whatever its type
+        scratch = getattr(self._stretch_buffers, "buffer", None)
+        if scratch is None:  # one host buffer per reader thread for the stretches it reads
+            scratch = self._stretch_buffers.buffer = new_scratch()
         for first, selection, count in pieces:
             if self._abort.is_set():
                 return False
@@ -778,7 +782,7 @@ class StagedRestore:
             try:
                 slot.wait_until_free()
                 box = slot.buffer[:length].view(word).reshape([len(s) for s in selection])
-                read_selection(self.reader.shards, stored, selection, box, REGION_GAP_BYTES)
+                read_selection(self.reader.shards, stored, selection, box, REGION_GAP_BYTES, scratch)
                 self.device.copy_to_device(dst, first * itemsize, slot.buffer, length, stream)
             finally:
                 slot.last_copy = self.device.record(stream)  # LIFETIME: guards the slot's bytes

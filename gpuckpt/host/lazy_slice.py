@@ -19,6 +19,7 @@ of the result at a time (:func:`gpuckpt.regions.sub_selections`).
 from __future__ import annotations
 
 import concurrent.futures
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -50,13 +51,25 @@ SPAN_READ_BYTES = 4 << 20  # a span is read in pieces this big, through one buff
 _OFFSETS_AT_ONCE = 1 << 16
 
 
+def new_scratch() -> np.ndarray:
+    """A buffer :func:`read_selection` can read stretches into, to reuse across calls."""
+    return np.empty(SPAN_READ_BYTES, np.uint8)
+
+
 def read_selection(
-    shards: ShardFiles, entry: TensorEntry, selection: tuple[range, ...], box: np.ndarray, gap_bytes: int | None
+    shards: ShardFiles,
+    entry: TensorEntry,
+    selection: tuple[range, ...],
+    box: np.ndarray,
+    gap_bytes: int | None,
+    scratch: np.ndarray | None = None,
 ) -> None:
     """The stored values of the region ``selection`` of one entry into ``box`` (C-contiguous, the
     region's box shape, the stored dtype), as :func:`gpuckpt.regions.plan_stretches` plans with
     ``gap_bytes``: the runs straight into place, or stretches read a buffer at a time (pieces of
-    whole indices where one stretch is longer than the buffer) and the region picked out."""
+    whole indices where one stretch is longer than the buffer) and the region picked out. The
+    buffer is ``scratch`` (:func:`new_scratch`) where given, so a caller reading many regions
+    faults one in once."""
     if box.size == 0:
         return
     shape, itemsize = entry.shape, box.dtype.itemsize
@@ -82,7 +95,7 @@ def read_selection(
     picked = selection[axis]
     if len(rows) * row_bytes <= SPAN_READ_BYTES:  # whole stretches, as many as fit the buffer
         per_read = max(1, min(_OFFSETS_AT_ONCE, SPAN_READ_BYTES // (len(rows) * row_bytes)))
-        buffer = np.empty((min(per_read, plan.count), len(rows), *trailing), box.dtype)
+        buffer = _buffer(scratch, (min(per_read, plan.count), len(rows), *trailing), box.dtype)
         flat = memoryview(buffer.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
         place = len(rows) * row_bytes
         for first in range(0, plan.count, per_read):
@@ -94,7 +107,7 @@ def read_selection(
     # one stretch in pieces: runs of consecutive picks whose rows fit the buffer
     ascending = picked if picked.step > 0 else picked[::-1]
     per_piece = (SPAN_READ_BYTES // row_bytes - 1) // abs(ascending.step) + 1
-    buffer = np.empty((min(len(rows), (per_piece - 1) * abs(ascending.step) + 1), *trailing), box.dtype)
+    buffer = _buffer(scratch, (min(len(rows), (per_piece - 1) * abs(ascending.step) + 1), *trailing), box.dtype)
     flat = memoryview(buffer.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
     under = plan.length - (len(rows) - 1) * row_bytes  # the bytes wanted under one index of the axis
     within = (slice(None, None, abs(ascending.step)), *plan.pick[1:])
@@ -112,6 +125,14 @@ def read_selection(
             else:  # the result holds the picks descending
                 end = len(picked) - first
                 by_stretch[number, end - len(picks) : end] = values[::-1]
+
+
+def _buffer(scratch: np.ndarray | None, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An array of ``shape`` over ``scratch`` where it is big enough, else a new one."""
+    size = math.prod(shape) * dtype.itemsize
+    if scratch is None or len(scratch) < size:
+        return np.empty(shape, dtype)
+    return scratch[:size].view(dtype).reshape(shape)
 
 
 class LazyTensor:
@@ -254,10 +275,11 @@ def restore_region(
         destination = out if out is not None else np.empty(region.shape, wanted)
         elements = destination.reshape(-1)  # a view: out= arrays are C-contiguous
         stage = np.empty(CHUNK_BYTES // info.itemsize, stored)
+        scratch = new_scratch()
         for first, selection, count in sub_selections(region.selection, info.itemsize, CHUNK_BYTES):
             values = stage[:count] if count <= len(stage) else np.empty(count, stored)
             box = values.reshape([len(s) for s in selection])
-            read_selection(reader.shards, tensor, selection, box, REGION_GAP_BYTES)
+            read_selection(reader.shards, tensor, selection, box, REGION_GAP_BYTES, scratch)
             fix_in_place(values, info, reader.index.header.big_endian)
             elements[first : first + count] = reference_convert(kernel, values)
         reader.shards.check_not_shrunk(tensor.shard_id, tensor.name)
