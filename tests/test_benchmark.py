@@ -57,6 +57,19 @@ def test_slice_benchmark_smoke(tmp_path):
     assert all(row["vs_floor"] > 0 for row in result["selections"].values())
 
 
+def test_cold_benchmark_smoke(tmp_path):
+    """Checks the restore against the arrays written, then times every reader count cold."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import restore_cold
+
+    out = tmp_path / "cold.json"
+    argv = ["--size-mb", "2", "--tensors", "6", "--threads", "1,2", "--repeat", "1"]
+    assert restore_cold.main([*argv, "--work-dir", str(tmp_path), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert {"floor_read_in_order_1thread_s", "gpuckpt_verified_2threads_s"} <= set(result["cold"])
+    assert all(f["best"] > 0 for f in result["cold"].values())
+
+
 @pytest.mark.gpu
 def test_gpu_benchmark_smoke(tmp_path):
     from gpuckpt.cuda import cuda_available
