@@ -195,23 +195,48 @@ def from_dlpack(array: Any, logical: Any = None) -> jax.Array:
     uint4, int2, uint2, float4_e2m1fn: one element per byte) by converting the byte to the
     unsigned type of that width, then bit-casting (a bit-cast from a wider type would add a
     trailing axis: jax/_src/lax/lax.py, _bitcast_convert_type_shape_rule). Either is one device
-    copy, for those types only."""
+    copy, for those types only.
+
+    Notes
+    -----
+    The view's memory goes back to CuPy's pool as soon as the view is dropped, even while a
+    kernel that reads it is still queued: in XLA's GPU client (jax-v0.10.2 pins openxla/xla
+    5a9e73cb, whose GPU plugin makes a StreamExecutorGpuClient: xla/pjrt/plugin/xla_gpu/
+    xla_gpu_pjrt_client.cc, GetXlaPjrtGpuClient) deleting the view's buffer
+    (xla/pjrt/abstract_tracked_device_buffer.cc, AbstractTrackedDeviceBuffer::Delete) hands its
+    usage events to ``DecrefAfter``, which xla/pjrt/se_raw_buffer.h,
+    PjRtStreamExecutorRawBuffer overrides to drop the buffer at once (GPU memory is
+    kComputeSynchronized: freeing once the last use is enqueued is safe for XLA's own
+    allocator, whose next users are on the same compute stream; xla/pjrt/local_device_state.h),
+    and the last reference runs the DLPack deleter (xla/pjrt/tracked_device_buffer.cc,
+    ~ForeignRawSEDeviceMemory; the view from PjRtStreamExecutorClient::CreateViewOfDeviceBuffer).
+    Nor does an execution hold its inputs past their launch on GPUs
+    (xla/pjrt/pjrt_stream_executor_client.cc: only kSynchronous devices keep them until the
+    execution's event). CuPy could then give the block to its next allocation, on a stream not
+    ordered after XLA's. So a converted array is waited for (``block_until_ready``) before the
+    view goes: one host wait per converted tensor. An array JAX takes as it is comes back as the
+    view itself, not waited for: its memory lives as long as it does."""
     held = np.dtype(array.dtype)
     logical = held if logical is None else np.dtype(logical)
     if not _dlpack_exportable(held):
         held = np.dtype(f"u{held.itemsize}")
         array = array.view(held)
-    result = jax.dlpack.from_dlpack(array)
+    view = jax.dlpack.from_dlpack(array)
     if logical == held:
-        return result
+        return view
     bits = _SUB_BYTE_BITS.get(logical.name)
     if bits is None:
-        return jax.lax.bitcast_convert_type(result, logical)
-    import ml_dtypes
+        result = jax.lax.bitcast_convert_type(view, logical)
+    else:
+        import ml_dtypes
 
-    unsigned = np.dtype(getattr(ml_dtypes, f"uint{bits}"))
-    result = (result & ((1 << bits) - 1)).astype(unsigned)  # the low bits, exactly (values < 2**bits)
-    return result if unsigned == logical else jax.lax.bitcast_convert_type(result, logical)
+        unsigned = np.dtype(getattr(ml_dtypes, f"uint{bits}"))
+        result = (view & ((1 << bits) - 1)).astype(unsigned)  # the low bits, exactly (values < 2**bits)
+        if unsigned != logical:
+            result = jax.lax.bitcast_convert_type(result, logical)
+    # LIFETIME: the view's CuPy memory is freed when ``view`` goes (see Notes), so only once the
+    # kernels reading it are done; the arrays between them are XLA's, freed in stream order.
+    return result.block_until_ready()
 
 
 def _logical(ckpt: Checkpoint, names: list[str], dtype: Any) -> dict[str, np.dtype]:

@@ -133,3 +133,37 @@ def test_a_type_cupy_lets_an_array_have_but_cannot_export_is_handed_over_as_byte
         array.__dlpack__()
     result = gj.from_dlpack(array, dtype)
     assert result.dtype == dtype and np.asarray(result).tobytes() == values.tobytes()
+
+
+@pytest.mark.parametrize("name", ["float8_e4m3fn", "float8_e4m3b11fnuz", "int4", "uint4", "float4_e2m1fn"])
+def test_a_converted_array_is_ready_before_the_view_of_cupys_memory_is_freed(bundle, jax_gpu, monkeypatch, name):
+    """XLA's GPU client runs a view's DLPack deleter as soon as the view is dropped, not once the
+    kernels reading it are done (PjRtStreamExecutorRawBuffer::DecrefAfter drops the buffer
+    without waiting on its usage events: see gpuckpt.jax.from_dlpack), and the deleter hands the
+    memory back to CuPy's pool; so the converted array must be waited for first. An array JAX
+    takes as it is, is the view: not waited for, its deleter run only when it goes."""
+    import gc
+
+    from jax._src.array import ArrayImpl
+
+    wait = ArrayImpl.block_until_ready
+
+    def logged(self):
+        jax_gpu.events.append(("block_until_ready", np.dtype(self.dtype).name))
+        return wait(self)
+
+    monkeypatch.setattr(ArrayImpl, "block_until_ready", logged)
+    prefix, _ = bundle
+    with gpuckpt.open(prefix) as ckpt:
+        converted = gj.restore(ckpt, [name], device="cuda:0")
+        gc.collect()
+        assert [event for event, _ in jax_gpu.events] == ["block_until_ready", "on_delete_callback"]
+        assert jax_gpu.events[0] == ("block_until_ready", name)
+        assert converted[name].dtype == _dtype(name)
+        jax_gpu.events.clear()
+        taken = gj.restore(ckpt, ["float32"], device="cuda:0")
+        gc.collect()
+        assert jax_gpu.events == []
+    del taken
+    gc.collect()
+    assert [event for event, _ in jax_gpu.events] == ["on_delete_callback"]

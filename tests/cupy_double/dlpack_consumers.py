@@ -16,7 +16,9 @@ Sources, each rule cited where it is kept:
   (pytorch/pytorch@01a6a16d9bb6) ``current_device`` (cudaGetDevice).
 * JAX (jax-ml/jax, jax-v0.10.2 and cec06d116c05): jax/_src/dlpack.py ``from_dlpack``;
   jaxlib/dlpack.cc ``DLPackManagedTensorToBuffer``, ``StridesToLayout``, ``MakePjrtBuffer``;
-  xla/python/dlpack_types.cc ``DLDataTypeToPrimitiveType``.
+  xla/python/dlpack_types.cc ``DLDataTypeToPrimitiveType``; openxla/xla 5a9e73cb (the XLA
+  jax-v0.10.2 pins), xla/pjrt/se_raw_buffer.h ``PjRtStreamExecutorRawBuffer::DecrefAfter`` and
+  xla/pjrt/tracked_device_buffer.cc ``~ForeignRawSEDeviceMemory`` (when the deleter runs).
 """
 
 from __future__ import annotations
@@ -321,10 +323,13 @@ class GpuDevice:
 class JaxModel:
     """``jax.dlpack.from_dlpack`` (jax/_src/dlpack.py) over the double. ``devices``: the GPU
     devices by local hardware id, each with its own non-blocking stream as XLA's; ``calls``:
-    what was called on producers. The arrays returned are CPU jax arrays holding the bytes."""
+    what was called on producers. The arrays returned are CPU jax arrays holding the bytes.
+    ``events``: ``("on_delete_callback", data pointer)`` each time a view's deleter runs, for a
+    test to order other events (appended there) against."""
 
     devices: dict[int, GpuDevice] = field(default_factory=dict)
     calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    events: list[tuple[str, Any]] = field(default_factory=list)
     keepalive: list[Any] = field(default_factory=list)
 
     @classmethod
@@ -371,8 +376,12 @@ class JaxModel:
         "Only DLPack tensors with trivial (compact) striding are supported"); a view of the
         device buffer (CreateViewOfDeviceBuffer), ready once ``stream`` has reached this point,
         the producer's deleter called when the buffer goes; the capsule renamed
-        "used_dltensor". Here the bytes are copied into a CPU jax array once the stream has
-        drained, and the deleter runs when that array is collected."""
+        "used_dltensor". The deleter runs as soon as the view is dropped, whatever kernels
+        reading it are still queued (XLA's GPU client: AbstractTrackedDeviceBuffer::Delete hands
+        the usage events to PjRtStreamExecutorRawBuffer::DecrefAfter, which ignores them and
+        drops the buffer; the last reference is ~ForeignRawSEDeviceMemory, which calls
+        on_delete_callback). Here the bytes are copied into a CPU jax array once the stream has
+        drained, and the deleter runs (logged in ``events``) when that array is collected."""
         import jax
         import ml_dtypes
 
@@ -408,8 +417,12 @@ class JaxModel:
         _machine.worker(stream).drain()  # the buffer is defined once the stream reached here
         host = _dlpack.device_bytes_view(tensor, np_dtype).copy()
         result = jax.device_put(host, jax.devices("cpu")[0])
-        weakref.finalize(result, tensor.delete)
+        weakref.finalize(result, self._on_delete, tensor)
         return result
+
+    def _on_delete(self, tensor: _dlpack.ManagedTensor) -> None:
+        self.events.append(("on_delete_callback", tensor.data))
+        tensor.delete()
 
 
 class runtime_device:
