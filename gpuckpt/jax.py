@@ -31,7 +31,8 @@ Lifetimes
   stream XLA waits on for external buffers, which CuPy orders after its current stream (a
   restore has completed every tensor's copies before it returns anyway). The capsule holds a
   reference to the CuPy array, which JAX drops when it frees the buffer; the memory then goes
-  back to CuPy's pool (it stays CuPy's, never XLA's allocator's). Types a CuPy array does not
+  back to CuPy's pool (it stays CuPy's, never XLA's allocator's), even while kernels reading it
+  are queued: see the rule for users below. Types a CuPy array does not
   hold, or cannot export (float8 types, the sub-byte types, and bfloat16 where CuPy lacks it:
   NumPy < 2.1.2 or no ml_dtypes), arrive as unsigned integers of their width and are made
   typed on the device: float8 and bfloat16 by ``jax.lax.bitcast_convert_type``, int4, uint4,
@@ -39,6 +40,47 @@ Lifetimes
   their width and a bit-cast (see :func:`from_dlpack`): one device copy for those types only,
   the byte array freed after. Not yet run on a GPU; tested on the CuPy double with a model of
   JAX's DLPack import (tests/test_jax_gpu_double.py).
+* GPU, the rule for users: **before a restored array goes** (``del``, rebinding as in
+  ``params = step(params)``, ``.delete()``, leaving scope) **while work reading it may still be
+  queued, wait for that work when anything may allocate from CuPy meanwhile** (another GPU
+  restore, any CuPy code in the process)::
+
+      new = step(params)
+      jax.block_until_ready(new)  # step's kernels have read params
+      params = new                # only now does params' memory go back to CuPy's pool
+
+  (or keep the restored arrays referenced until results computed from them are ready). The
+  arrays JAX takes as they are are views of CuPy pool memory, and XLA's GPU client runs a view's
+  DLPack deleter as soon as the jax.Array goes, not once the kernels queued to read it are done
+  (see :func:`from_dlpack`, Notes); the deleter drops the CuPy array (cupy/_core/dlpack.pyx,
+  ``deleter``: Py_DECREF of ``manager_ctx``), whose block is at once free in the pool for the
+  next allocation on its stream's arena (cupy/cuda/memory.pyx, SingleDeviceMemoryPool.free:
+  ``arena.insert_chunk``), which can overwrite it while XLA still reads it. Nothing is needed
+  for the arrays made typed on the device (float8 types, sub-byte types, bfloat16 where CuPy
+  lacks it): they are XLA's own, and their CuPy bytes were waited for before being dropped; nor
+  when no CuPy allocation can happen until that work is done (XLA never allocates from CuPy's
+  pool).
+
+  Why no fix: the zero-copy candidate, restoring into memory outside CuPy's pool
+  (``cupy.cuda.using_allocator()``: CuPy's ``memory._malloc``, a ``Memory`` that is one
+  cudaMalloc, given back by cudaFree in ``Memory.__dealloc__``; CuPy v14.2.0,
+  cupy/cuda/__init__.py and memory.pyx), is only safe if cudaFree waits for the queued kernels
+  reading the block, and NVIDIA does not promise that: the CUDA Runtime API reference,
+  cudaFree (https://docs.nvidia.com/cuda/cuda-runtime-api/group__CUDART__MEMORY.html), says
+  that for pointers not from the stream-ordered allocator "this API may perform implicit
+  synchronization" (cuMemFree in the Driver API says the same; for stream-ordered pointers
+  "Callers must ensure that all accesses to these pointer have completed"). The Programming
+  Guide's "Implicit Synchronization" list (Asynchronous Concurrent Execution, Streams) names
+  device memory allocation, not freeing, and only the introduction to the Stream-Ordered Memory
+  Allocator (4.3.1) says in passing that cudaMalloc and cudaFree "cause the GPU to synchronize
+  across all executing CUDA streams". An allocator swap would also route the pipeline's scratch
+  buffers through cudaMalloc (``using_allocator`` is per thread, and the restore allocates
+  outputs and scratch alike on the caller's thread: pipeline.py, StagedRestore._start and
+  _allocate). A documented wait, ``cudaDeviceSynchronize`` ("Blocks until the device has
+  completed all preceding requested tasks") run before the CuPy array is dropped, would be the
+  sound zero-copy variant, at one device-wide stall per array dropped (it, like any fix here,
+  relies on XLA having launched the kernels before the deleter runs: an execution holds its
+  inputs until their launch); it is not done yet.
 * Shardings (``restore(..., shardings={name or regex: jax.sharding.Sharding})``): global arrays
   (``jax.make_array_from_single_device_arrays``). The devices this process addresses are grouped
   by their index in ``sharding.addressable_devices_indices_map(shape)``: each distinct index (a
@@ -215,7 +257,9 @@ def from_dlpack(array: Any, logical: Any = None) -> jax.Array:
     execution's event). CuPy could then give the block to its next allocation, on a stream not
     ordered after XLA's. So a converted array is waited for (``block_until_ready``) before the
     view goes: one host wait per converted tensor. An array JAX takes as it is comes back as the
-    view itself, not waited for: its memory lives as long as it does."""
+    view itself, not waited for: its memory lives as long as it does, so the kernels reading it
+    must be waited for before it goes when CuPy may allocate meanwhile (the rule in the module
+    docs, "Lifetimes")."""
     held = np.dtype(array.dtype)
     logical = held if logical is None else np.dtype(logical)
     if not _dlpack_exportable(held):
