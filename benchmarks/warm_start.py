@@ -47,6 +47,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
+import restore_host  # noqa: E402
 from floors import CopyFloors  # noqa: E402
 from report import machine_info, write_results  # noqa: E402
 from restore_host import large_arrays, many_arrays  # noqa: E402
@@ -57,16 +58,10 @@ from gpuckpt.host import reader  # noqa: E402
 GiB = 1 << 30
 
 
-def best_of(repeat, fn, warmup=1):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        gc.collect()
-        start = time.perf_counter()
-        fn()  # its result (arrays) is dropped before the next run
-        times.append(time.perf_counter() - start)
-    return min(times)
+def best_of(repeat, fn):
+    """restore_host's best of ``repeat``, after one warm-up run."""
+    fn()
+    return restore_host.best_of(repeat, fn)[0]
 
 
 def write(prefix, arrays):
