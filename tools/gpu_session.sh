@@ -13,7 +13,8 @@
 #   2. the carried wheels into a --target dir; a failure is recorded and the session goes on   cap 40
 #   3. preflight: CUDA usable, the kernels load (fatbin and NVRTC), one small restore and one
 #      dtype= conversion bit-exact against the host; stops the session with its reason   ~20 s, cap 75
-#   4. tests/test_gpu.py on the real GPU (never on the CuPy double), junit XML   ~60 s, cap 110
+#   4. tests/test_gpu.py and tests/test_gpu_frameworks.py (torch, JAX) on the real GPU (never on the
+#      CuPy double), junit XML   ~70 s, cap 110
 #   5. benchmarks/restore_gpu.py (SIZE_GB, 4 by default), its JSON rewritten after every stage   rest
 #   6. summary.txt: PASS, or FAIL with every reason; the script's exit status is 0 only on PASS
 # $OUT receives 7 files, no folders (the tool brings back 8 files at most):
@@ -21,7 +22,8 @@
 #
 # Variables: OUT (default /tmp/gpuckpt-out), SIZE_GB, GPU_SESSION_PYTHON (default python3),
 # GPU_SESSION_SKIP_WHEELS=1, GPU_SESSION_BUDGET_S, GPU_SESSION_WORK (scratch, default /tmp/gpuckpt-session),
-# GPU_SESSION_TESTS (default tests/test_gpu.py; a rerun may narrow it: "tests/test_gpu.py -k oom").
+# GPU_SESSION_TESTS (default "tests/test_gpu.py tests/test_gpu_frameworks.py"; a rerun may narrow
+# it: "tests/test_gpu.py -k oom").
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 ROOT=$PWD
@@ -30,7 +32,7 @@ PY=${GPU_SESSION_PYTHON:-python3}
 BUDGET=${GPU_SESSION_BUDGET_S:-330}
 SIZE_GB=${SIZE_GB:-4}
 WORK=${GPU_SESSION_WORK:-/tmp/gpuckpt-session}
-read -ra GPU_TESTS <<<"${GPU_SESSION_TESTS:-tests/test_gpu.py}"  # pytest arguments, split on spaces, no globbing
+read -ra GPU_TESTS <<<"${GPU_SESSION_TESTS:-tests/test_gpu.py tests/test_gpu_frameworks.py}"  # pytest arguments, split on spaces, no globbing
 SITE=$WORK/site
 mkdir -p "$OUT" "$WORK" || exit 2
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
@@ -123,7 +125,8 @@ fi
 
 TESTS_RC="" BENCH_RC=""
 if ((PREFLIGHT_RC == 0)); then
-    # 4. The GPU tests, on the GPU: tests/test_gpu.py only (test_gpu_double.py is the double's own).
+    # 4. The GPU tests, on the GPU: tests/test_gpu.py and tests/test_gpu_frameworks.py (the
+    #    *_gpu_double.py modules are the double's own).
     timeout_flag=()
     "$PY" -c "import pytest_timeout" 2>/dev/null && timeout_flag=(--timeout=30)
     # No test starts in the step's last 35 s (a test's own limit is 30 s), so pytest writes its
