@@ -3,7 +3,7 @@ read once and share, and every rank reading everything; bytes read per rank and 
 cold page cache and a warm one, all measured in the same run.
 
     python benchmarks/restore_distributed.py [--ranks 4] [--size-mb 1024] [--repeat 3] [--threads 1]
-                                             [--machine NAME] [--out PATH]
+                                             [--modes own,once,...] [--machine NAME] [--out PATH]
 
 The checkpoint is a transformer's tensor-parallel layout in float32 (written once by
 ``gpuckpt.save``, cached under .bench/): an embedding split by rows, per layer a fused qkv and an
@@ -22,12 +22,16 @@ MLP up projection split by columns, the attention output and MLP down projection
 
 Correctness first: one untimed round of each mode, where every rank compares each tensor it got
 with the same region read by a second, single-process ``Checkpoint`` (bit for bit). Then --repeat
-rounds, each timing the three modes in turn (so load from other processes falls on all alike),
+rounds, each timing the modes in turn (so load from other processes falls on all alike),
 each mode cold then warm. Cold: rank 0 drops the data files from the page cache
 (``posix_fadvise(POSIX_FADV_DONTNEED)``; the resident fraction after it, by ``fincore`` where it is
 installed, is recorded) between two barriers. Wall time: from the barrier before the restore to
 the barrier after it, so the slowest rank decides. Bytes per rank: the restore's own report
 (``DistributedRestore.bytes_read``).
+
+--modes runs some of the modes only: ``once`` and ``all`` leave every rank holding the whole
+checkpoint, so N ranks of a checkpoint need N times its size in memory (4 ranks of 4 GiB do not fit
+24 GiB with ``once``'s broadcast buffers beside them).
 
 Results go to benchmarks/results/distributed-<machine>.json unless --out says otherwise.
 """
@@ -150,7 +154,7 @@ def worker(rank: int, world: int, port: int, config_path: str) -> None:
 
     # correctness first: every tensor, on every rank, against a single-process read of its region
     with gpuckpt.open(prefix) as reference:
-        for mode in MODES:
+        for mode in config["modes"]:
             got = run(mode)
             for name, tensor in got.tensors.items():
                 region = got.regions[name]
@@ -158,11 +162,11 @@ def worker(rank: int, world: int, port: int, config_path: str) -> None:
                 assert _bits(tensor) == np.ascontiguousarray(expected).tobytes(), (mode, rank, name)
             del got
             gc.collect()
-    timings: dict[str, dict[str, list[float]]] = {m: {"cold": [], "warm": []} for m in MODES}
+    timings: dict[str, dict[str, list[float]]] = {m: {"cold": [], "warm": []} for m in config["modes"]}
     reads: dict[str, dict[int, dict[str, int]]] = {}
     resident: list[float | None] = []
     for _ in range(config["repeat"]):
-        for mode in MODES:
+        for mode in config["modes"]:
             for cache in ("cold", "warm"):
                 dist.barrier()
                 if cache == "cold" and rank == 0:
@@ -188,7 +192,8 @@ def spawn(args, prefix: str) -> dict:  # type: ignore[no-untyped-def]
     with tempfile.TemporaryDirectory() as tmp:
         config_path, out = os.path.join(tmp, "config.pkl"), os.path.join(tmp, "out.pkl")
         with open(config_path, "wb") as f:
-            pickle.dump({"prefix": prefix, "threads": args.threads, "repeat": args.repeat, "out": out}, f)
+            config = {"prefix": prefix, "threads": args.threads, "repeat": args.repeat, "modes": args.modes, "out": out}
+            pickle.dump(config, f)
         store = dist.TCPStore(
             "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=60)
         )
@@ -215,7 +220,7 @@ def spawn(args, prefix: str) -> dict:  # type: ignore[no-untyped-def]
 
 def summarize(raw: dict, data_bytes: int, ranks: int) -> dict:
     modes = {}
-    for mode in MODES:
+    for mode in raw["timings"]:
         per_rank = {r: sum(files.values()) for r, files in raw["bytes_read"][mode].items()}
         total = sum(per_rank.values())
         modes[mode] = {
@@ -235,6 +240,14 @@ def summarize(raw: dict, data_bytes: int, ranks: int) -> dict:
     return modes
 
 
+def _modes(text: str) -> list[str]:
+    chosen = [mode for mode in text.split(",") if mode]
+    unknown = sorted(set(chosen) - set(MODES))
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"modes are {', '.join(MODES)}; got {text!r}")
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", type=int, default=4)
@@ -245,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", default=os.path.join(ROOT, ".bench"))
     parser.add_argument("--machine", default=None, help="names the results file (default: the host name)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--modes", type=_modes, default=list(MODES), help="comma-separated: " + ",".join(MODES))
     parser.add_argument("--worker", nargs=4, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -273,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         "ranks": args.ranks,
         "threads_per_rank": args.threads,
         "repeat": args.repeat,
+        "modes_run": args.modes,
         "checkpoint": {"bytes": data_bytes, "tensors": tensors, "size_mb": args.size_mb},
         "resident_after_evict": raw["resident_after_evict"],
         "modes": modes,

@@ -8,7 +8,11 @@ checks the device restore against the host restore bit for bit, then times on on
 * floor: one pinned host-to-device copy of the same byte count (CUDA events);
 * gpuckpt ``restore(device="cuda")`` from a warm page cache, verified and not, and verified with
   ``single_allocation`` (one device allocation carved into every tensor);
-* naive: host ``get_tensor`` then ``cupy.asarray`` per tensor;
+* ``gpuckpt.torch.load_into`` of every tensor into a module's existing CUDA buffers, in place
+  (``out=`` through DLPack), against the verified device restore of the same bytes, where torch
+  has CUDA (issue 11's target: within 1.1x);
+* naive: host ``get_tensor`` then ``cupy.asarray`` per tensor (bfloat16 as its bytes where CuPy
+  cannot hold it: NumPy < 2.1.2);
 * ``safetensors.torch.load_file(device="cuda")`` of the same tensors, where torch and safetensors
   are installed;
 * cold cache (files evicted with posix_fadvise) against the raw file read speed.
@@ -86,6 +90,48 @@ def make_checkpoint(prefix: str, size_gb: float, count: int) -> None:
     """The host benchmark's mixed fp32/bf16/fp16 tensors at this size, saved once."""
     if not os.path.exists(prefix + ".index"):
         gpuckpt.save(prefix, large_arrays(size_gb * 1024, count))
+
+
+def torch_load_into(prefix: str, repeat: int, device: str = "cuda") -> dict:
+    """``gpuckpt.torch.load_into`` of every tensor into a module whose buffers (one per tensor,
+    its shape and type) live on ``device``, timed as the restores are; the values checked against
+    the host restore first, and the buffers' memory checked unchanged (in place). A failure is
+    recorded, never fatal: the stages after it still run."""
+    try:
+        import torch
+
+        import gpuckpt.torch as gt
+    except ImportError as exc:
+        return {"torch_load_into_s": None, "torch_load_into_error": f"not measured: {exc}"}
+    if device == "cuda" and not torch.cuda.is_available():
+        return {"torch_load_into_s": None, "torch_load_into_error": "not measured: torch has no CUDA here"}
+    try:
+        return {"torch_load_into_s": _time_load_into(torch, gt, prefix, repeat, device)}
+    except Exception as exc:  # torch's CUDA or the path itself: recorded, the rest still runs
+        return {"torch_load_into_s": None, "torch_load_into_error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        if device == "cuda":
+            torch.cuda.empty_cache()  # the module's buffers, freed with _time_load_into's frame
+
+
+def _time_load_into(torch, gt, prefix: str, repeat: int, device: str) -> float:  # type: ignore[no-untyped-def]
+    module = torch.nn.Module()
+    with gpuckpt.open(prefix) as ckpt:
+        names = ckpt.keys()
+        mapping = {name: f"t{i}" for i, name in enumerate(names)}
+        for name, target in mapping.items():
+            info = ckpt.info(name)
+            module.register_buffer(target, torch.empty(info.shape, dtype=gt.torch_dtype(info.dtype), device=device))
+        pointers = {target: getattr(module, target).data_ptr() for target in mapping.values()}
+        gt.load_into(module, ckpt, mapping)
+        for name in names[:5]:
+            got = getattr(module, mapping[name]).cpu()
+            got = got.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[got.element_size()])
+            assert got.numpy().tobytes() == ckpt.get_tensor(name).tobytes(), name
+    seconds = best_of(repeat, lambda: gt.load_into(module, prefix, mapping))
+    moved = [target for target, pointer in pointers.items() if getattr(module, target).data_ptr() != pointer]
+    assert not moved, f"load_into replaced the memory of {moved[:3]}"
+    return seconds
 
 
 def device_description() -> dict:
@@ -179,9 +225,16 @@ def main(argv=None) -> int:
 
         return run
 
+    from gpuckpt.cuda import cuda_device
+
+    held = cuda_device(0).array_dtype  # bfloat16 goes as its bytes where CuPy cannot hold it
+
+    def upload(array: np.ndarray):  # type: ignore[no-untyped-def]
+        return cupy.asarray(array.view(held(array.dtype)))
+
     def naive():
         with gpuckpt.open(prefix) as c:
-            return {n: cupy.asarray(c.get_tensor(n)) for n in c.keys()}
+            return {n: upload(c.get_tensor(n)) for n in c.keys()}
 
     results.update({"bytes": total, "tensors": len(names), "staging_bytes": options.staging_bytes})
     done("checked_and_warm")
@@ -198,6 +251,8 @@ def main(argv=None) -> int:
     # is emptied before each run, as in a fresh process).
     results["gpuckpt_verified_single_allocation_s"] = best_of(args.repeat, restore(True, single_allocation=True))
     done("single_allocation")
+    results.update(torch_load_into(prefix, args.repeat))
+    done("torch_load_into")
     results["naive_s"] = best_of(1, naive)
     done("naive")
     try:
@@ -252,6 +307,9 @@ def main(argv=None) -> int:
         "unverified_vs_floor": floor_s / results["gpuckpt_unverified_s"],
         "verified_vs_floor": floor_s / results["gpuckpt_verified_s"],
         "verified_single_allocation_vs_floor": floor_s / results["gpuckpt_verified_single_allocation_s"],
+        "torch_load_into_vs_verified_restore": (results["torch_load_into_s"] / results["gpuckpt_verified_s"])
+        if results["torch_load_into_s"]
+        else None,
         "speedup_vs_naive": results["naive_s"] / results["gpuckpt_verified_s"],
         "speedup_vs_safetensors": (results["safetensors_s"] / results["gpuckpt_verified_s"])
         if results["safetensors_s"]

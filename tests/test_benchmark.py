@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -72,21 +73,27 @@ def test_cold_benchmark_smoke(tmp_path):
 
 @pytest.mark.gpu
 def test_gpu_benchmark_smoke(tmp_path):
+    """benchmarks/restore_gpu.py end to end: on a GPU where there is one, else on the CuPy double,
+    so that a lent GPU's short session never meets a broken script. Every stage runs; baselines
+    that need a real GPU (torch's CUDA, safetensors' pinned memory) record why they were not
+    measured instead of failing."""
     from gpuckpt.cuda import cuda_available
 
-    if not cuda_available():
-        pytest.skip("needs a CUDA GPU and CuPy")
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import restore_gpu
+    with contextlib.ExitStack() as stack:
+        if not cuda_available():
+            import cupy_double
 
-    out = tmp_path / "gpu.json"
-    assert (
-        restore_gpu.main(
-            ["--size-gb", "0.05", "--tensors", "8", "--repeat", "1", "--work-dir", str(tmp_path), "--out", str(out)]
-        )
-        == 0
-    )
-    assert json.loads(out.read_text())["ratios"]["verified_vs_floor"] > 0
+            stack.enter_context(cupy_double.installed(device_count=1, memory_bytes=256 << 20))
+        import restore_gpu
+
+        out = tmp_path / "gpu.json"
+        argv = ["--size-gb", "0.02", "--tensors", "8", "--repeat", "1", "--work-dir", str(tmp_path), "--out", str(out)]
+        assert restore_gpu.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["complete"] and result["ratios"]["verified_vs_floor"] > 0
+    assert result["stages_done"][-1] == "ratios" and "torch_load_into" in result["stages_done"]
+    assert result["torch_load_into_s"] or result["torch_load_into_error"].startswith("not measured")
 
 
 def test_fuzz_smoke(tmp_path):

@@ -37,6 +37,15 @@ def setDevice(device: int) -> None:
     _machine.set_current_device(int(device))
 
 
+def getDeviceProperties(device: int) -> dict[str, object]:
+    """cudaGetDeviceProperties as CuPy returns it: a dict of the cudaDeviceProp fields, ``name``
+    as bytes (runtime.pyx, getDeviceProperties: ``properties['name'] = props.name``, a char
+    array), ``totalGlobalMem`` in bytes; an invalid ordinal is cudaErrorInvalidDevice. Only the
+    fields the benchmarks read."""
+    _machine.check_device(int(device))
+    return {"name": b"CuPy double", "totalGlobalMem": _machine.heap(int(device)).size}
+
+
 def memGetInfo() -> tuple[int, int]:
     """cudaMemGetInfo: free and total memory of the current device (what cudaMalloc has not
     handed out; a memory pool's cached blocks count as used, as on a GPU)."""
