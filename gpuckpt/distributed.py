@@ -64,11 +64,12 @@ others raise the same error, naming the tensor in transfer. After a timeout or a
 groups are in the state torch leaves them after any failed collective: make new ones before
 restoring again. (A failure reported through the statuses leaves them usable.)
 
-The status exchange runs on ``group`` when it is a gloo group and no ``timeout`` is given (the
-group's own timeout then applies); otherwise on a gloo group over the same ranks with ``timeout``
-(torch's default, 30 minutes, for ``timeout=None`` on an NCCL group), created by the first call
-that needs it and reused: as for every ``torch.distributed.new_group``, every process of the
-default group must make that first call.
+The status exchange runs on ``group`` when it is a gloo group, else on a gloo group over the same
+ranks, made by the first call for those ranks (by them alone: ``use_local_synchronization``,
+so the groups a program makes afterwards get the same names on every rank) and kept. With
+``timeout``, it starts with ``monitored_barrier(timeout=)``, gloo's barrier with a timeout of its
+own, so no group is made per timeout; without, the group's own timeout applies (torch's default,
+30 minutes, on the gloo twin of an NCCL group).
 
 Memory a rank cannot get is reported when the allocation raises (``MemoryError``); the kernel's
 OOM killer ending a process shows up on the others as a rank gone.
@@ -85,7 +86,10 @@ path is written to torch's documented API but has not run (no GPU build of torch
 :class:`Split` of ``mesh.size()`` pieces as ``Shard(dim)`` (torch.chunk's split, which is
 :func:`split_region`'s), the others as ``Replicate()``; the local tensor is the one read, no copy
 and no collective (``DTensor.from_local(run_check=False)`` with the global shape and stride given).
-A Split's piece is then the rank's mesh coordinate. Regions from a callable cannot be described as
+A Split's piece is then the rank's local rank on the mesh (``DeviceMesh.get_local_rank()``), which is
+where DTensor's own ``distribute_tensor`` and ``full_tensor`` put it: torch takes it from the mesh's
+process group, in rank order, so on a mesh listed out of rank order it differs from the rank's
+``get_coordinate()``. Regions from a callable cannot be described as
 placements and are refused with a mesh.
 
 Dtypes: those :mod:`gpuckpt.torch` has (strings and the sub-byte types are refused by name); no
@@ -120,7 +124,7 @@ MODES = ("own", "once")
 @dataclasses.dataclass(frozen=True, slots=True)
 class Split:
     """Split a tensor along ``dim`` into ``pieces`` (default: the group's size), as tensor
-    parallelism does; rank ``r`` holds piece ``r % pieces`` (its mesh coordinate with ``mesh=``).
+    parallelism does; rank ``r`` holds piece ``r % pieces`` (its local rank on the mesh with ``mesh=``).
     Pieces are torch.chunk's: ``ceil(size / pieces)`` long, the last ones shorter or empty."""
 
     dim: int
@@ -208,10 +212,17 @@ def _compile(shardings: Mapping[str, Any] | None) -> NameRules[Any]:
                 f"sharding {key!r}: give Split(dim, pieces), (dim, pieces) or a function (rank, world, shape) -> "
                 f"region, not {type(spec).__name__}"
             )
-        if isinstance(spec, Split) and spec.pieces is not None and spec.pieces < 1:
-            raise InvalidArgumentError(f"sharding {key!r}: Split(pieces={spec.pieces}) needs at least one piece")
+        if isinstance(spec, Split):
+            if not _is_int(spec.dim) or not (spec.pieces is None or _is_int(spec.pieces)):
+                raise InvalidArgumentError(f"sharding {key!r}: Split's dim and pieces are ints, not {spec!r}")
+            if spec.pieces is not None and spec.pieces < 1:
+                raise InvalidArgumentError(f"sharding {key!r}: Split(pieces={spec.pieces}) needs at least one piece")
         specs.append((key, spec))
     return NameRules(specs, "shardings")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _spec_for(name: str, compiled: NameRules[Any]) -> Any:
@@ -341,12 +352,13 @@ def _local_phase(
         for current in local.names:
             if local.owners.get(current) == rank and local.specs[current] is not None:
                 whole = ckpt.restore([current], verify=verify, threads=threads)[current]
-                local.results[current] = whole[local.regions[current]].copy()  # not a view of the whole
+                # a copy, not a view of the whole; np.array: an integer on every axis gives a scalar
+                local.results[current] = np.array(whole[local.regions[current]], copy=True)
                 sends = []
                 where = describe(ckpt.index.path, current)
                 for other in range(world):
                     theirs = _region(local.specs[current], other, world, pieces[other], local.shapes[current], where)
-                    part = whole[theirs]
+                    part = np.asarray(whole[theirs])
                     part = part if part.flags.c_contiguous else part.copy()  # a view where it is contiguous
                     if other != rank and part.size:
                         sends.append((other, _wire(part).to(comm_device)))
@@ -374,22 +386,24 @@ def _local_phase(
 
 # -- the status exchange ----------------------------------------------------------------------------
 
-_STATUS_GROUPS: dict[tuple[int, float], tuple[Any, Any]] = {}
+_STATUS_GROUPS: dict[tuple[int, ...], tuple[Any, Any]] = {}  # ranks -> (default group then, gloo twin)
 
 
-def _status_group(group: Any, timeout: datetime.timedelta | None) -> Any:
-    """The gloo group the status exchange runs on (see the module docs)."""
-    if timeout is None and "gloo" in str(dist.get_backend(group)):
+def _status_group(group: Any) -> Any:
+    """The gloo group the status exchange runs on: ``group`` when it is a gloo group, else a gloo
+    group over the same ranks, made by the first call for those ranks and kept (one per set of
+    ranks, while the default group it was made under lives). It is made with
+    ``use_local_synchronization``: only those ranks take part, and its name comes from its ranks,
+    so the default group's count of groups (which names every group made after it, on every
+    rank alike) is left as it was (torch/distributed/distributed_c10d.py, _process_group_name)."""
+    if "gloo" in str(dist.get_backend(group)):
         return group
-    if timeout is None:
-        from torch.distributed.constants import default_pg_timeout
-
-        timeout = default_pg_timeout
-    key = (id(group), timeout.total_seconds())
-    found = _STATUS_GROUPS.get(key)
-    if found is None or found[0] is not group:
-        side = dist.new_group(ranks=dist.get_process_group_ranks(group), backend="gloo", timeout=timeout)
-        _STATUS_GROUPS[key] = found = (group, side)
+    ranks = tuple(dist.get_process_group_ranks(group))
+    world = dist.group.WORLD
+    found = _STATUS_GROUPS.get(ranks)
+    if found is None or found[0] is not world:
+        side = dist.new_group(ranks=list(ranks), backend="gloo", use_local_synchronization=True)
+        _STATUS_GROUPS[ranks] = found = (world, side)
     return found[1]
 
 
@@ -471,6 +485,8 @@ def restore(
     if not dist.is_available() or not dist.is_initialized():
         raise InvalidArgumentError("gpuckpt.distributed.restore needs an initialized torch.distributed process group")
     group = dist.group.WORLD if group is None else group
+    if group is dist.GroupMember.NON_GROUP_MEMBER:  # what new_group gives a process outside it
+        raise InvalidArgumentError("group=: this process is not a member of that group; only its ranks call restore")
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     pieces = list(range(world))
     if mesh is not None:
@@ -481,13 +497,27 @@ def restore(
                 raise InvalidArgumentError(f"sharding {key!r}: a region function has no DTensor placement; drop mesh=")
             if spec.pieces not in (None, world):
                 raise InvalidArgumentError(f"sharding {key!r}: Split(pieces={spec.pieces}) on a mesh of {world}")
-        order = [int(r) for r in mesh.mesh.reshape(-1).tolist()]  # global ranks, by mesh coordinate
-        pieces = [order.index(dist.get_global_rank(group, r)) for r in range(world)]
+        # A rank's piece is its local rank on the mesh, as DTensor's own sharding places it
+        # (distribute_tensor, full_tensor): torch takes that from the mesh's process group, in rank
+        # order, so on a mesh listed out of rank order it is not the rank's mesh coordinate.
+        mesh_group = mesh.get_group()
+        members = set(dist.get_process_group_ranks(mesh_group))
+        globals_ = [dist.get_global_rank(group, r) for r in range(world)]
+        if set(globals_) != members:
+            raise InvalidArgumentError(f"mesh={mesh}: a mesh over the group's ranks {sorted(globals_)}")
+        pieces = [dist.get_group_rank(mesh_group, g) for g in globals_]
     backend = str(dist.get_backend(group))
     comm_device = torch.device("cpu")
     if (mode == "once" or replicated == "once") and "gloo" not in backend:
         comm_device = torch.device("cuda", torch.cuda.current_device())
-    status_group = _status_group(group, wait)
+    try:
+        status_group = _status_group(group)
+    except Exception as exc:  # noqa: BLE001 - a rank gone before the call: the side group cannot be made
+        raise DistributedRestoreError(
+            f"rank {rank}: not every rank reported its status (a rank died, hangs, or never called restore): "
+            f"making the gloo group for the statuses failed: {type(exc).__name__}: {exc}",
+            [],
+        ) from exc
 
     started = time.perf_counter()
     ckpt: Checkpoint | None = None
@@ -515,7 +545,7 @@ def restore(
         "seconds": time.perf_counter() - started,
     }
     try:
-        statuses = _exchange(status, status_group, world, rank, failure, cause)
+        statuses = _exchange(status, status_group, wait, world, rank, failure, cause)
         failures = [s["failure"] for s in statuses if s["failure"] is not None]
         if failures:
             raise DistributedRestoreError(
@@ -550,14 +580,19 @@ def restore(
 def _exchange(
     status: dict[str, Any],
     status_group: Any,
+    wait: datetime.timedelta | None,
     world: int,
     rank: int,
     failure: tuple[int, str | None, str, str] | None,
     cause: BaseException | None,
 ) -> list[dict[str, Any]]:
-    """Every rank's status, or DistributedRestoreError when some rank never sent one."""
+    """Every rank's status, or DistributedRestoreError when some rank never sent one. With
+    ``wait``, a ``monitored_barrier`` first: every rank gets there within ``wait`` or all raise
+    (gloo's barrier with a timeout of its own, so no group needs that timeout built in)."""
     statuses: list[Any] = [None] * world
     try:
+        if wait is not None:
+            dist.monitored_barrier(group=status_group, timeout=wait)
         dist.all_gather_object(statuses, status, group=status_group)
     except Exception as exc:  # noqa: BLE001 - gloo raises RuntimeError subclasses for a dead or silent peer
         own = [failure] if failure is not None else []

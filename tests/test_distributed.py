@@ -131,6 +131,32 @@ def _worker(rank: int, port: int, scenario: str, config_path: str) -> None:
         pair = dist.new_group([2, 3])  # every rank creates it; ranks 2 and 3 restore on it alone
         if rank in (2, 3):
             results["subgroup"] = _attempt(lambda: gd.restore(prefix, mode="once", group=pair, timeout=20))
+            real_backend = dist.get_backend  # the subgroup as an NCCL group: statuses go on its gloo twin
+            dist.get_backend = lambda group=None: "nccl"
+            try:
+                results["subgroup_twin"] = _attempt(lambda: gd.restore(prefix, ["tiny"], group=pair, timeout=20))
+            finally:
+                dist.get_backend = real_backend
+        else:
+            results["not_a_member"] = _attempt(lambda: gd.restore(prefix, group=pair))
+        every = dist.new_group(list(range(WORLD)))  # a group made after: every rank must agree on its name
+        total = torch.ones(1)
+        dist.all_reduce(total, group=every)
+        results["group_after_subgroup"] = float(total)
+        fds = len(os.listdir("/proc/self/fd"))
+        for seconds in (11, 12, 13, 14, 15):  # a timeout of its own each call
+            gd.restore(prefix, ["tiny"], timeout=seconds)
+        results["fds_after_timeouts"] = len(os.listdir("/proc/self/fd")) - fds
+
+        def one_element(r: int, world: int, shape: tuple[int, ...]) -> tuple[int, int]:
+            return (r, 0)  # an integer on every axis: a 0-d region
+
+        results["int_region"] = {
+            mode: _attempt(
+                lambda m=mode: gd.restore(prefix, ["dense/kernel"], shardings={"dense/kernel": one_element}, mode=m)
+            )
+            for mode in ("own", "once")
+        }
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import DTensor
 
@@ -138,6 +164,19 @@ def _worker(rank: int, port: int, scenario: str, config_path: str) -> None:
         got = gd.restore(prefix, shardings=MESH_SHARDINGS, mesh=mesh, timeout=20)
         once = gd.restore(prefix, shardings=MESH_SHARDINGS, mesh=mesh, mode="once", timeout=20)
         results["mesh_once"] = {name: _bits(t.to_local()) for name, t in once.tensors.items()}
+        from torch.distributed.device_mesh import DeviceMesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        permuted = DeviceMesh("cpu", torch.tensor([1, 0, 3, 2]))  # listed out of rank order
+        shuffled = gd.restore(prefix, ["embed/table"], shardings={"embed/table": Split(0)}, mesh=permuted)
+        table = shuffled.tensors["embed/table"]
+        with gpuckpt.open(prefix) as ckpt:
+            whole = torch.from_numpy(ckpt["embed/table"].view(np.int16)).view(torch.bfloat16)
+        reference = distribute_tensor(whole, permuted, [Shard(0)])  # torch's own placement of the pieces
+        results["mesh_permuted"] = (
+            _bits(table.to_local()) == _bits(reference.to_local()),
+            _bits(table.full_tensor()) == _bits(whole),
+        )
         results["mesh"] = {
             name: (
                 isinstance(t, DTensor),
@@ -172,11 +211,12 @@ def _worker(rank: int, port: int, scenario: str, config_path: str) -> None:
 
         results["slow"] = _attempt(lambda: gd.restore(prefix, shardings={"odd/rows": slow}, timeout=1.5))
     elif scenario == "gone":
-        if rank == 3 and config["when"] == "before":
+        if rank == 3 and config["when"] in ("before", "before_with_timeout"):
             os._exit(7)  # dies without a word, before restore
         if rank == 3:  # dies once the statuses are in, as the tensors are being sent
             gd._share = lambda *args: os._exit(7)
-        results["gone"] = _attempt(lambda: gd.restore(prefix, mode="once"))
+        timeout = 5 if config["when"] == "before_with_timeout" else None
+        results["gone"] = _attempt(lambda: gd.restore(prefix, mode="once", timeout=timeout))
     with open(os.path.join(config["out"], f"rank{rank}.pkl"), "wb") as f:
         pickle.dump(results, f)
     try:
@@ -310,10 +350,14 @@ def test_arguments_refused_at_once():
         {"shardings": {"x": "rows"}},
         {"shardings": {"(": Split(0)}},
         {"shardings": {"x": Split(0, 0)}},
+        {"shardings": {"x": Split(0.5)}},  # type: ignore[arg-type]
+        {"shardings": {"x": Split(True)}},
+        {"shardings": {"x": Split(0, 2.0)}},  # type: ignore[arg-type]
         {"timeout": -1},
     ):
-        with pytest.raises(gpuckpt.InvalidArgumentError):
+        with pytest.raises(gpuckpt.InvalidArgumentError) as info:
             gd.restore("nowhere", **kwargs)
+        assert "initialized" not in str(info.value), kwargs  # refused for itself, before the group is needed
     assert not dist.is_initialized()
     with pytest.raises(gpuckpt.InvalidArgumentError, match="initialized"):
         gd.restore("nowhere")
@@ -430,6 +474,39 @@ def test_read_once_on_a_subgroup(modes, checkpoint):
         per_rank = {r: sum(files.values()) for r, files in summary["bytes_read"].items()}
         assert per_rank == {r: sum(n for name, n in sizes.items() if owners[name] == r) for r in range(2)}
     assert "subgroup" not in modes[0] and "subgroup" not in modes[1]
+    for rank in (0, 1):  # a process outside the subgroup is told so at once
+        error = modes[rank]["not_a_member"]["error"]
+        assert error["type"] == "InvalidArgumentError" and "not a member" in error["message"], error
+
+
+def test_a_restore_on_a_subgroup_leaves_the_groups_made_after_it_working(modes):
+    """Only the subgroup's ranks call restore; a group every rank makes afterwards must still get
+    the same name on every rank (no group made by the members alone may shift the count)."""
+    assert [result["group_after_subgroup"] for result in modes] == [float(WORLD)] * WORLD
+
+
+def test_an_nccl_subgroups_statuses_go_on_a_gloo_twin_made_by_its_ranks_alone(modes, checkpoint):
+    for rank in (2, 3):
+        summary = modes[rank]["subgroup_twin"]["ok"]
+        assert summary["world_size"] == 2 and list(summary["tensors"]) == ["tiny"]
+        assert summary["tensors"]["tiny"][2] == checkpoint["full"]["tiny"].tobytes()
+
+
+def test_a_timeout_of_its_own_per_call_keeps_no_group_open(modes):
+    assert [result["fds_after_timeouts"] for result in modes] == [0] * WORLD
+
+
+def test_a_region_of_one_element_is_0_d_on_every_rank_in_both_modes(modes, checkpoint):
+    full = checkpoint["full"]["dense/kernel"]
+    for rank, result in enumerate(modes):
+        for mode, attempt in result["int_region"].items():
+            dtype, shape, data = attempt["ok"]["tensors"]["dense/kernel"]
+            assert shape == () and data == full[rank, 0].tobytes(), (rank, mode)
+
+
+def test_a_mesh_listed_out_of_rank_order_gives_torchs_own_placement(modes):
+    for rank, result in enumerate(modes):
+        assert result["mesh_permuted"] == (True, True), rank
 
 
 def test_dtensors_on_a_device_mesh(modes, checkpoint):
@@ -514,14 +591,14 @@ def test_a_rank_still_reading_after_the_timeout(failures):
             assert results[rank]["slow"]["seconds"] < 5.5, results[rank]["slow"]
 
 
-@pytest.mark.parametrize("when", ["before", "sharing"])
+@pytest.mark.parametrize("when", ["before", "before_with_timeout", "sharing"])
 def test_a_rank_gone_makes_the_others_raise(checkpoint, tmp_path, when):
     results, elapsed = _spawn("gone", {"prefix": checkpoint["prefix"], "when": when}, tmp_path)
     assert results[3] is None
     for rank in range(3):
         error = results[rank]["gone"]["error"]
         assert error["type"] == "DistributedRestoreError", error
-        if when == "before":
+        if when.startswith("before"):
             assert "not every rank reported" in error["message"], error
         else:  # the collective it was in names the tensor
             assert (
