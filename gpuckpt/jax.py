@@ -58,8 +58,9 @@ Lifetimes
   ``arena.insert_chunk``), which can overwrite it while XLA still reads it. Nothing is needed
   for the arrays made typed on the device (float8 types, sub-byte types, bfloat16 where CuPy
   lacks it): they are XLA's own, and their CuPy bytes were waited for before being dropped; nor
-  when no CuPy allocation can happen until that work is done (XLA never allocates from CuPy's
-  pool).
+  for sharded arrays (``shardings=``) and ``load_into``'s leaves, which reach the GPU by
+  ``device_put`` into XLA's own memory; nor when no CuPy allocation can happen until that work is
+  done (XLA never allocates from CuPy's pool).
 
   Why no fix: the zero-copy candidate, restoring into memory outside CuPy's pool
   (``cupy.cuda.using_allocator()``: CuPy's ``memory._malloc``, a ``Memory`` that is one
@@ -89,9 +90,10 @@ Lifetimes
   the whole tensor), the box is read once, by ``Checkpoint.restore(regions=)`` (the whole tensor
   verified against its crc32c), and the regions cut from it on the host (one copy each, none for
   a single region); the region reader would otherwise read across the gaps of column shards of
-  small rows. Else (a process holding scattered shards) each region is read by itself, only its
-  bytes, unchecked (the crc32c covers whole tensors). A region goes onto the first device of its
-  group in one batched ``device_put`` and is copied device to device to the others; on CPU
+  small rows. Else (a process holding scattered shards) each region is read by itself, by
+  ``restore(regions=)``: its runs, and a gap of at most a page between two runs read across
+  rather than skipped, unchecked (the crc32c covers whole tensors). A region goes onto the first
+  device of its group in one batched ``device_put`` and is copied device to device to the others; on CPU
   devices, whose memory is the host's, every device of the group aliases the one host array
   instead (``jax.device_put`` of a numpy array onto a replicated sharding does the same). In a
   multi-process program each process reads only the regions its own devices hold (tested with
@@ -104,7 +106,13 @@ Lifetimes
 * ``load_into`` builds new arrays (JAX arrays are immutable): each tensor is read on the host
   (one at a time, so the host holds one tensor beyond the new leaves) and ``device_put`` onto the
   old leaf's sharding, one host-to-device copy per leaf (the staged GPU pipeline is not used for
-  pytrees yet); the old leaves are untouched and stay valid.
+  pytrees yet); the old leaves are untouched and stay valid. The new leaves are XLA's own memory,
+  never views of CuPy's pool, so the rule for users above does not apply to them. Each new leaf
+  is what the old one was: a numpy array stays numpy (64-bit ones too, without
+  ``jax_enable_x64``), a Python or numpy number the same kind of number, a 0-d leaf 0-d, and a leaf JAX
+  placed by default (uncommitted) stays uncommitted.
+* A sharding with a ``memory_kind`` (``"pinned_host"`` for host offload) gets each shard in that
+  memory of its device.
 """
 
 from __future__ import annotations
@@ -123,7 +131,7 @@ from .casting import convertible, dtype_chooser, restored_dtype
 from .checkpoint import Checkpoint, NameSelector
 from .checkpoint import open as open_checkpoint
 from .errors import InvalidArgumentError, UnsupportedError, describe
-from .mapping import LoadError, LoadResult, MappingLike, _cast, _transformed, plan_load
+from .mapping import LoadError, LoadResult, MappingLike, _cast, _numpy_dtype_named, _transformed, plan_load
 from .naming import NameRules
 
 ALIGNMENT = 64  #: bytes; XLA's CPU client aliases host buffers aligned to this, and copies others
@@ -200,8 +208,9 @@ def _put(array: np.ndarray, where: Any) -> jax.Array:
 
 
 def _put_each(arrays: list[np.ndarray], devices: list[Any]) -> list[jax.Array]:
-    """Each host array onto its device in one batched call, aliasing where XLA can (each array
-    onto one device only: no two device buffers share memory)."""
+    """Each host array onto its device (or single-device sharding) in one batched call, aliasing
+    where XLA can (an array given for several CPU devices is aliased by each, as ``device_put`` of
+    a numpy array onto a replicated sharding does)."""
     if not arrays:
         return []
     try:
@@ -524,10 +533,19 @@ def _restore_planned(
                 targets.append(device)
             else:
                 copies.append((first, device))
-    shards = _put_each(hosts, targets)  # one batched call
+    place = functools.partial(_in_memory_of, plan.sharding)
+    shards = _put_each(hosts, [place(device) for device in targets])  # one batched call
     if copies:  # device to device, in one batched call: no region is read twice
-        shards += jax.device_put([shards[at] for at, _ in copies], [device for _, device in copies])
+        shards += jax.device_put([shards[at] for at, _ in copies], [place(device) for _, device in copies])
     return jax.make_array_from_single_device_arrays(plan.shape, plan.sharding, shards, dtype=plan.dtype)
+
+
+def _in_memory_of(sharding: jax.sharding.Sharding, device: Any) -> Any:
+    """Where a shard of ``sharding`` on ``device`` goes: the device itself, or its memory of the
+    sharding's kind (``memory_kind="pinned_host"`` and the like, for host offload), so that the
+    global array can be made of the shards."""
+    kind = getattr(sharding, "memory_kind", None)
+    return device if kind is None else jax.sharding.SingleDeviceSharding(device, memory_kind=kind)
 
 
 def get_tensor(
@@ -643,13 +661,17 @@ def load_into(
     if strict and not result.ok:
         raise LoadError(f"checkpoint does not fit the pytree: {result.describe()}: " + describe(path), result)
     for match in matches:
-        check_dtype(np.dtype(by_name[match.target].dtype), describe(path, match.source))
+        leaf = by_name[match.target]
+        if not _stays_on_host(leaf):  # JAX will hold it: refuse what JAX would narrow
+            check_dtype(_leaf_dtype(leaf), describe(path, match.source))
     new = dict(by_name)
     # LIFETIME: one tensor's host copy at a time beyond the new leaves themselves
     for match in matches:
         leaf = by_name[match.target]
-        wanted = np.dtype(leaf.dtype)
-        restored = _restored_for(match.stored, wanted)
+        wanted = _leaf_dtype(leaf)
+        rule_type = None if match.rule is None or match.rule.dtype is None else _numpy_dtype_named(match.rule.dtype)
+        # a rule's floating type is read as such (rounded once, by the project's rule), else the leaf's
+        restored = _restored_for(match.stored, rule_type if rule_type is not None else wanted)
         where = describe(path, match.source)
         array = ckpt.restore(
             [match.source],
@@ -663,11 +685,30 @@ def load_into(
             array = _cast(array, wanted.name, where)
         if isinstance(leaf, np.ndarray):
             new[match.target] = array
+        elif _stays_on_host(leaf):  # a number: the same kind of number
+            new[match.target] = array[()] if isinstance(leaf, np.generic) else type(leaf)(array.item())
         else:
             host = aligned_empty(array.shape, array.dtype)
             host[...] = array
-            new[match.target] = _put(host, leaf.sharding)
+            # an uncommitted leaf (placed by JAX's default) stays uncommitted, free to follow
+            # the arrays it meets; a committed one stays where it was put
+            committed = getattr(leaf, "committed", True)
+            new[match.target] = _put(host, leaf.sharding if committed else None)
     return jax.tree_util.tree_unflatten(treedef, [new[name] for name in names]), result
+
+
+_NUMBERS = (bool, int, float, complex, np.generic)
+
+
+def _stays_on_host(leaf: Any) -> bool:
+    """A numpy array, a numpy scalar or a Python number: :func:`load_into` gives back the same
+    kind, never a jax.Array, so JAX's limits on types do not apply to it."""
+    return isinstance(leaf, (np.ndarray, *_NUMBERS))
+
+
+def _leaf_dtype(leaf: Any) -> np.dtype:
+    """A leaf's type: its ``dtype``, or numpy's for a Python number (int64, float64, ...)."""
+    return np.dtype(leaf.dtype) if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
 
 
 def _escape(name: str) -> str:

@@ -166,6 +166,10 @@ def rule(
         transpose = tuple(int(a) for a in transpose)
     if dtype is not None:
         dtype = _dtype_name(dtype)
+        try:
+            _numpy_dtype_named(dtype)
+        except Exception as exc:  # noqa: BLE001 - any way a name fails is the same refusal
+            raise InvalidArgumentError(f"rule for {compiled.pattern!r}: dtype={dtype!r} is not a type: {exc}") from None
     _check_template(compiled, target)
     return Rule(compiled, target, transpose, reshape, dtype)
 
@@ -591,15 +595,27 @@ def _transformed(array: np.ndarray, r: Rule | None, where: str) -> np.ndarray:
             array = array.transpose(axes)
         if r.dtype is not None:
             array = _cast(array, r.dtype, where)
-    return np.ascontiguousarray(array)
+    # not np.ascontiguousarray, which makes a 0-d array 1-d
+    return array if array.flags.c_contiguous else np.ascontiguousarray(array)
+
+
+def _numpy_dtype_named(name: str) -> np.dtype:
+    """The numpy dtype of a rule's type name: numpy's own ("bool", "float32"), else ml_dtypes'
+    ("bfloat16", "int4"). Asked of np.dtype, not of the numpy module's attributes: NumPy 1.26
+    has no ``np.bool``, though "bool" is its dtype's name."""
+    from .dtypes import numpy_dtype
+
+    try:
+        return np.dtype(name)
+    except TypeError:
+        return numpy_dtype("ml_dtypes." + name)
 
 
 def _cast(array: np.ndarray, name: str, where: str) -> np.ndarray:
     from .casting import FLOATING, TARGETS
-    from .dtypes import numpy_dtype
     from .host.convert import convert as convert_floats
 
-    target = numpy_dtype(name if hasattr(np, name) else "ml_dtypes." + name)
+    target = _numpy_dtype_named(name)
     if array.dtype.name in FLOATING and name in TARGETS:
         return convert_floats(array, target, where)  # the project's rule, as dtype= on restores
     return array.astype(target)
@@ -613,8 +629,10 @@ def convert(
     allow_unmapped: bool = False,
     metadata: Mapping[str, str] | None = None,
     verify: bool | None = None,
+    overwrite: bool = False,
 ) -> ConvertResult:
     """Write a checkpoint's tensors, renamed and transformed by ``mapping``, as a safetensors file.
+    An existing ``out`` is refused (FileExistsError) unless ``overwrite``.
 
     ``checkpoint``: an open :class:`~gpuckpt.Checkpoint` or a path. ``mapping``: as for
     :func:`gpuckpt.torch.load_into` (a preset writes its unbound names: ``bert.*`` and ``cls.*``,
@@ -629,9 +647,13 @@ def convert(
 
     if not isinstance(checkpoint, Checkpoint):
         with open_checkpoint(checkpoint) as ckpt:
-            return convert(ckpt, out, mapping, allow_unmapped=allow_unmapped, metadata=metadata, verify=verify)
+            return convert(
+                ckpt, out, mapping, allow_unmapped=allow_unmapped, metadata=metadata, verify=verify, overwrite=overwrite
+            )
     ckpt = checkpoint
     path = ckpt.index.path
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"{os.fspath(out)!r} exists (pass overwrite=True to replace it)")
     plan = as_name_map(mapping).plan(ckpt.keys(), kind=ckpt.kind, where=f"file {path!r}")
     if plan.unmapped and not allow_unmapped:
         raise InvalidArgumentError(
@@ -643,6 +665,8 @@ def convert(
     for source, mapped in sorted(plan.mapped.items(), key=lambda item: item[1].target):
         info = ckpt.info(source)
         where = f"file {path!r}, tensor {source!r}"
+        if mapped.target == "__metadata__":  # safetensors' own key in the header
+            raise InvalidArgumentError(f"a tensor cannot be named '__metadata__' in a safetensors file: {where}")
         if info.dtype is None or info.dtype.kind == "O":
             from .errors import UnsupportedError
 

@@ -72,6 +72,7 @@ from .mapping import (
     MappingLike,
     MappingPlan,
     Rule,
+    _numpy_dtype_named,
     _transformed,
     as_name_map,
     plan_load,
@@ -146,7 +147,7 @@ def from_numpy(array: np.ndarray, where: str = "") -> torch.Tensor:
     read-only, byte-swapped or with negative strides)."""
     wanted = torch_dtype(array.dtype, where)
     if not array.flags.writeable or not array.dtype.isnative or any(s < 0 for s in array.strides):
-        array = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("="), copy=True)
+        array = np.array(array, dtype=array.dtype.newbyteorder("="), order="C", copy=True)  # 0-d stays 0-d
     tensor = torch.from_numpy(array.view(_carrier(array.dtype)))
     return tensor if tensor.dtype == wanted else tensor.view(wanted)
 
@@ -332,6 +333,16 @@ def _restored_for(stored: np.dtype, target: torch.dtype) -> np.dtype:
     return wanted if convertible(stored, wanted) else stored
 
 
+def _read_as(stored: np.dtype, rule: Rule | None, target: torch.dtype) -> np.dtype:
+    """What to read a tensor as: a rule's floating type when ``dtype=`` converts to it (so the
+    value is rounded once, by the project's rule, and then widened exactly into the target if
+    need be), else :func:`_restored_for` the target."""
+    if rule is not None and rule.dtype is not None:
+        wanted = _numpy_dtype_named(rule.dtype)
+        return wanted if convertible(stored, wanted) else stored
+    return _restored_for(stored, target)
+
+
 def _state(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[int, list[str]]]:
     """The module's state dict entries (the Parameter and buffer objects themselves) and, for
     each tensor, every name it has (tied weights have several)."""
@@ -348,7 +359,8 @@ def _numpy_view(tensor: torch.Tensor, dtype: np.dtype) -> np.ndarray:
     data = tensor.detach()
     view = (data if data.dtype == carrier else data.view(carrier)).numpy()
     view = view if view.dtype == dtype else view.view(dtype)
-    assert view.ctypes.data == tensor.data_ptr()  # the parameter's storage, not a copy
+    if tensor.numel() and view.ctypes.data != tensor.data_ptr():  # an empty tensor's data_ptr() is 0
+        raise RuntimeError(f"gpuckpt: a numpy view of a {tensor.dtype} tensor is not its storage")
     return view
 
 
@@ -381,14 +393,8 @@ def _apply(rule: Rule | None, tensor: torch.Tensor, target_shape: tuple[int, ...
     if axes is not None:
         tensor = tensor.permute(axes)
     if rule.dtype is not None:
-        tensor = tensor.to(torch_dtype(_numpy_named(rule.dtype)))
+        tensor = tensor.to(torch_dtype(_numpy_dtype_named(rule.dtype)))
     return tensor
-
-
-def _numpy_named(name: str) -> np.dtype:
-    from .dtypes import numpy_dtype
-
-    return numpy_dtype(name) if name in _SHARED else numpy_dtype("ml_dtypes." + name)
 
 
 def plan_into(
@@ -405,7 +411,7 @@ def plan_into(
             state[m.target],
             m.rule,
             m.stored,
-            _restored_for(m.stored, state[m.target].dtype),
+            _read_as(m.stored, m.rule, state[m.target].dtype),
             m.shape,
         )
         for m in matches
@@ -456,7 +462,11 @@ def load_into(
     transposes or casts to a type ``dtype=`` cannot produce is read into a temporary on the
     parameter's device, transformed there, and copied into the parameter (``Tensor.copy_``);
     these are read in groups of at most :data:`TRANSFORM_BATCH_BYTES`, so the host holds at most
-    that much beyond the model (and, on a GPU, the device holds that much more).
+    that much beyond the model (and, on a GPU, the device holds that much more). A rule's
+    floating ``dtype`` is read as that type (rounded once, by the project's rule) and widened
+    exactly into a wider parameter. A read that fails part-way (a damaged tensor:
+    ChecksumError, naming it) leaves the parameters filled before it, and the damaged one, as
+    written: load again from a good checkpoint.
     """
     if isinstance(checkpoint, Checkpoint):
         return _load(module, checkpoint, mapping, strict, verify, threads)
@@ -479,6 +489,7 @@ def _load(
             f"checkpoint does not fit {type(module).__name__}: {result.describe()}: " + describe(path), result
         )
     for write in writes:
+        torch_dtype(write.restored, describe(path, write.source))  # int4 and the like, by name, before any write
         if write.tensor.device.type not in ("cpu", "cuda"):
             raise UnsupportedError(
                 f"{write.target} is on device {write.tensor.device}; gpuckpt fills host and CUDA tensors: "

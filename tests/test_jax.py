@@ -257,3 +257,80 @@ def test_partitioned_tensors_reassembled_into_the_aligned_buffers(tmp_path):
     with gpuckpt.open(prefix) as ckpt:
         array = gj.restore(ckpt, ["big"], device="cpu")["big"]
     assert _bits(array) == whole.tobytes()
+
+
+def test_load_into_keeps_each_leaf_what_it_was(tmp_path):
+    """Python numbers stay Python numbers, 0-d leaves stay 0-d, numpy leaves stay numpy (64-bit ones
+    too, with x64 off: JAX never holds them), and a leaf JAX placed by default (uncommitted) stays
+    uncommitted, while a committed one stays on its device."""
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(3)
+    stored = {
+        "temperature": np.float32(0.5),
+        "n": np.int32(3),
+        "scale": np.float32(2.5),
+        "w": rng.standard_normal(3),  # float64
+        "b": rng.standard_normal(4).astype(np.float32),
+        "pinned": rng.standard_normal(2).astype(np.float32),
+        "eps": np.float32(1e-6),
+    }
+    prefix = gpuckpt.save(str(tmp_path / "leaves"), stored)
+    params = {
+        "temperature": 1.0,
+        "n": 0,
+        "scale": jnp.zeros((), jnp.float32),
+        "w": np.zeros(3),
+        "b": jnp.zeros(4, jnp.float32),
+        "pinned": jax.device_put(jnp.zeros(2, jnp.float32), jax.devices()[0]),
+        "eps": np.float32(0),  # a numpy scalar
+    }
+    assert not jax.config.read("jax_enable_x64")
+    new, report = gj.load_into(params, prefix)
+    assert report.ok, report.describe()
+    assert type(new["temperature"]) is float and new["temperature"] == 0.5
+    assert type(new["n"]) is int and new["n"] == 3
+    assert isinstance(new["scale"], jax.Array) and new["scale"].shape == () and float(new["scale"]) == 2.5
+    assert isinstance(new["w"], np.ndarray) and new["w"].dtype == np.float64 and _bits(new["w"]) == _bits(stored["w"])
+    assert not new["b"].committed and not new["scale"].committed
+    assert new["pinned"].committed and new["pinned"].devices() == {jax.devices()[0]}
+    assert type(new["eps"]) is np.float32 and new["eps"] == np.float32(1e-6)
+
+
+def test_a_sharding_with_a_memory_kind_puts_the_shards_in_that_memory(tmp_path):
+    """``NamedSharding(..., memory_kind=...)`` (host offload): each shard goes to that memory of its
+    device, as ``jax.device_put`` puts it."""
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    values = np.arange(12, dtype=np.float32).reshape(3, 4)
+    prefix = gpuckpt.save(str(tmp_path / "kinds"), {"w": values})
+    device = jax.devices()[0]
+    mesh = Mesh(np.array([device]), ("x",))
+    kinds = [memory.kind for memory in device.addressable_memories()]
+    assert len(kinds) > 1, kinds  # a CPU device has host memories besides its own
+    with gpuckpt.open(prefix) as ckpt:
+        for kind in kinds:
+            sharding = NamedSharding(mesh, P(None, "x"), memory_kind=kind)
+            array = gj.restore(ckpt, ["w"], shardings={"w": sharding})["w"]
+            assert array.sharding.memory_kind == kind
+            assert array.sharding.memory_kind == jax.device_put(values, sharding).sharding.memory_kind
+            assert _bits(array) == values.tobytes()
+
+
+def test_a_shardings_key_that_is_bytes_is_refused_before_any_read(every_dtype):
+    prefix, _ = every_dtype
+    with gpuckpt.open(prefix) as ckpt:
+        for key in (b"float32", __import__("re").compile(b"float32")):
+            with pytest.raises(gpuckpt.InvalidArgumentError, match="not a name or regular expression"):
+                gj.restore(ckpt, ["float32"], shardings={key: None})
+        assert sum(ckpt.bytes_read().values()) == 0
+
+
+def test_a_rules_floating_type_rounds_once_into_a_wider_leaf(tmp_path):
+    value = np.array([1 + 2**-8 + 2**-30, -(1 + 2**-8 + 2**-30)], np.float64)
+    prefix = gpuckpt.save(str(tmp_path / "r"), {"w": value})
+    new, _ = gj.load_into({"w": np.zeros(2, np.float32)}, prefix, [gpuckpt.mapping.rule("w", "w", dtype="bfloat16")])
+    with gpuckpt.open(prefix) as ckpt:
+        once = ckpt.get_tensor("w", dtype="bfloat16").astype(np.float32)
+    assert new["w"].tobytes() == once.tobytes()

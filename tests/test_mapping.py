@@ -634,3 +634,45 @@ def test_cli_convert_map_file_and_usage(tmp_path, capsys):
     assert main(["convert", prefix, str(out), "--preset", "bert", "--map", str(rules)]) == 2
     rules.write_text("[")
     assert main(["convert", prefix, str(tmp_path / "p.safetensors"), "--map", str(rules)]) == 2
+
+
+def test_a_scalar_stays_a_scalar_through_convert(tmp_path):
+    """A 0-d tensor (a learned temperature, a scale) keeps shape (): numpy's ascontiguousarray
+    would make it (1,)."""
+    prefix = gpuckpt.save(str(tmp_path / "s"), {"net/temperature": np.float32(0.07), "net/w": np.ones(2, np.float32)})
+    out = tmp_path / "s.safetensors"
+    gpuckpt.mapping.convert(prefix, out, NameMap([rule(r"net/(\w+)", r"\1", dtype="float16")]))
+    header, body = _read_safetensors(out)
+    assert header["temperature"]["shape"] == [] and header["temperature"]["dtype"] == "F16"
+    begin, end = header["temperature"]["data_offsets"]
+    assert body[begin:end] == np.float16(0.07).tobytes()
+
+
+def test_a_rule_with_a_type_that_is_not_one_is_refused_when_written():
+    with pytest.raises(gpuckpt.InvalidArgumentError, match="no_such_type"):
+        rule("w", "w", dtype="no_such_type")
+
+
+def test_convert_refuses_a_tensor_named_metadata_and_an_existing_file(tmp_path):
+    prefix = gpuckpt.save(str(tmp_path / "m"), {"b": np.ones(2, np.float32)})
+    with pytest.raises(gpuckpt.InvalidArgumentError, match="__metadata__"):
+        gpuckpt.mapping.convert(prefix, tmp_path / "m.safetensors", {"b": "__metadata__"})
+    out = tmp_path / "kept.safetensors"
+    out.write_bytes(b"mine")
+    with pytest.raises(FileExistsError):
+        gpuckpt.mapping.convert(prefix, out, {"b": "b"})
+    assert out.read_bytes() == b"mine"
+    gpuckpt.mapping.convert(prefix, out, {"b": "b"}, overwrite=True)
+    assert _read_safetensors(out)[0]["b"]["shape"] == [2]
+
+
+def test_a_rule_may_name_numpys_own_types_and_ml_dtypes(tmp_path):
+    """ "bool" is numpy's dtype name even where the numpy module has no ``np.bool`` (NumPy 1.26)."""
+    for name in ("bool", "float32", "int8", "bfloat16", "float8_e4m3fn", "int4"):
+        assert rule("w", "w", dtype=name).dtype == name
+    prefix = gpuckpt.save(str(tmp_path / "b"), {"w": np.array([0, 2, 0], np.int32)})
+    out = tmp_path / "b.safetensors"
+    gpuckpt.mapping.convert(prefix, out, NameMap([rule("w", "w", dtype="bool")]))
+    header, body = _read_safetensors(out)
+    begin, end = header["w"]["data_offsets"]
+    assert header["w"]["dtype"] == "BOOL" and body[begin:end] == bytes([0, 1, 0])

@@ -396,3 +396,60 @@ def test_load_into_a_partitioned_tensor_in_place(tmp_path):
     pointer = embedding.weight.data_ptr()
     assert gt.load_into(embedding, prefix).ok
     assert embedding.weight.data_ptr() == pointer and np.array_equal(embedding.weight.detach().numpy(), whole)
+
+
+def test_state_dict_keeps_a_scalar_a_scalar(tmp_path):
+    prefix = gpuckpt.save(str(tmp_path / "s"), {"logit_scale": np.float32(2.5), "w": np.ones((2, 2), np.float32)})
+    with gpuckpt.open(prefix) as ckpt:
+        tensors, _ = gt.state_dict(ckpt, {"logit_scale": "logit_scale", "w": "w"})
+    assert tensors["logit_scale"].shape == () and float(tensors["logit_scale"]) == 2.5
+
+
+@pytest.mark.parametrize("kind", ["read-only", "big-endian", "negative strides"])
+def test_from_numpy_copies_what_torch_cannot_share_and_keeps_its_shape(kind):
+    values = np.arange(6, dtype=np.float32).reshape(2, 3)
+    for array in (values, np.array(np.float32(2.5))):  # a 0-d array too
+        if kind == "read-only":
+            array = array.copy()
+            array.flags.writeable = False
+        elif kind == "big-endian":
+            array = array.astype(">f4")
+        elif array.ndim:
+            array = array[:, ::-1]
+        tensor = gt.from_numpy(array)
+        assert tuple(tensor.shape) == array.shape and np.array_equal(tensor.numpy(), array)
+
+
+def test_load_into_an_empty_parameter(tmp_path):
+    prefix = gpuckpt.save(str(tmp_path / "e"), {"empty": np.zeros((0, 4), np.float32), "w": np.ones(3, np.float32)})
+    model = torch.nn.Module()
+    model.empty = torch.nn.Parameter(torch.zeros(0, 4))
+    model.w = torch.nn.Parameter(torch.zeros(3))
+    report = gt.load_into(model, prefix)
+    assert sorted(report.loaded) == ["empty", "w"] and float(model.w.detach().sum()) == 3.0
+
+
+def test_a_stored_type_torch_cannot_hold_is_refused_by_name_before_anything_is_written(tmp_path):
+    import ml_dtypes
+
+    values = {"a_float": np.ones(3, np.float32), "b_nibbles": np.arange(4).astype(ml_dtypes.int4)}
+    prefix = gpuckpt.save(str(tmp_path / "i4"), values)
+    model = torch.nn.Module()
+    model.a_float = torch.nn.Parameter(torch.zeros(3))
+    model.register_buffer("b_nibbles", torch.zeros(4, dtype=torch.int8))
+    with pytest.raises(gpuckpt.UnsupportedError, match="b_nibbles"):
+        gt.load_into(model, prefix, strict=False)
+    assert float(model.a_float.detach().sum()) == 0.0  # nothing written
+
+
+def test_a_rules_floating_type_rounds_once_into_a_wider_parameter(tmp_path):
+    """float64 -> a rule's bfloat16 -> a float32 parameter: the project's rule rounds to bfloat16
+    once (as restore(dtype=) does); rounding to float32 first and then to bfloat16 would not."""
+    value = np.array([1 + 2**-8 + 2**-30, -(1 + 2**-8 + 2**-30)], np.float64)  # a tie only after float32
+    prefix = gpuckpt.save(str(tmp_path / "r"), {"w": value})
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.zeros(2))
+    gt.load_into(model, prefix, [rule("w", "w", dtype="bfloat16")])
+    with gpuckpt.open(prefix) as ckpt:
+        once = ckpt.get_tensor("w", dtype="bfloat16").astype(np.float32)
+    assert model.w.detach().numpy().tobytes() == once.tobytes()
