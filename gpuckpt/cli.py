@@ -130,11 +130,13 @@ def _source(text: str) -> tuple[str, dict[str, str] | None]:
         raise argparse.ArgumentTypeError(f"{text!r} names no checkpoint before '='")
     if not sep:
         return path, None
-    pairs = {}
+    pairs: dict[str, str] = {}
     for item in mapping.split(","):
         old, colon, new = item.partition(":")
         if not colon or not old or not new:
             raise argparse.ArgumentTypeError(f"bad assignment map item {item!r} in {text!r}; expected old:new")
+        if old in pairs:
+            raise argparse.ArgumentTypeError(f"{old!r} is mapped twice in {text!r} ({pairs[old]!r} and {new!r})")
         pairs[old] = new
     return path, pairs
 
@@ -556,7 +558,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             tensors, result = state_dict(ckpt, mapping, allow_unmapped=args.allow_unmapped)
             torch.save(tensors, args.out)
         else:
-            result = convert(ckpt, args.out, mapping, allow_unmapped=args.allow_unmapped)
+            result = convert(ckpt, args.out, mapping, allow_unmapped=args.allow_unmapped, overwrite=args.overwrite)
     for name in result.unmapped:
         print(f"gpuckpt: left out (no rule maps it): {name}", file=sys.stderr)
     print(
@@ -676,7 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--allow-unmapped",
         action="store_true",
-        help="leave out names no rule maps (listed on stderr) instead of exit 1",
+        help="leave out names no rule maps (listed on stderr) instead of exit 2",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.set_defaults(func=cmd_convert)

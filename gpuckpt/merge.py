@@ -169,10 +169,15 @@ def restore_many(
         for ckpt in plan.checkpoints:
             wanted = [(old, new) for c, old, new in plan.items if c is ckpt]
             arrays = ckpt.restore(list(dict.fromkeys(old for old, _ in wanted)), device=device, verify=verify)
+            given: set[str] = set()
             for old, new in wanted:
                 array = arrays[old]
                 target = chooser(new, array.dtype) if chooser is not None else array.dtype
-                result[new] = convert(array, target, describe(ckpt.prefix, old))
+                converted = convert(array, target, describe(ckpt.prefix, old))
+                if converted is array and old in given:  # one tensor under two names: two arrays
+                    converted = converted.copy()
+                given.add(old)
+                result[new] = converted
         return result
     finally:
         plan.close()

@@ -31,6 +31,8 @@ class NameRules(Generic[V]):
                 pattern = re.compile(key)
             except (re.error, TypeError) as exc:
                 raise InvalidArgumentError(f"{what} key {key!r} is not a name or regular expression: {exc}") from None
+            if not isinstance(pattern.pattern, str):  # a bytes pattern compiles, but never matches a name
+                raise InvalidArgumentError(f"{what} key {key!r} is not a name or regular expression: bytes, not str")
             if isinstance(key, str):
                 self._exact.setdefault(key, value)
             self._rules.append((pattern, value))

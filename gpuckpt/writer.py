@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .download import contiguous_bytes, stream_to_host
-from .dtypes import DTYPES
+from .dtypes import DTYPES, DataType
 from .errors import CheckpointExistsError, DeviceUnavailableError, UnsupportedError, WriteError
 from .format.bundle import TensorEntry, encode_entry, encode_header, encode_name
 from .format.crc import crc32c, mask
@@ -91,7 +91,7 @@ class DevicePayload(Payload):
 def tf_dtype_of(array: np.ndarray) -> int:
     """The TF DataType value for a numpy array's dtype (strings: object/bytes/str arrays)."""
     if array.dtype == object or array.dtype.kind in "SU":
-        return 7
+        return DataType.DT_STRING
     native = array.dtype.newbyteorder("=") if array.dtype.byteorder in "<>" else array.dtype
     value = _tf_dtypes().get(native)
     if value is None:
@@ -127,7 +127,8 @@ def _host_array(value: Any) -> np.ndarray:
         return np.array(value, dtype=object)
     array = np.asarray(value)
     if array.dtype.kind in "SU":
-        return array.astype(object)
+        # from the Python objects again: numpy's fixed-width bytes drop trailing NULs (b"a\x00")
+        return np.array(value, dtype=object) if isinstance(value, (list, tuple)) else array.astype(object)
     return array
 
 
@@ -183,6 +184,8 @@ def _payloads(tensors: Mapping[str, Any]) -> tuple[list[Payload], list[TensorEnt
             payloads.append(_payload(encode_name(name), name, value))
             continue
         shape = tuple(int(d) for d in value.shape)
+        if not shape or 0 in shape:  # TensorFlow's reader refuses both (a size or checksum mismatch)
+            raise ValueError(f"partitioned tensor {name!r} has shape {shape}: save a scalar or empty tensor whole")
         slices, dtypes = [], set()
         for region, part in value.parts:
             tensor_slice = _slice_of(tuple(region), shape, name)
@@ -198,6 +201,8 @@ def _payloads(tensors: Mapping[str, Any]) -> tuple[list[Payload], list[TensorEnt
         problem = coverage_problem(tuple(slices), shape) if slices else "no parts given"
         if problem or len(dtypes) != 1:
             raise ValueError(f"parts of partitioned tensor {name!r} do not tile it: {problem or 'mixed dtypes'}")
+        if dtypes == {DataType.DT_STRING}:  # TensorFlow's reader: "Dtype string not supported"
+            raise ValueError(f"partitioned tensor {name!r} holds strings, which TensorFlow reads only whole")
         partitioned.append(TensorEntry(name, dtypes.pop(), shape, 0, 0, 0, 0, tuple(slices)))
     return payloads, partitioned
 
@@ -330,6 +335,9 @@ def write_bundle(
     index_path = prefix + ".index"
     if os.path.exists(index_path) and not overwrite:
         raise CheckpointExistsError(f"a checkpoint already exists at {prefix!r} (pass overwrite=True to replace it)")
+    record_state = update_state or (update_state is None and os.path.exists(os.path.join(directory, STATE_FILENAME)))
+    if record_state:
+        read_state(directory)  # a damaged state file is refused now, not once the checkpoint is written
     num_shards = _assign_shards(payloads, max_shard_bytes)
     keys = [p.key for p in payloads] + [encode_name(e.name) for e in partitioned]
     if len(set(keys)) != len(keys):
@@ -378,7 +386,7 @@ def write_bundle(
         if isinstance(exc, OSError) and not isinstance(exc, WriteError):
             raise WriteError(exc.errno, f"could not write checkpoint {prefix!r}: {exc.strerror or exc}") from exc
         raise
-    if update_state or (update_state is None and os.path.exists(os.path.join(directory, STATE_FILENAME))):
+    if record_state:
         _record_in_state(directory, os.path.abspath(prefix), max_to_keep)
     return prefix
 

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import fixture_path
 
@@ -319,3 +320,11 @@ def test_help_is_plain_text_and_every_option_is_explained(capsys):
             if action is commands:
                 continue  # the list of commands, each with its own help
             assert action.help, f"{name} {action.option_strings or action.dest} has no help text"
+
+
+def test_a_name_mapped_twice_in_an_assignment_map_is_bad_usage(capsys, tmp_path):
+    source = gpuckpt.save(str(tmp_path / "src"), {"a/w": np.ones(2, np.float32)})
+    code, _, err = cli(capsys, "merge", str(tmp_path / "m"), source + "=a/:x/,a/:y/")
+    assert code == 2
+    assert_one_line_error(err, "mapped twice")
+    assert not os.path.exists(str(tmp_path / "m") + ".index")

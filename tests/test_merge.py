@@ -189,3 +189,11 @@ def test_renamed_counters_stay_counters(tmp_path):
         assert ckpt.kind("tower1/save_counter/.ATTRIBUTES/VARIABLE_VALUE") == gpuckpt.StateKind.COUNTER
         assert ckpt.kind("tower1/optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE") == gpuckpt.StateKind.OPTIMIZER
         assert ckpt.kind("tower0/pv") == gpuckpt.StateKind.MODEL
+
+
+def test_one_tensor_under_two_names_gives_two_arrays(tmp_path):
+    prefix = gpuckpt.save(str(tmp_path / "a"), {"t1": np.arange(3, dtype=np.float32)})
+    many = gpuckpt.restore_many([(prefix, {"t1": "a", "/": "b/"})])
+    assert sorted(many) == ["a", "b/t1"] and many["a"] is not many["b/t1"]
+    many["a"][0] = 99
+    assert many["b/t1"][0] == 0

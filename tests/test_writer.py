@@ -52,8 +52,11 @@ def _random_array(rng, np_type, shape):
         return rng.integers(0, 2, shape).astype(bool)
     dtype = np.dtype(np_type)
     raw = rng.integers(0, 256, int(np.prod(shape)) * dtype.itemsize, dtype=np.uint8)
-    if np_type in (ml_dtypes.int4, ml_dtypes.uint4, ml_dtypes.int2, ml_dtypes.uint2, ml_dtypes.float4_e2m1fn):
-        return (rng.standard_normal(shape) * 3).astype(np_type)
+    if np_type is ml_dtypes.float4_e2m1fn:  # every value: the low 4 bits of a byte
+        return rng.integers(0, 16, shape, dtype=np.uint8).view(dtype)
+    if np_type in (ml_dtypes.int4, ml_dtypes.uint4, ml_dtypes.int2, ml_dtypes.uint2):  # every value, in range
+        info = ml_dtypes.iinfo(dtype)
+        return rng.integers(int(info.min), int(info.max) + 1, shape).astype(dtype)
     return raw.view(dtype).reshape(shape)  # every bit pattern, NaN payloads included
 
 
@@ -353,3 +356,32 @@ def test_progress_hears_of_every_chunk_and_ends_at_the_total(tmp_path, monkeypat
     assert done == sorted(done) and len(calls) == 1 + 10 + 1  # one host array, 10 device chunks, strings
     with gpuckpt.open(str(tmp_path / "p")) as ckpt:
         assert ckpt.get_tensor("dev").tolist() == list(range(5000))
+
+
+def test_a_list_of_bytes_keeps_trailing_nuls(tmp_path):
+    prefix = gpuckpt.save(str(tmp_path / "s"), {"strings": [b"a\x00", b"b"], "nested": [[b"\x00", b"c\x00\x00"]]})
+    with gpuckpt.open(prefix) as ckpt:
+        assert list(ckpt["strings"]) == [b"a\x00", b"b"]
+        assert ckpt["nested"].tolist() == [[b"\x00", b"c\x00\x00"]]
+
+
+@pytest.mark.parametrize(
+    "shape, parts",
+    [
+        ((), [((), np.float32(1))]),
+        ((0, 3), [((slice(0, 0), slice(0, 3)), np.zeros((0, 3), np.float32))]),
+        ((2,), [((slice(0, 1),), np.array([b"a"], dtype=object)), ((slice(1, 2),), np.array([b"b"], dtype=object))]),
+    ],
+    ids=["scalar", "empty", "strings"],
+)
+def test_partitioned_tensors_tensorflow_cannot_read_are_refused(tmp_path, shape, parts):
+    with pytest.raises(ValueError, match="partitioned tensor"):
+        gpuckpt.save(str(tmp_path / "p"), {"p": gpuckpt.Partitioned(shape, parts)})
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_damaged_state_file_is_refused_before_anything_is_written(tmp_path):
+    (tmp_path / "checkpoint").write_bytes(b"model_checkpoint_path: \xff\xfe not a state file {")
+    with pytest.raises(gpuckpt.FormatError):
+        gpuckpt.save(str(tmp_path / "ck"), {"w": np.ones(2, np.float32)})
+    assert os.listdir(tmp_path) == ["checkpoint"]
