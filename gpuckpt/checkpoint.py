@@ -88,7 +88,6 @@ class Checkpoint:
         self.options = options
         self.verify = verify
         self.threads = threads
-        self.mapped = shards.mapped  #: reads copy from a mapping of the data files (``open(mapped=)``)
         self._index = index
         self._shards = shards
         self._reader = HostReader(index, shards)
@@ -573,9 +572,9 @@ def _read_index(path: str) -> bytes:
         return f.read()
 
 
-def _open_bundle(prefix: str, mapped: bool = False) -> tuple[BundleIndex, ShardFiles]:
+def _open_bundle(prefix: str) -> tuple[BundleIndex, ShardFiles]:
     index_path = prefix + INDEX_SUFFIX
-    shards = ShardFiles(prefix, mapped=mapped)
+    shards = ShardFiles(prefix)
     try:
         return parse_index(_read_index(index_path), index_path, shards.open_shard), shards
     except BaseException:
@@ -590,7 +589,6 @@ def open(  # noqa: A001 - the name is the API
     verify: bool = True,
     threads: int | None = None,
     options: RestoreOptions | None = None,
-    mapped: bool = False,
 ) -> Checkpoint:
     """Open a TensorFlow checkpoint for reading.
 
@@ -605,13 +603,6 @@ def open(  # noqa: A001 - the name is the API
     verify : check crc32c of every tensor read (default True).
     threads : reader threads for :meth:`Checkpoint.restore` (default ``min(4, cpu_count)``).
     options : staging for device restores (default: :meth:`RestoreOptions.from_env`).
-    mapped : read by copying from a read-only mapping of each data file, kept until close,
-        instead of by ``preadv`` (default False). Faster from a warm page cache: on this
-        project's machine ``restore(out=)`` of 1 GiB went from 1.26x to 1.07x a single-threaded
-        memcpy (README, "Warm start"). The price: a data file truncated *while* a read copies
-        from it kills the process with SIGBUS (one that shrank before a read is a
-        ``FormatError``, as without it). Use it only on files nobody truncates in place
-        (TensorFlow's writers never do: they write new files and rename them).
 
     A directory is resolved through its state file; when a writer deletes the checkpoint named
     there while this opens it, the state file is read again and the newer checkpoint opened.
@@ -624,12 +615,10 @@ def open(  # noqa: A001 - the name is the API
     """
     chosen = resolve_device(device)
     _check_threads(threads)
-    if not isinstance(mapped, bool):
-        raise InvalidArgumentError(f"mapped={mapped!r}: give True or False")
     prefix = resolve_prefix(path)
     for attempt in range(1, RESOLVE_ATTEMPTS + 1):
         try:
-            index, shards = _open_bundle(prefix, mapped)
+            index, shards = _open_bundle(prefix)
             break
         except CheckpointNotFoundError:
             if attempt == RESOLVE_ATTEMPTS or (newer := resolve_prefix(path)) == prefix:

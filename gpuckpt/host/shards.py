@@ -3,17 +3,9 @@
 Bulk reads use ``os.preadv`` straight into the destination buffer: one kernel copy from the page
 cache, the GIL released, no page faults on a source mapping, and a file that shrinks underneath
 gives a short read (reported as :class:`FormatError`) instead of the SIGBUS a mapping would raise.
-Every restore and slice reads this way by default. ``get_tensor(copy=False)``, which asks for a
-view of the file itself, uses a read-only ``mmap`` of the same descriptor (created on first use);
-that view is one object a shrinking file can still turn into a SIGBUS (README: what gpuckpt
-promises).
-
-The other is ``mapped=True`` (``gpuckpt.open(path, mapped=True)``): every read copies from that
-same standing mapping instead of calling ``preadv``. From a warm page cache a user-space copy out
-of a mapping costs less than the kernel's copy (README: "Warm start"), so ``restore(out=)``
-reaches the memcpy floor. The price is the SIGBUS: the file's size is checked (``fstat``) before
-each copy, so a file that already shrank gives the same ``FormatError`` as a short read, but one
-truncated *while* a copy runs kills the process.
+Every restore and slice reads this way. Only ``get_tensor(copy=False)``, which asks for a view of
+the file itself, uses a read-only ``mmap`` of the same descriptor (created on first use); that view
+is the one object a shrinking file can still turn into a SIGBUS (README: what gpuckpt promises).
 """
 
 from __future__ import annotations
@@ -23,8 +15,6 @@ import mmap
 import os
 import threading
 from collections.abc import Iterator
-
-import numpy as np
 
 from ..errors import CheckpointNotFoundError, ClosedCheckpointError, FormatError, describe
 
@@ -62,14 +52,12 @@ class ShardFiles:
     never reused by another file while a read still uses it.
     """
 
-    def __init__(self, prefix: str, mapped: bool = False) -> None:
+    def __init__(self, prefix: str) -> None:
         self.prefix = prefix
-        self.mapped = mapped  #: reads copy from a standing mapping (see the module docs)
         self.num_shards = 0  # known from the index header, given with the first shard opened
         self._fds: dict[int, int] = {}
         self._sizes: dict[int, int] = {}
         self._maps: dict[int, mmap.mmap] = {}
-        self._mapped_bytes: dict[int, np.ndarray] = {}  # uint8 views of _maps, for mapped reads
         self._lock = threading.Lock()
         self._reading_now = 0  # reads in progress: their descriptors must stay open
         self._closed = False
@@ -123,9 +111,6 @@ class ShardFiles:
 
     def read_into(self, shard_id: int, offset: int, dst: memoryview, tensor: str | None = None) -> None:
         """Fill ``dst`` (a writable byte view) with the bytes at ``offset``; short reads are errors."""
-        if self.mapped:
-            self._copy_mapped(shard_id, [offset], len(dst), dst, tensor)
-            return
         with self._reading(shard_id, len(dst)) as fd:
             done = 0
             total = len(dst)
@@ -145,67 +130,12 @@ class ShardFiles:
         ``i * spacing`` (default ``length``: back to back): many small reads in a tight loop, each
         falling back to :meth:`read_into` (retry, then error) if short."""
         spacing = length if spacing is None else spacing
-        if self.mapped:
-            self._copy_mapped(shard_id, offsets, length, dst, tensor, spacing)
-            return
         with self._reading(shard_id, len(offsets) * length) as fd:
             preadv = os.preadv
             for number, offset in enumerate(offsets):
                 piece = dst[number * spacing : number * spacing + length]
                 if preadv(fd, [piece], offset) != length:
                     self.read_into(shard_id, offset, piece, tensor)
-
-    def _copy_mapped(
-        self,
-        shard_id: int,
-        offsets: list[int],
-        length: int,
-        dst: memoryview,
-        tensor: str | None,
-        spacing: int | None = None,
-    ) -> None:
-        """:meth:`read_into` and :meth:`read_runs` for ``mapped=True``: ``length`` bytes from each of
-        ``offsets`` copied out of the shard's standing mapping, after one ``fstat`` shows the file
-        still holds them all (a read past its end is the same ``FormatError`` a short read gives)."""
-        spacing = length if spacing is None else spacing
-        if not offsets or length == 0:
-            return
-        with self._reading(shard_id, len(offsets) * length) as fd:
-            opened, current = self._sizes[shard_id], os.fstat(fd).st_size
-            if current < opened:  # a mapping of a shrunk file is a SIGBUS waiting: refuse any read
-                raise FormatError(
-                    f"data file shrank from {opened} to {current} bytes since it was opened "
-                    "(truncated or replaced while open?): " + describe(self.path(shard_id), tensor, min(offsets))
-                )
-            end = max(offsets) + length
-            if min(offsets) < 0 or end > opened:
-                raise FormatError(
-                    f"data file ended after {opened} bytes, {end - opened} bytes short of a read: "
-                    + describe(self.path(shard_id), tensor, min(offsets))
-                )
-            source = self._mapped_bytes.get(shard_id)
-            if source is None:
-                source = self._map_bytes(shard_id, fd, tensor)
-            into = np.frombuffer(dst, np.uint8)
-            for number, offset in enumerate(offsets):
-                # np.copyto releases the GIL, as preadv does, so reader threads copy in parallel
-                np.copyto(into[number * spacing : number * spacing + length], source[offset : offset + length])
-
-    def _map_bytes(self, shard_id: int, fd: int, tensor: str | None) -> np.ndarray:
-        """The shard's standing mapping (the one :meth:`mapping` gives) as a uint8 array, made once."""
-        with self._lock:
-            m = self._maps.get(shard_id)
-            if m is None:
-                try:
-                    m = mmap.mmap(fd, self._sizes[shard_id], prot=mmap.PROT_READ)
-                except ValueError:  # CPython's mmap refuses a length past the file's end
-                    raise FormatError(
-                        f"data file shrank below {self._sizes[shard_id]} bytes since it was opened: "
-                        + describe(self.path(shard_id), tensor)
-                    ) from None
-                self._maps[shard_id] = m
-            source = self._mapped_bytes[shard_id] = np.frombuffer(m, np.uint8)
-            return source
 
     def check_not_shrunk(self, shard_id: int, tensor: str | None = None) -> None:
         """Raise if the file is now shorter than when it was opened.
@@ -247,7 +177,6 @@ class ShardFiles:
 
     def _close_files(self) -> None:
         """Unmap and close everything (the lock is held, and no read is in progress)."""
-        self._mapped_bytes.clear()  # the library's own exports of the mappings, so they can close
         for m in self._maps.values():
             try:
                 m.close()
