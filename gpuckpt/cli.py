@@ -16,6 +16,7 @@ bad regular expression, dtype or device); 3 ``verify`` found damaged tensors or 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -23,7 +24,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 from . import CheckpointError, CheckpointExistsError, InvalidArgumentError
 from . import open as open_checkpoint
@@ -534,6 +535,23 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 # -- convert ----------------------------------------------------------------------------------------
+def _save_atomically(write: Callable[[BinaryIO], None], path: str) -> None:
+    """``write`` into a temporary file beside ``path``, synced, then renamed over it: an existing
+    file is replaced whole or not at all, and a failed write leaves nothing behind (as
+    ``mapping.convert`` writes safetensors files)."""
+    temporary = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(temporary, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     """A checkpoint, renamed by a preset or a rules file, as a safetensors file (or a torch state dict)."""
     from .mapping import NameMap, convert
@@ -556,7 +574,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 )
                 return EXIT_ERROR
             tensors, result = state_dict(ckpt, mapping, allow_unmapped=args.allow_unmapped)
-            torch.save(tensors, args.out)
+            _save_atomically(lambda f: torch.save(tensors, f), args.out)
         else:
             result = convert(ckpt, args.out, mapping, allow_unmapped=args.allow_unmapped, overwrite=args.overwrite)
     for name in result.unmapped:

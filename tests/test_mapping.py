@@ -618,6 +618,34 @@ def test_cli_convert_bert_safetensors_loads_into_transformers_equal_to_its_loade
         assert torch.equal(_bits(torch, state[name]), _bits(torch, tensor)), name
 
 
+def test_cli_convert_to_pt_replaces_the_file_whole_or_not_at_all(tmp_path, monkeypatch, capsys):
+    """A .pt output is written beside OUT and renamed over it: a write that fails part-way leaves
+    the old file as it was and no temporary behind."""
+    torch = pytest.importorskip("torch")
+    from gpuckpt.cli import main
+
+    prefix = gpuckpt.save(str(tmp_path / "c"), {"w": np.arange(6, dtype=np.float32).reshape(2, 3)})
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps({"rules": [{"match": "w", "to": "w.weight"}]}))
+    out = tmp_path / "o.pt"
+    out.write_bytes(b"the user's file")
+    real_save = torch.save
+
+    def fails_part_way(obj, f, *args, **kwargs):
+        f.write(b"half a state dict")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", fails_part_way)
+    assert main(["convert", prefix, str(out), "--map", str(rules), "--overwrite"]) != 0
+    assert "No space left on device" in capsys.readouterr().err
+    assert out.read_bytes() == b"the user's file"
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["c.index", "c.data-00000-of-00001", "rules.json", "o.pt"])
+    monkeypatch.setattr(torch, "save", real_save)
+    assert main(["convert", prefix, str(out), "--map", str(rules), "--overwrite"]) == 0
+    assert torch.load(str(out))["w.weight"].tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+
+
 def test_cli_convert_map_file_and_usage(tmp_path, capsys):
     from gpuckpt.cli import main
 
