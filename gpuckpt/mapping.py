@@ -161,9 +161,15 @@ def rule(
     if reshape is not None and reshape not in (TARGET_SHAPE, SQUEEZE):
         if isinstance(reshape, str):
             raise InvalidArgumentError(f'reshape={reshape!r}: a shape, "target" or "squeeze"')
-        reshape = tuple(int(d) for d in reshape)
+        reshape = _integers(reshape, "reshape", compiled)
+        if any(d < 0 for d in reshape):
+            raise InvalidArgumentError(f"rule for {compiled.pattern!r}: reshape={list(reshape)} has a negative size")
     if not isinstance(transpose, bool):
-        transpose = tuple(int(a) for a in transpose)
+        transpose = _integers(transpose, "transpose", compiled)
+        if sorted(transpose) != list(range(len(transpose))):
+            raise InvalidArgumentError(
+                f"rule for {compiled.pattern!r}: transpose={list(transpose)} is not a permutation of its axes"
+            )
     if dtype is not None:
         dtype = _dtype_name(dtype)
         try:
@@ -172,6 +178,17 @@ def rule(
             raise InvalidArgumentError(f"rule for {compiled.pattern!r}: dtype={dtype!r} is not a type: {exc}") from None
     _check_template(compiled, target)
     return Rule(compiled, target, transpose, reshape, dtype)
+
+
+def _integers(values: Any, what: str, pattern: re.Pattern[str]) -> tuple[int, ...]:
+    """A rule's axes or sizes: a sequence of integers (numpy's too), never floats, bools or a string."""
+    try:
+        items = tuple(values) if not isinstance(values, (str, bytes)) else None
+    except TypeError:
+        items = None
+    if items is None or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in items):
+        raise InvalidArgumentError(f"rule for {pattern.pattern!r}: {what}={values!r} is not a sequence of integers")
+    return tuple(int(v) for v in items)
 
 
 _GROUP_REFERENCE = re.compile(r"\\(?:(\d+)|g<([^>]*)>)")

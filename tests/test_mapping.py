@@ -64,6 +64,17 @@ def test_bad_rules_are_refused_when_written():
         rule(r"a(\d)", r"x\g<n>")
     with pytest.raises(gpuckpt.InvalidArgumentError, match="reshape"):
         rule("a", "b", reshape="flat")
+    for bad in (5, "ab", (0.0, 1.0), (True, False)):
+        with pytest.raises(gpuckpt.InvalidArgumentError, match="transpose=.* is not a sequence of integers"):
+            rule("a", "b", transpose=bad)
+    with pytest.raises(gpuckpt.InvalidArgumentError, match=r"transpose=\[0, 0\] is not a permutation"):
+        rule("a", "b", transpose=(0, 0))
+    for bad in (7, (2.5, 4), (2, None)):
+        with pytest.raises(gpuckpt.InvalidArgumentError, match="reshape=.* is not a sequence of integers"):
+            rule("a", "b", reshape=bad)
+    with pytest.raises(gpuckpt.InvalidArgumentError, match="negative size"):
+        rule("a", "b", reshape=(-2, -3))
+    assert rule("a", "b", transpose=np.array([1, 0]), reshape=[np.int64(2), 3]).reshape == (2, 3)
     with pytest.raises(gpuckpt.InvalidArgumentError):
         skip()
     with pytest.raises(gpuckpt.InvalidArgumentError, match="not a Rule"):
