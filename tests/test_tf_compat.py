@@ -357,3 +357,56 @@ def test_string_slices_of_every_rank(tf2_prefix, rank):
             assert got.base is None  # owns its memory, not a view of the whole tensor
         with pytest.raises(IndexError):
             lazy[(0,) * (rank + 1)]
+
+
+# -- DT_VARIANT: checked, never decoded ---------------------------------------------------------------
+
+_ITERATOR = "it/.ATTRIBUTES/ITERATOR_STATE"
+
+
+def _copy_checkpoint(prefix, into):
+    os.makedirs(into)
+    for name in os.listdir(os.path.dirname(prefix)):
+        if name.startswith(os.path.basename(prefix) + "."):
+            with open(os.path.join(os.path.dirname(prefix), name), "rb") as f:
+                data = f.read()
+            with open(os.path.join(into, name), "wb") as f:
+                f.write(data)
+    return os.path.join(into, os.path.basename(prefix))
+
+
+@pytest.mark.tf
+def test_verify_checks_the_variant_tensor_tensorflow_wrote(tf2_prefix, tmp_path, capsys):
+    """An intact dataset-iterator state is verified (its element and entry checksums), not
+    reported damaged; a flipped byte inside it is damage, named, and only there."""
+    from gpuckpt.cli import main
+
+    assert main(["--quiet", "verify", tf2_prefix]) == 0
+    assert "all 9 tensors verified" in capsys.readouterr().out
+    copy = _copy_checkpoint(tf2_prefix, str(tmp_path / "copy"))
+    with gpuckpt.open(copy) as ckpt:
+        entry = ckpt.index.tensors[_ITERATOR]
+        data_file = ckpt.data_files()[entry.shard_id]
+    with open(data_file, "r+b") as f:
+        f.seek(entry.offset + entry.size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x04]))
+    assert main(["--quiet", "verify", copy]) == 3
+    captured = capsys.readouterr()
+    assert f"1 of 9 tensors damaged: {_ITERATOR}" in captured.out
+    assert f"DAMAGED {_ITERATOR}: variant element" in captured.err
+
+
+@pytest.mark.tf
+def test_merge_carries_a_variant_tensor_byte_for_byte(tf2_prefix, tmp_path):
+    tf = tf_or_skip()
+    from gpuckpt.cli import main
+
+    out = str(tmp_path / "merged" / "model")
+    assert main(["merge", out, tf2_prefix]) == 0
+    with gpuckpt.open(tf2_prefix) as source, gpuckpt.open(out) as merged:
+        theirs, ours = source.index.tensors[_ITERATOR], merged.index.tensors[_ITERATOR]
+        assert merged.read_raw(ours) == source.read_raw(theirs)
+        assert (ours.dtype, ours.shape, ours.masked_crc32c) == (theirs.dtype, theirs.shape, theirs.masked_crc32c)
+    assert tf.train.load_checkpoint(out).get_variable_to_dtype_map()[_ITERATOR] == tf.variant

@@ -22,7 +22,7 @@ from types import EllipsisType
 
 import numpy as np
 
-from ..dtypes import DTYPES, DTypeInfo
+from ..dtypes import DTYPES, DataType, DTypeInfo
 from ..errors import ChecksumError, FormatError, InvalidArgumentError, UnsupportedError, describe
 from ..format.bundle import BundleIndex, TensorEntry, refused_reason
 from ..format.crc import PartChecksums, crc32c, unmask
@@ -33,6 +33,7 @@ from .arena import MIN_BYTES, new_arrays
 from .convert import check_conversion, fix_in_place, reference_convert
 from .shards import ShardFiles
 from .strings import decode_strings
+from .variants import check_variants
 
 CHUNK_BYTES = 1 << 20  # fits in L2, so the crc pass reads what the copy just wrote (see warm_start.py)
 SPLIT_BYTES = 32 << 20  # tensors larger than two of these are read by several threads in parts
@@ -167,12 +168,18 @@ class HostReader:
         return end - start
 
     def read_raw(self, entry: TensorEntry) -> bytes:
-        """The stored bytes of one (unpartitioned) entry, checked against its crc32c."""
-        check_dtype(self.index, entry)
+        """The stored bytes of one (unpartitioned) entry, checked against its crc32c. DT_VARIANT
+        entries too: never decoded, but their element checksums are checked (FORMAT.md 4.4)."""
+        variant = entry.dtype == DataType.DT_VARIANT
+        if not variant:
+            check_dtype(self.index, entry)
         raw = bytearray(entry.size)
         self.shards.read_into(entry.shard_id, entry.offset, memoryview(raw), entry.name)
         info = DTYPES.get(entry.dtype)
-        if info is not None and info.is_string:  # the string crc is not over the raw bytes: decode to check
+        if variant:
+            count = math.prod(entry.shape)
+            check_variants(raw, count, self.index.header.big_endian, entry.masked_crc32c, self._where(entry, entry))
+        elif info is not None and info.is_string:  # the string crc is not over the raw bytes: decode to check
             decode_strings(
                 raw,
                 math.prod(entry.shape),
