@@ -32,7 +32,7 @@ from .format.object_graph import OBJECT_GRAPH_KEY, StateKind
 from .format.slices import slice_key
 from .format.state import STATE_FILENAME
 from .host.convert import convert
-from .writer import Payload, array_payload, tf_dtype_of, write_bundle
+from .writer import DeferredArrayPayload, Payload, array_payload, tf_dtype_of, write_bundle
 
 Source = tuple[str | os.PathLike[str], Mapping[str, str] | None]
 #: regular expression matched against whole new names -> dtype; only floating tensors are cast
@@ -253,10 +253,21 @@ def _raw_payload(ckpt: Checkpoint, entry: TensorEntry, key: bytes, new_name: str
 
 
 def _decoded_payload(ckpt: Checkpoint, old: str, new: str, target: np.dtype | None) -> Payload:
-    """A tensor decoded (byte-swapped, cast) and encoded again: only when bytes cannot be copied."""
-    array = ckpt.get_tensor(old)
-    if target is not None:
-        array = convert(array, target, describe(ckpt.prefix, old))
-    if array.dtype != object and DTYPES.get(tf_dtype_of(array)) is None:
-        raise UnsupportedError(f"cannot write dtype {array.dtype}: " + describe(ckpt.prefix, old))
-    return array_payload(encode_name(new), new, array)
+    """A tensor decoded (byte-swapped, cast) and encoded again: only when bytes cannot be copied.
+    Fixed-size ones are decoded when their data file is written, one at a time (the writer holds
+    the one before while the next is read); strings, whose encoded size is known only then, now."""
+    info = ckpt.info(old)
+
+    def decoded() -> np.ndarray:
+        array = ckpt.get_tensor(old)
+        return array if target is None else convert(array, target, describe(ckpt.prefix, old))
+
+    written = target if target is not None else info.dtype
+    if written is None or written.kind == "O":
+        return array_payload(encode_name(new), new, decoded())
+    dtype = tf_dtype_of(np.empty(0, written))
+    if DTYPES.get(dtype) is None:
+        raise UnsupportedError(f"cannot write dtype {written}: " + describe(ckpt.prefix, old))
+    size = int(np.prod(info.shape, dtype=np.int64)) * written.itemsize
+    entry = TensorEntry(new, dtype, tuple(info.shape), 0, 0, size, 0)
+    return DeferredArrayPayload(encode_name(new), entry, decoded)

@@ -88,6 +88,22 @@ class DevicePayload(Payload):
         self.entry = self.entry._replace(masked_crc32c=mask(crc))
 
 
+@dataclasses.dataclass
+class DeferredArrayPayload(Payload):
+    """A fixed-size array made only when its data file is written (``data`` returns it), so that
+    a merge that casts or byte-swaps holds one tensor at a time rather than all of them. Its size
+    is known from the entry's shape and dtype; its crc32c is put into ``entry`` once its bytes
+    are taken."""
+
+    def chunks(self) -> Iterator[Any]:
+        array = self.data()
+        dtype, data, crc = _encode(self.entry.name, array)
+        if (dtype, tuple(array.shape), len(memoryview(data))) != (self.entry.dtype, self.entry.shape, self.entry.size):
+            raise ValueError(f"payload of {self.entry.name!r} is not the array its entry describes")
+        self.entry = self.entry._replace(masked_crc32c=mask(crc))
+        yield data
+
+
 def tf_dtype_of(array: np.ndarray) -> int:
     """The TF DataType value for a numpy array's dtype (strings: object/bytes/str arrays)."""
     if array.dtype == object or array.dtype.kind in "SU":

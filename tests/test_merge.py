@@ -197,3 +197,39 @@ def test_one_tensor_under_two_names_gives_two_arrays(tmp_path):
     assert sorted(many) == ["a", "b/t1"] and many["a"] is not many["b/t1"]
     many["a"][0] = 99
     assert many["b/t1"][0] == 0
+
+
+def test_a_cast_merge_holds_one_decoded_tensor_at_a_time(tmp_path, monkeypatch):
+    """Cast (and byte-swapped) tensors are decoded as their data file is written: when one is
+    cast, at most the one before it is still alive (the writer's last chunk), never the model."""
+    import importlib
+    import weakref
+
+    merge_module = importlib.import_module("gpuckpt.merge")  # gpuckpt.merge is also the function
+
+    rng = np.random.default_rng(5)
+    values = {f"layer_{i}/w": rng.standard_normal((64, 100)).astype(np.float32) for i in range(6)}
+    values["step"] = np.int64(3)
+    prefix = gpuckpt.save(str(tmp_path / "src"), values)
+    cast, real_convert = [], merge_module.convert
+
+    def owner(array):  # the array that owns the memory (a view's base is its owner's)
+        while isinstance(array.base, np.ndarray):
+            array = array.base
+        return array
+
+    def tracked(array, target, where):
+        result = real_convert(array, target, where)
+        alive = [ref for ref in cast if ref() is not None]
+        assert len(alive) <= 1, f"{len(alive)} cast tensors held at once"
+        cast.append(weakref.ref(owner(result)))
+        return result
+
+    monkeypatch.setattr(merge_module, "convert", tracked)
+    merged = gpuckpt.merge(str(tmp_path / "m"), [(prefix, None)], dtypes={"layer_.*": "bfloat16"})
+    assert len(cast) == 6
+    with gpuckpt.open(merged) as ckpt:
+        for name, value in values.items():
+            want = value.astype("bfloat16") if name.startswith("layer_") else value
+            got = ckpt.get_tensor(name)
+            assert got.dtype == np.asarray(want).dtype and got.tobytes() == np.asarray(want).tobytes(), name
