@@ -191,18 +191,22 @@ def _integers(values: Any, what: str, pattern: re.Pattern[str]) -> tuple[int, ..
     return tuple(int(v) for v in items)
 
 
-_GROUP_REFERENCE = re.compile(r"\\(?:(\d+)|g<([^>]*)>)")
-
-
 def _check_template(pattern: re.Pattern[str], target: str) -> None:
-    """A template referring to a group the pattern lacks is refused here, not at the first match."""
-    for number, named in _GROUP_REFERENCE.findall(target):
-        ref = number or named
-        ok = int(ref) <= pattern.groups if ref.isdigit() else ref in pattern.groupindex
-        if not ok:
-            raise InvalidArgumentError(
-                f"mapping target {target!r} refers to group {ref!r}, which {pattern.pattern!r} does not have"
-            )
+    """A template that ``pattern``'s matches cannot fill (a group it lacks, a bad escape) is
+    refused here, not at the first match. Decided by ``re`` itself: the template is expanded
+    against a match of a stand-in pattern with the same groups (numbered and named alike), each
+    matching nothing, so escapes (``\\\\1`` is a backslash and a 1; ``\\012`` is octal) follow Python's
+    own rules on every Python version."""
+    names = {number: name for name, number in pattern.groupindex.items()}
+    stand_in = "".join(f"(?P<{names[n]}>)" if n in names else "()" for n in range(1, pattern.groups + 1))
+    match = re.match(stand_in, "")
+    assert match is not None
+    try:
+        match.expand(target)
+    except (re.error, IndexError) as exc:  # IndexError: an unknown group name
+        raise InvalidArgumentError(
+            f"mapping target {target!r} is not a template {pattern.pattern!r} can fill: {exc}"
+        ) from None
 
 
 def skip(pattern: str | re.Pattern[str] | None = None, *, kinds: Iterable[Any] = (), why: str | None = None) -> Rule:

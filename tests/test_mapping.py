@@ -8,6 +8,7 @@ on a fixed input."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -58,9 +59,9 @@ def test_two_names_onto_one_target_are_refused_naming_both():
 def test_bad_rules_are_refused_when_written():
     with pytest.raises(gpuckpt.InvalidArgumentError, match="regular expression"):
         rule("(", "x")
-    with pytest.raises(gpuckpt.InvalidArgumentError, match="group '2'"):
+    with pytest.raises(gpuckpt.InvalidArgumentError, match="invalid group reference 2"):
         rule(r"a(\d)", r"x\2")
-    with pytest.raises(gpuckpt.InvalidArgumentError, match="group 'n'"):
+    with pytest.raises(gpuckpt.InvalidArgumentError, match="unknown group name 'n'"):
         rule(r"a(\d)", r"x\g<n>")
     with pytest.raises(gpuckpt.InvalidArgumentError, match="reshape"):
         rule("a", "b", reshape="flat")
@@ -79,6 +80,43 @@ def test_bad_rules_are_refused_when_written():
         skip()
     with pytest.raises(gpuckpt.InvalidArgumentError, match="not a Rule"):
         NameMap(["a"])  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        r"x\\2",  # an escaped backslash, then a 2: no group 2
+        r"x\\\2",
+        r"x\3",
+        r"x\012",  # octal
+        r"x\0",
+        r"x\123",  # three octal digits: a character, not group 12
+        r"x\g<n>",
+        r"x\g<2>",
+        r"x\g<3>",
+        r"x\\g<q>",
+        r"x\g<q>",
+        r"x\8",
+        r"x\12",
+        r"\n\2",
+        r"x\q",  # a bad escape
+        r"x\g<1a>",
+        "plain/name",
+    ],
+)
+def test_a_template_is_refused_exactly_when_re_cannot_expand_it(template):
+    """The check agrees with Python's own template rules (re.Match.expand), escapes included."""
+    pattern = r"a(\d)(?P<n>\d)"
+    try:
+        re.match(pattern, "a12").expand(template)
+        expands = True
+    except (re.error, IndexError):
+        expands = False
+    if expands:
+        assert rule(pattern, template).target == template
+    else:
+        with pytest.raises(gpuckpt.InvalidArgumentError, match="is not a template"):
+            rule(pattern, template)
 
 
 def test_shapes_after_reshape_and_transpose():
