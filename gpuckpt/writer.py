@@ -35,7 +35,11 @@ from .host.strings import encode_strings
 def _tf_dtypes() -> dict[np.dtype, int]:
     """numpy dtype -> TF DataType value: the plain types win where several TF types share a numpy
     dtype. Built on first use: it needs ml_dtypes, which ``import gpuckpt`` does not import."""
-    return {info.numpy: value for value, info in sorted(DTYPES.items(), reverse=True) if info.numpy is not None}
+    quantized = {DataType.DT_QINT8, DataType.DT_QUINT8, DataType.DT_QINT16, DataType.DT_QUINT16, DataType.DT_QINT32}
+    # quantized types first, so that the plain type sharing their numpy dtype overwrites them
+    # (enum order does not do it: DT_QUINT16 = 16 comes before DT_UINT16 = 17)
+    ordered = sorted(DTYPES.items(), key=lambda item: (item[0] not in quantized, item[0]))
+    return {info.numpy: value for value, info in ordered if info.numpy is not None}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -385,3 +385,29 @@ def test_a_damaged_state_file_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(gpuckpt.FormatError):
         gpuckpt.save(str(tmp_path / "ck"), {"w": np.ones(2, np.float32)})
     assert os.listdir(tmp_path) == ["checkpoint"]
+
+
+_QUANTIZED = {"DT_QINT8", "DT_QUINT8", "DT_QINT16", "DT_QINT32", "DT_QUINT16"}
+
+
+def test_each_numpy_type_is_saved_as_its_plain_tf_type(tmp_path):
+    """Where a quantized TF type shares a numpy dtype with a plain one, the plain one is written:
+    uint16 is DT_UINT16 (17), not DT_QUINT16 (16), which comes first in enum order."""
+    from gpuckpt.dtypes import DTYPES, DataType
+
+    plain = {DataType(d).name: info for d, info in DTYPES.items() if DataType(d).name not in _QUANTIZED}
+    arrays = {name: np.zeros(3, info.numpy) for name, info in plain.items() if info.numpy is not None}
+    assert "DT_UINT16" in arrays and "DT_INT8" in arrays
+    prefix = gpuckpt.save(str(tmp_path / "ck"), arrays)
+    with gpuckpt.open(prefix) as ckpt:
+        written = {name: DataType(ckpt.index.tensors[name].dtype).name for name in arrays}
+    assert written == {name: name for name in arrays}
+
+
+@pytest.mark.tf
+def test_tensorflow_reads_a_saved_uint16_as_uint16(tmp_path):
+    tf = tf_or_skip()
+    prefix = gpuckpt.save(str(tmp_path / "ck"), {"u": np.arange(3, dtype=np.uint16)})
+    reader = tf.train.load_checkpoint(prefix)
+    assert reader.get_variable_to_dtype_map()["u"] == tf.uint16
+    assert reader.get_tensor("u").tolist() == [0, 1, 2]
