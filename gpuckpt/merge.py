@@ -31,7 +31,7 @@ from .format.bundle import TensorEntry, encode_name
 from .format.object_graph import OBJECT_GRAPH_KEY, StateKind
 from .format.slices import slice_key
 from .format.state import STATE_FILENAME
-from .host.convert import convert
+from .host.convert import check_conversion, convert
 from .writer import DeferredArrayPayload, Payload, array_payload, tf_dtype_of, write_bundle
 
 Source = tuple[str | os.PathLike[str], Mapping[str, str] | None]
@@ -256,18 +256,23 @@ def _decoded_payload(ckpt: Checkpoint, old: str, new: str, target: np.dtype | No
     """A tensor decoded (byte-swapped, cast) and encoded again: only when bytes cannot be copied.
     Fixed-size ones are decoded when their data file is written, one at a time (the writer holds
     the one before while the next is read); strings, whose encoded size is known only then, now."""
-    info = ckpt.info(old)
+    info, where = ckpt.info(old), describe(ckpt.prefix, old)
+    cast_to = target if target is not None and target != info.dtype else None
+    cast = cast_to is not None
+    if cast_to is not None and info.dtype is not None:
+        check_conversion(info.dtype, cast_to, where)  # refused now, before any file is written
 
     def decoded() -> np.ndarray:
         array = ckpt.get_tensor(old)
-        return array if target is None else convert(array, target, describe(ckpt.prefix, old))
+        return array if cast_to is None else convert(array, cast_to, where)
 
-    written = target if target is not None else info.dtype
+    written = cast_to if cast_to is not None else info.dtype
     if written is None or written.kind == "O":
         return array_payload(encode_name(new), new, decoded())
-    dtype = tf_dtype_of(np.empty(0, written))
+    # uncast, the stored type stays (a quantized type shares its numpy dtype with a plain one)
+    dtype = tf_dtype_of(np.empty(0, written)) if cast else ckpt.index.tensors[old].dtype
     if DTYPES.get(dtype) is None:
-        raise UnsupportedError(f"cannot write dtype {written}: " + describe(ckpt.prefix, old))
+        raise UnsupportedError(f"cannot write dtype {written}: " + where)
     size = int(np.prod(info.shape, dtype=np.int64)) * written.itemsize
     entry = TensorEntry(new, dtype, tuple(info.shape), 0, 0, size, 0)
     return DeferredArrayPayload(encode_name(new), entry, decoded)

@@ -101,8 +101,9 @@ class DeferredArrayPayload(Payload):
 
     def chunks(self) -> Iterator[Any]:
         array = self.data()
-        dtype, data, crc = _encode(self.entry.name, array)
-        if (dtype, tuple(array.shape), len(memoryview(data))) != (self.entry.dtype, self.entry.shape, self.entry.size):
+        _, data, crc = _encode(self.entry.name, array)
+        held = (array.dtype.newbyteorder("="), tuple(array.shape), len(memoryview(data)))
+        if held != (DTYPES[self.entry.dtype].numpy, self.entry.shape, self.entry.size):
             raise ValueError(f"payload of {self.entry.name!r} is not the array its entry describes")
         self.entry = self.entry._replace(masked_crc32c=mask(crc))
         yield data

@@ -233,3 +233,39 @@ def test_a_cast_merge_holds_one_decoded_tensor_at_a_time(tmp_path, monkeypatch):
             want = value.astype("bfloat16") if name.startswith("layer_") else value
             got = ckpt.get_tensor(name)
             assert got.dtype == np.asarray(want).dtype and got.tobytes() == np.asarray(want).tobytes(), name
+
+
+def test_a_cast_without_a_conversion_is_refused_before_anything_is_written(tmp_path):
+    import ml_dtypes
+
+    values = {"a": np.ones(1 << 20, np.float32), "z": np.ones(8, ml_dtypes.float8_e4m3fnuz)}
+    prefix = gpuckpt.save(str(tmp_path / "src" / "ck"), values)
+    with pytest.raises(gpuckpt.UnsupportedError, match=r"no conversion from float8_e4m3fnuz to float16.*'z'"):
+        gpuckpt.merge(str(tmp_path / "out" / "m"), [(prefix, None)], dtypes={".*": "float16"})
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_big_endian_source_keeps_every_stored_type(tmp_path):
+    """Byte-swapped (decoded and written again) tensors keep their TF type, quantized ones too:
+    each shares its numpy dtype with a plain type, which must not replace it."""
+    from bundle_builder import make_bundle
+
+    from gpuckpt.dtypes import DataType
+
+    tensors = {
+        "qint8": np.array([1, -2, 3], np.int8),
+        "quint8": np.array([1, 2, 250], np.uint8),
+        "qint16": np.array([-300, 2], np.int16),
+        "quint16": np.array([60000, 2], np.uint16),
+        "qint32": np.array([-70000, 5], np.int32),
+        "uint16": np.array([60000, 7], np.uint16),
+        "f64": np.array([1.5, -2.25]),
+    }
+    types = {"qint8": 11, "quint8": 12, "qint16": 15, "quint16": 16, "qint32": 13}
+    prefix = make_bundle(tensors, big_endian=True, dtypes=types).write(str(tmp_path / "be"))
+    merged = gpuckpt.merge(str(tmp_path / "m"), [(prefix, None)])
+    with gpuckpt.open(prefix) as source, gpuckpt.open(merged) as ckpt:
+        assert not ckpt.big_endian
+        for name in tensors:
+            assert DataType(ckpt.index.tensors[name].dtype) == DataType(source.index.tensors[name].dtype), name
+            assert ckpt.get_tensor(name).tobytes() == source.get_tensor(name).tobytes(), name
