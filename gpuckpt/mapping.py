@@ -158,7 +158,7 @@ def rule(
     compiled = _compile(pattern)
     if not isinstance(target, str):
         raise InvalidArgumentError(f"mapping target {target!r} for {compiled.pattern!r} is not a string")
-    if reshape is not None and reshape not in (TARGET_SHAPE, SQUEEZE):
+    if reshape is not None and not (isinstance(reshape, str) and reshape in (TARGET_SHAPE, SQUEEZE)):
         if isinstance(reshape, str):
             raise InvalidArgumentError(f'reshape={reshape!r}: a shape, "target" or "squeeze"')
         reshape = _integers(reshape, "reshape", compiled)

@@ -76,6 +76,8 @@ def test_bad_rules_are_refused_when_written():
     with pytest.raises(gpuckpt.InvalidArgumentError, match="negative size"):
         rule("a", "b", reshape=(-2, -3))
     assert rule("a", "b", transpose=np.array([1, 0]), reshape=[np.int64(2), 3]).reshape == (2, 3)
+    assert rule("a", "b", reshape=np.array([2, 3])).reshape == (2, 3)  # not compared with "target"
+    assert rule("a", "b", reshape=np.array([], np.int64)).reshape == ()
     with pytest.raises(gpuckpt.InvalidArgumentError):
         skip()
     with pytest.raises(gpuckpt.InvalidArgumentError, match="not a Rule"):
