@@ -171,11 +171,14 @@ def rule(
                 f"rule for {compiled.pattern!r}: transpose={list(transpose)} is not a permutation of its axes"
             )
     if dtype is not None:
-        dtype = _dtype_name(dtype)
+        spelled = _dtype_name(dtype)
         try:
-            _numpy_dtype_named(dtype)
+            # one name per type ("half", "f2" and np.float16 are "float16"): the conversion is
+            # chosen by the type, never by how it was spelled
+            dtype = _numpy_dtype_named(spelled).name
         except Exception as exc:  # noqa: BLE001 - any way a name fails is the same refusal
-            raise InvalidArgumentError(f"rule for {compiled.pattern!r}: dtype={dtype!r} is not a type: {exc}") from None
+            where = f"rule for {compiled.pattern!r}"
+            raise InvalidArgumentError(f"{where}: dtype={spelled!r} is not a type: {exc}") from None
     _check_template(compiled, target)
     return Rule(compiled, target, transpose, reshape, dtype)
 
@@ -637,7 +640,7 @@ def _cast(array: np.ndarray, name: str, where: str) -> np.ndarray:
     from .host.convert import convert as convert_floats
 
     target = _numpy_dtype_named(name)
-    if array.dtype.name in FLOATING and name in TARGETS:
+    if array.dtype.name in FLOATING and target.name in TARGETS:
         return convert_floats(array, target, where)  # the project's rule, as dtype= on restores
     return array.astype(target)
 

@@ -755,3 +755,31 @@ def test_a_rule_may_name_numpys_own_types_and_ml_dtypes(tmp_path):
     header, body = _read_safetensors(out)
     begin, end = header["w"]["data_offsets"]
     assert header["w"]["dtype"] == "BOOL" and body[begin:end] == bytes([0, 1, 0])
+
+
+def test_a_rules_conversion_depends_on_the_type_not_its_spelling(tmp_path):
+    """ "half", "f2", np.float16 and "float16" are one type: the same rounding rule (the project's,
+    as dtype= on restores) and the same refusals, whichever is written."""
+    import ml_dtypes
+
+    for spelled in ("half", "f2", np.float16, "float16"):
+        assert rule("w", "w", dtype=spelled).dtype == "float16"
+    assert rule("w", "w", dtype=float).dtype == "float64"
+    values = {
+        "e5": np.frombuffer(bytes([0x7D, 0xFE, 0x01]), ml_dtypes.float8_e5m2),  # NaNs with payloads, a subnormal
+        "fz": np.array([0.5], ml_dtypes.float8_e4m3fnuz),
+    }
+    prefix = gpuckpt.save(str(tmp_path / "c"), values)
+    results = {}
+    for spelled in ("float16", "half", "f2", np.float16):
+        out = tmp_path / f"e5-{spelled if isinstance(spelled, str) else 'np'}.safetensors"
+        gpuckpt.mapping.convert(prefix, out, NameMap([rule("e5", "e5", dtype=spelled), skip("fz")]))
+        header, body = _read_safetensors(out)
+        begin, end = header["e5"]["data_offsets"]
+        results[str(spelled)] = body[begin:end]
+    assert len(set(results.values())) == 1, results
+    for spelled in ("float32", "f4", "single"):
+        with pytest.raises(gpuckpt.UnsupportedError, match="no conversion from float8_e4m3fnuz"):
+            gpuckpt.mapping.convert(
+                prefix, tmp_path / "fz.safetensors", NameMap([rule("fz", "fz", dtype=spelled), skip("e5")])
+            )
