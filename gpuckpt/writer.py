@@ -30,6 +30,30 @@ from .format.table import build_table
 from .host.shards import data_filename
 from .host.strings import encode_strings
 
+# The types TensorFlow's reader can assemble from saved slices: BundleReader::GetSliceValue's
+# HANDLE_COPY list (tensorflow/core/util/tensor_bundle/tensor_bundle.cc); any other is refused
+# there ("Dtype half not supported."), so a partitioned tensor of one would be unreadable.
+TF_SLICED_TYPES = frozenset(
+    {
+        DataType.DT_FLOAT,
+        DataType.DT_DOUBLE,
+        DataType.DT_INT32,
+        DataType.DT_UINT8,
+        DataType.DT_INT16,
+        DataType.DT_INT8,
+        DataType.DT_COMPLEX64,
+        DataType.DT_COMPLEX128,
+        DataType.DT_INT64,
+        DataType.DT_BOOL,
+        DataType.DT_QINT32,
+        DataType.DT_QUINT8,
+        DataType.DT_QINT8,
+        DataType.DT_BFLOAT16,
+        DataType.DT_INT4,
+        DataType.DT_UINT4,
+    }
+)
+
 
 @functools.cache
 def _tf_dtypes() -> dict[np.dtype, int]:
@@ -222,8 +246,13 @@ def _payloads(tensors: Mapping[str, Any]) -> tuple[list[Payload], list[TensorEnt
         problem = coverage_problem(tuple(slices), shape) if slices else "no parts given"
         if problem or len(dtypes) != 1:
             raise ValueError(f"parts of partitioned tensor {name!r} do not tile it: {problem or 'mixed dtypes'}")
-        if dtypes == {DataType.DT_STRING}:  # TensorFlow's reader: "Dtype string not supported"
-            raise ValueError(f"partitioned tensor {name!r} holds strings, which TensorFlow reads only whole")
+        dtype = DataType(next(iter(dtypes)))
+        if dtype not in TF_SLICED_TYPES:  # TensorFlow's reader: "Dtype half not supported."
+            raise ValueError(
+                f"partitioned tensor {name!r} holds {DTYPES[dtype].name if dtype in DTYPES else dtype.name}, which "
+                "TensorFlow reads only whole (its reader assembles slices of "
+                f"{', '.join(DTYPES[t].name for t in sorted(TF_SLICED_TYPES))} only): save it whole"
+            )
         partitioned.append(TensorEntry(name, dtypes.pop(), shape, 0, 0, 0, 0, tuple(slices)))
     return payloads, partitioned
 

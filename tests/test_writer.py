@@ -411,3 +411,40 @@ def test_tensorflow_reads_a_saved_uint16_as_uint16(tmp_path):
     reader = tf.train.load_checkpoint(prefix)
     assert reader.get_variable_to_dtype_map()["u"] == tf.uint16
     assert reader.get_tensor("u").tolist() == [0, 1, 2]
+
+
+def _every_savable_type():
+    from gpuckpt.dtypes import DTYPES, DataType
+
+    return [
+        DataType(d)
+        for d, info in DTYPES.items()
+        if info.numpy is not None and DataType(d).name not in _QUANTIZED  # quantized: saved as plain ints
+    ]
+
+
+@pytest.mark.tf
+@pytest.mark.parametrize("dtype", _every_savable_type(), ids=lambda d: d.name)
+def test_a_partitioned_tensor_is_saved_exactly_when_tensorflow_can_read_it(tmp_path, monkeypatch, dtype):
+    """Every type gpuckpt saves in slices TensorFlow reads back whole, bit for bit; every other
+    type is refused before anything is written, and written anyway (the refusal lifted), TF's
+    reader refuses it: the set is TensorFlow's, neither wider nor narrower."""
+    tf = tf_or_skip()
+    from gpuckpt.dtypes import DTYPES
+    from gpuckpt.writer import TF_SLICED_TYPES
+
+    full = np.arange(6, dtype=np.uint8).reshape(2, 3).astype(DTYPES[dtype].numpy)
+    value = Partitioned((2, 3), [((slice(0, 1), slice(None)), full[:1]), ((slice(1, 2), slice(None)), full[1:])])
+    prefix = str(tmp_path / "ck")
+    if dtype not in TF_SLICED_TYPES:
+        with pytest.raises(ValueError, match=f"partitioned tensor 't' holds {DTYPES[dtype].name}, which TensorFlow"):
+            gpuckpt.save(prefix, {"t": value})
+        assert os.listdir(tmp_path) == []
+        monkeypatch.setattr(writer_module, "TF_SLICED_TYPES", frozenset(_every_savable_type()))
+        gpuckpt.save(prefix, {"t": value})
+        with pytest.raises(Exception, match="not supported"):
+            tf.train.load_checkpoint(prefix).get_tensor("t")
+        return
+    gpuckpt.save(prefix, {"t": value})
+    theirs = np.asarray(tf.train.load_checkpoint(prefix).get_tensor("t"))
+    assert theirs.shape == (2, 3) and theirs.tobytes() == full.tobytes()
