@@ -16,7 +16,6 @@ bad regular expression, dtype or device); 3 ``verify`` found damaged tensors or 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -24,7 +23,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from typing import IO, Any, BinaryIO
+from typing import IO, Any
 
 from . import CheckpointError, CheckpointExistsError, InvalidArgumentError
 from . import open as open_checkpoint
@@ -540,26 +539,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 # -- convert ----------------------------------------------------------------------------------------
-def _save_atomically(write: Callable[[BinaryIO], None], path: str) -> None:
-    """``write`` into a temporary file beside ``path``, synced, then renamed over it: an existing
-    file is replaced whole or not at all, and a failed write leaves nothing behind (as
-    ``mapping.convert`` writes safetensors files)."""
-    temporary = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(temporary, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-
-
 def cmd_convert(args: argparse.Namespace) -> int:
     """A checkpoint, renamed by a preset or a rules file, as a safetensors file (or a torch state dict)."""
     from .mapping import NameMap, convert
+    from .writer import write_atomically
 
     if os.path.exists(args.out) and not args.overwrite:
         print(f"gpuckpt: error: {args.out!r} exists (pass --overwrite to replace it)", file=sys.stderr)
@@ -579,7 +562,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 )
                 return EXIT_ERROR
             tensors, result = state_dict(ckpt, mapping, allow_unmapped=args.allow_unmapped)
-            _save_atomically(lambda f: torch.save(tensors, f), args.out)
+            write_atomically(args.out, lambda f: torch.save(tensors, f))
         else:
             result = convert(ckpt, args.out, mapping, allow_unmapped=args.allow_unmapped, overwrite=args.overwrite)
     for name in result.unmapped:

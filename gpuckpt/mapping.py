@@ -28,13 +28,12 @@ transforms to tensors on their device.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any, BinaryIO, TypeVar, Union
 
 import numpy as np
 
@@ -645,6 +644,24 @@ def _cast(array: np.ndarray, name: str, where: str) -> np.ndarray:
     return array.astype(target)
 
 
+_Item = TypeVar("_Item")
+
+
+def batched(items: Sequence[_Item], nbytes: Callable[[_Item], int], limit: int) -> list[list[_Item]]:
+    """``items`` in order, cut into runs whose bytes add up to at most ``limit`` (an item larger
+    than ``limit`` is a run of its own): the tensors restored together by one call."""
+    batches: list[list[_Item]] = []
+    size = 0
+    for item in items:
+        n = nbytes(item)
+        if not batches or size + n > limit:
+            batches.append([])
+            size = 0
+        batches[-1].append(item)
+        size += n
+    return batches
+
+
 def convert(
     checkpoint: Any,
     out: str | os.PathLike[str],
@@ -714,31 +731,16 @@ def convert(
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    target = os.fspath(out)
-    temporary = f"{target}.tmp-{os.getpid()}"
-    try:
-        with open(temporary, "wb") as f:
-            f.write(len(encoded).to_bytes(8, "little") + encoded)
-            batches: list[list[tuple[str, Mapped, tuple[int, ...], str]]] = []
-            size = 0
-            for item in entries:
-                nbytes = ckpt.info(item[0]).nbytes
-                if not batches or size + nbytes > CONVERT_BATCH_BYTES:
-                    batches.append([])
-                    size = 0
-                batches[-1].append(item)
-                size += nbytes
-            for batch in batches:
-                arrays = ckpt.restore([b[0] for b in batch], device="cpu", verify=verify)
-                for source, mapped, shape, where in batch:
-                    array = _transformed(arrays.pop(source), mapped.rule, where)
-                    assert array.shape == shape, (array.shape, shape)
-                    f.write(array.reshape(-1).view(np.uint8).data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
+    from .writer import write_atomically
+
+    def write(f: BinaryIO) -> None:
+        f.write(len(encoded).to_bytes(8, "little") + encoded)
+        for batch in batched(entries, lambda item: ckpt.info(item[0]).nbytes, CONVERT_BATCH_BYTES):
+            arrays = ckpt.restore([b[0] for b in batch], device="cpu", verify=verify)
+            for source, mapped, shape, where in batch:
+                array = _transformed(arrays.pop(source), mapped.rule, where)
+                assert array.shape == shape, (array.shape, shape)
+                f.write(array.reshape(-1).view(np.uint8).data)
+
+    write_atomically(os.fspath(out), write)
     return ConvertResult({m.target: s for s, m, _, _ in entries}, dict(plan.skipped), list(plan.unmapped))

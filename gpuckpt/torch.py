@@ -75,6 +75,7 @@ from .mapping import (
     _numpy_dtype_named,
     _transformed,
     as_name_map,
+    batched,
     plan_load,
 )
 
@@ -527,16 +528,7 @@ def _fill_transformed(
     ckpt: Checkpoint, device: str, writes: list[_Write], verify: bool | None, threads: int | None
 ) -> None:
     """Read into temporaries on the targets' device, transform there, copy into the targets."""
-    batches: list[list[_Write]] = []
-    size = 0
-    for write in writes:
-        nbytes = ckpt.info(write.source).nbytes
-        if not batches or size + nbytes > TRANSFORM_BATCH_BYTES:
-            batches.append([])
-            size = 0
-        batches[-1].append(write)
-        size += nbytes
-    for batch in batches:
+    for batch in batched(writes, lambda write: ckpt.info(write.source).nbytes, TRANSFORM_BATCH_BYTES):
         arrays = ckpt.restore(
             [w.source for w in batch], device=device, dtype=_dtype_arg(batch), verify=verify, threads=threads
         )

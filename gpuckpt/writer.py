@@ -8,6 +8,7 @@ only once all its data is durable; then the ``checkpoint`` state file is replace
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -15,7 +16,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -29,6 +30,24 @@ from .format.state import STATE_FILENAME, encode_state, read_state
 from .format.table import build_table
 from .host.shards import data_filename
 from .host.strings import encode_strings
+
+
+def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """One file written whole or not at all: ``write`` fills a temporary file beside ``path``,
+    which is synced and renamed over it; if anything fails the temporary goes and an existing
+    ``path`` stays as it was (``convert``'s safetensors and ``.pt`` outputs)."""
+    temporary = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(temporary, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
 
 # The types TensorFlow's reader can assemble from saved slices: BundleReader::GetSliceValue's
 # HANDLE_COPY list (tensorflow/core/util/tensor_bundle/tensor_bundle.cc); any other is refused
