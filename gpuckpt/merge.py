@@ -258,7 +258,6 @@ def _decoded_payload(ckpt: Checkpoint, old: str, new: str, target: np.dtype | No
     the one before while the next is read); strings, whose encoded size is known only then, now."""
     info, where = ckpt.info(old), describe(ckpt.prefix, old)
     cast_to = target if target is not None and target != info.dtype else None
-    cast = cast_to is not None
     if cast_to is not None and info.dtype is not None:
         check_conversion(info.dtype, cast_to, where)  # refused now, before any file is written
 
@@ -270,7 +269,7 @@ def _decoded_payload(ckpt: Checkpoint, old: str, new: str, target: np.dtype | No
     if written is None or written.kind == "O":
         return array_payload(encode_name(new), new, decoded())
     # uncast, the stored type stays (a quantized type shares its numpy dtype with a plain one)
-    dtype = tf_dtype_of(np.empty(0, written)) if cast else ckpt.index.tensors[old].dtype
+    dtype = tf_dtype_of(np.empty(0, written)) if cast_to is not None else ckpt.index.tensors[old].dtype
     if DTYPES.get(dtype) is None:
         raise UnsupportedError(f"cannot write dtype {written}: " + where)
     size = int(np.prod(info.shape, dtype=np.int64)) * written.itemsize

@@ -272,7 +272,7 @@ def _payloads(tensors: Mapping[str, Any]) -> tuple[list[Payload], list[TensorEnt
                 "TensorFlow reads only whole (its reader assembles slices of "
                 f"{', '.join(DTYPES[t].name for t in sorted(TF_SLICED_TYPES))} only): save it whole"
             )
-        partitioned.append(TensorEntry(name, dtypes.pop(), shape, 0, 0, 0, 0, tuple(slices)))
+        partitioned.append(TensorEntry(name, dtype, shape, 0, 0, 0, 0, tuple(slices)))
     return payloads, partitioned
 
 
