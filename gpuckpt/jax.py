@@ -131,7 +131,7 @@ from .casting import convertible, dtype_chooser, restored_dtype
 from .checkpoint import Checkpoint, NameSelector
 from .checkpoint import open as open_checkpoint
 from .errors import InvalidArgumentError, UnsupportedError, describe
-from .mapping import LoadError, LoadResult, MappingLike, _cast, _numpy_dtype_named, _transformed, plan_load
+from .mapping import LoadError, LoadResult, MappingLike, _cast, _transformed, plan_load
 from .naming import NameRules
 
 ALIGNMENT = 64  #: bytes; XLA's CPU client aliases host buffers aligned to this, and copies others
@@ -669,7 +669,7 @@ def load_into(
     for match in matches:
         leaf = by_name[match.target]
         wanted = _leaf_dtype(leaf)
-        rule_type = None if match.rule is None or match.rule.dtype is None else _numpy_dtype_named(match.rule.dtype)
+        rule_type = None if match.rule is None else match.rule.numpy_dtype
         # a rule's floating type is read as such (rounded once, by the project's rule), else the leaf's
         restored = _restored_for(match.stored, rule_type if rule_type is not None else wanted)
         where = describe(path, match.source)

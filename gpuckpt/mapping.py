@@ -68,6 +68,11 @@ class Rule:
         return self.skip is not None
 
     @property
+    def numpy_dtype(self) -> np.dtype | None:
+        """The numpy type ``dtype`` names (None without one)."""
+        return None if self.dtype is None else _numpy_dtype_named(self.dtype)
+
+    @property
     def has_transform(self) -> bool:
         """Whether the tensor is changed beyond a reshape (reshapes of contiguous memory are views)."""
         return bool(self.transpose) or self.dtype is not None

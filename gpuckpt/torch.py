@@ -72,7 +72,6 @@ from .mapping import (
     MappingLike,
     MappingPlan,
     Rule,
-    _numpy_dtype_named,
     _transformed,
     as_name_map,
     batched,
@@ -338,8 +337,8 @@ def _read_as(stored: np.dtype, rule: Rule | None, target: torch.dtype) -> np.dty
     """What to read a tensor as: a rule's floating type when ``dtype=`` converts to it (so the
     value is rounded once, by the project's rule, and then widened exactly into the target if
     need be), else :func:`_restored_for` the target."""
-    if rule is not None and rule.dtype is not None:
-        wanted = _numpy_dtype_named(rule.dtype)
+    wanted = None if rule is None else rule.numpy_dtype
+    if wanted is not None:
         return wanted if convertible(stored, wanted) else stored
     return _restored_for(stored, target)
 
@@ -393,8 +392,8 @@ def _apply(rule: Rule | None, tensor: torch.Tensor, target_shape: tuple[int, ...
     axes = rule.axes(tensor.dim())
     if axes is not None:
         tensor = tensor.permute(axes)
-    if rule.dtype is not None:
-        tensor = tensor.to(torch_dtype(_numpy_dtype_named(rule.dtype)))
+    if rule.numpy_dtype is not None:
+        tensor = tensor.to(torch_dtype(rule.numpy_dtype))
     return tensor
 
 
